@@ -1,0 +1,262 @@
+"""Sparse dictionaries: one interface, many formats, and named sets of them.
+
+Every dictionary has ``encode(x) -> f``, ``decode(f) -> x_hat``, ``d_in`` and ``d_sae``.
+Formats: sae-lens hub releases (``SAE.from_pretrained``), sae-lens folders (``cfg.json`` +
+``sae_weights.safetensors``, ``SAE.load_from_disk``), dictionary_learning ``ae.pt`` state
+dicts, and the identity dictionary (neurons as features). A ``DictionarySet`` maps site
+names to dictionaries; ``saes/registry.json`` names sets users can ask for by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .errors import UserError
+
+REGISTRY_DIR = Path(__file__).resolve().parent.parent / "saes"
+
+
+class Dictionary(nn.Module):
+    """The interface every dictionary follows. Subclasses set ``d_in`` and ``d_sae``."""
+
+    d_in: int
+    d_sae: int
+    source: str = ""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class IdentityDictionary(Dictionary):
+    """Neurons as features: ``f = x``, ``x_hat = f``, error term exactly zero."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d_in = self.d_sae = int(d)
+        self.source = "identity"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f
+
+
+class SaeLensDictionary(Dictionary):
+    """Any sae-lens SAE (standard, TopK, JumpReLU, gated...) behind the common interface."""
+
+    def __init__(self, sae: Any, source: str):
+        super().__init__()
+        self.sae = sae
+        self.d_in = int(sae.cfg.d_in)
+        self.d_sae = int(sae.cfg.d_sae)
+        self.source = source
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x.to(self.sae.W_enc.dtype)).to(x.dtype)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(f.to(self.sae.W_dec.dtype)).to(f.dtype)
+
+
+class DictionaryLearningAE(Dictionary):
+    """dictionary_learning's ``AutoEncoder`` (``ae.pt``): relu(encoder(x - bias)), decoder(f) + bias.
+
+    Re-implemented in a few lines rather than depending on dictionary_learning, which pins
+    an older torch/nnsight than this project resolves with.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor], source: str):
+        super().__init__()
+        need = {"encoder.weight", "encoder.bias", "decoder.weight", "bias"}
+        missing = need - set(state)
+        if missing:
+            raise UserError(f"{source}: not a dictionary_learning ae.pt (missing {', '.join(sorted(missing))})")
+        self.W_enc = nn.Parameter(state["encoder.weight"].float(), requires_grad=False)  # [dict, d]
+        self.b_enc = nn.Parameter(state["encoder.bias"].float(), requires_grad=False)
+        self.W_dec = nn.Parameter(state["decoder.weight"].float(), requires_grad=False)  # [d, dict]
+        self.b_dec = nn.Parameter(state["bias"].float(), requires_grad=False)
+        self.d_sae, self.d_in = self.W_enc.shape
+        self.source = source
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec.T + self.b_dec
+
+
+def load_dictionary(source: str | Path, d_model: int | None = None) -> Dictionary:
+    """Load one dictionary.
+
+    ``source``: ``identity`` (needs ``d_model``), a folder with ``cfg.json`` (sae-lens), an
+    ``ae.pt`` file (dictionary_learning), or ``saelens:RELEASE/SAE_ID`` (hub release).
+    """
+    source = str(source)
+    if source == "identity":
+        if d_model is None:
+            raise UserError("an identity dictionary needs the site width")
+        return IdentityDictionary(d_model)
+    if source.startswith("saelens:"):
+        release, _, sae_id = source[len("saelens:"):].partition("/")
+        from sae_lens import SAE
+
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device="cpu")
+        except Exception as exc:  # network errors, unknown ids: say which dictionary failed
+            raise UserError(f"could not load sae-lens release {release!r} id {sae_id!r}: {exc}") from exc
+        return SaeLensDictionary(sae, source)
+    path = Path(source)
+    if path.is_dir() and (path / "cfg.json").is_file():
+        from sae_lens import SAE
+
+        weights = path / "sae_weights.safetensors"
+        if not weights.is_file():
+            raise UserError(f"{path}: cfg.json found but sae_weights.safetensors is missing")
+        try:
+            sae = SAE.load_from_disk(path, device="cpu", dtype="float32")
+        except Exception as exc:  # truncated or tampered safetensors, bad cfg
+            raise UserError(f"{path}: could not load the sae-lens dictionary ({exc})") from exc
+        return SaeLensDictionary(sae, str(path))
+    if path.is_file() and path.suffix == ".pt":
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"{path}: could not read the state dict ({exc})") from exc
+        return DictionaryLearningAE(state, str(path))
+    raise UserError(
+        f"no dictionary at {source!r}: give 'identity', a sae-lens folder (cfg.json + "
+        "sae_weights.safetensors), an ae.pt file, or saelens:RELEASE/SAE_ID"
+    )
+
+
+@dataclass
+class DictionarySet:
+    """Site name -> dictionary, in the model's site order."""
+
+    name: str
+    dictionaries: dict[str, Dictionary]
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, site: str) -> Dictionary:
+        return self.dictionaries[site]
+
+    def __contains__(self, site: str) -> bool:
+        return site in self.dictionaries
+
+    def widths(self) -> dict[str, int]:
+        return {s: d.d_sae for s, d in self.dictionaries.items()}
+
+    def digest(self) -> str:
+        """A short hash of every dictionary's weights (for provenance in summary.json)."""
+        h = hashlib.sha256()
+        for site, d in self.dictionaries.items():
+            h.update(site.encode())
+            for t in d.state_dict().values():
+                h.update(t.detach().float().contiguous().numpy().tobytes())
+            h.update(str((d.d_in, d.d_sae, d.source)).encode())
+        return h.hexdigest()[:16]
+
+
+def check_width(site: str, dictionary: Dictionary, d_model: int) -> None:
+    if dictionary.d_in != d_model:
+        raise UserError(
+            f"dictionary for site {site} reads width {dictionary.d_in} but the site has width "
+            f"{d_model}: this dictionary was trained for another model or site"
+        )
+
+
+def identity_set(adapter: Adapter) -> DictionarySet:
+    return DictionarySet(
+        "identity", {s.name: IdentityDictionary(adapter.d_model) for s in adapter.sites()}, {"kind": "identity"}
+    )
+
+
+def registry() -> dict[str, Any]:
+    path = REGISTRY_DIR / "registry.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def load_dictionary_set(spec: str | None, adapter: Adapter, model_spec: str = "") -> DictionarySet:
+    """Resolve ``--saes``: ``identity``, a registered set name, or a folder of per-site folders.
+
+    A folder set holds one sae-lens folder (or ``ae.pt``) per site, named by site
+    (``resid_3/``, ``mlp_3/ae.pt``...). Sites without a dictionary get the identity
+    dictionary; the set's ``meta["identity_sites"]`` lists them.
+    """
+    if spec in (None, "", "identity"):
+        return identity_set(adapter)
+    reg = registry()
+    if spec in reg:
+        entry = reg[spec]
+        if entry.get("kind") == "local":
+            folder = REGISTRY_DIR / entry["path"]
+            if not folder.is_dir():
+                raise UserError(f"dictionary set {spec!r} is registered but {folder} is missing")
+            return _folder_set(spec, folder, adapter, entry)
+        if entry.get("kind") == "saelens":
+            return _hub_set(spec, entry, adapter)
+        raise UserError(f"registry entry {spec!r} has unknown kind {entry.get('kind')!r}")
+    path = Path(spec)
+    if path.is_dir():
+        return _folder_set(path.name, path, adapter, {})
+    names = ", ".join(["identity", *sorted(reg)])
+    raise UserError(f"unknown dictionary set {spec!r}: give a folder of per-site dictionaries or one of {names}")
+
+
+def _finish(name: str, found: dict[str, Dictionary], adapter: Adapter, meta: dict) -> DictionarySet:
+    if not found:
+        raise UserError(f"dictionary set {name!r} has no dictionary for any site of this model")
+    out: dict[str, Dictionary] = {}
+    identity_sites = []
+    for site in adapter.sites():
+        if site.name in found:
+            check_width(site.name, found[site.name], adapter.d_model)
+            out[site.name] = found[site.name]
+        else:
+            out[site.name] = IdentityDictionary(adapter.d_model)
+            identity_sites.append(site.name)
+    unknown = set(found) - {s.name for s in adapter.sites()}
+    if unknown:
+        raise UserError(f"dictionary set {name!r} names sites this model lacks: {', '.join(sorted(unknown))}")
+    return DictionarySet(name, out, {**meta, "identity_sites": identity_sites})
+
+
+def _folder_set(name: str, folder: Path, adapter: Adapter, entry: dict) -> DictionarySet:
+    found: dict[str, Dictionary] = {}
+    for sub in sorted(folder.iterdir()):
+        if sub.is_dir() and (sub / "cfg.json").is_file():
+            found[sub.name] = load_dictionary(sub)
+        elif sub.is_dir() and (sub / "ae.pt").is_file():
+            found[sub.name] = load_dictionary(sub / "ae.pt")
+    meta = {"kind": "local", "path": str(folder), **{k: v for k, v in entry.items() if k != "path"}}
+    meta_file = folder / "set.json"
+    if meta_file.is_file():
+        meta["set"] = json.loads(meta_file.read_text())
+    return _finish(name, found, adapter, meta)
+
+
+def _hub_set(name: str, entry: dict, adapter: Adapter) -> DictionarySet:
+    """A set of sae-lens hub releases described by per-kind templates, e.g.
+    ``{"resid": {"release": "...", "sae_id": "blocks.{layer}.hook_resid_post"}}``."""
+    found: dict[str, Dictionary] = {}
+    for site in adapter.sites():
+        tpl = entry["sites"].get(site.kind)
+        if tpl is None:
+            continue
+        sae_id = tpl["sae_id"].format(layer=site.layer)
+        found[site.name] = load_dictionary(f"saelens:{tpl['release']}/{sae_id}")
+    return _finish(name, found, adapter, {"kind": "saelens", "model": entry.get("model")})

