@@ -1,0 +1,243 @@
+"""Tasks: counterfactual prompt pairs, from the Sparse Feature Circuits JSON-lines format or
+from seeded built-in generators, tokenized into aligned batches.
+
+A pair is a clean prompt with its answer and a counterfactual ("patch") prompt with its
+answer. Prompts are left-padded so that every prompt's last token sits at the last
+position, where the metric reads the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import UserError
+
+FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
+BUILTIN_TASKS = ("sva-simple", "sva-nounpp", "sva-rc", "sva-within-rc", "ioi")
+
+
+@dataclass(frozen=True)
+class Pair:
+    clean_prefix: str
+    patch_prefix: str
+    clean_answer: str
+    patch_answer: str
+    case: str = ""
+
+
+# --------------------------------------------------------------------------------------
+# Reading the Sparse Feature Circuits format
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Read one JSON object per line with clean_prefix, patch_prefix, clean_answer,
+    patch_answer (and optional case). A malformed line is an error naming its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"task file {path} does not exist")
+    pairs = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in FIELDS if k not in row]
+            if missing:
+                raise UserError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+            bad = [k for k in FIELDS if not isinstance(row[k], str) or not row[k]]
+            if bad:
+                raise UserError(f"{path}:{number}: field(s) {', '.join(bad)} must be non-empty strings")
+            pairs.append(Pair(*(row[k] for k in FIELDS), case=str(row.get("case", ""))))
+    if not pairs:
+        raise UserError(f"task file {path} holds no pairs")
+    return pairs
+
+
+def write_pairs(pairs: Iterable[Pair], path: str | Path) -> None:
+    with Path(path).open("w", encoding="utf-8") as fh:
+        for p in pairs:
+            fh.write(json.dumps(p.__dict__) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# Built-in generators (seeded templates)
+
+NOUNS = [  # (singular, plural)
+    ("author", "authors"), ("pilot", "pilots"), ("surgeon", "surgeons"), ("farmer", "farmers"),
+    ("manager", "managers"), ("customer", "customers"), ("officer", "officers"),
+    ("teacher", "teachers"), ("senator", "senators"), ("doctor", "doctors"), ("dancer", "dancers"),
+    ("guard", "guards"), ("student", "students"), ("writer", "writers"), ("painter", "painters"),
+    ("lawyer", "lawyers"), ("singer", "singers"), ("player", "players"), ("driver", "drivers"),
+    ("friend", "friends"), ("parent", "parents"), ("child", "children"), ("girl", "girls"),
+    ("boy", "boys"), ("king", "kings"), ("nurse", "nurses"), ("soldier", "soldiers"),
+]
+OBJECTS = [("table", "tables"), ("desk", "desks"), ("car", "cars"), ("house", "houses"),
+           ("tree", "trees"), ("door", "doors"), ("window", "windows"), ("book", "books")]
+PREPOSITIONS = ["near", "behind", "beside", "above", "below"]
+VERBS = [(" is", " are"), (" has", " have"), (" was", " were"), (" does", " do")]
+PAST_VERBS = ["liked", "saw", "met", "knew", "helped", "called"]
+NAMES = ["Mary", "John", "Tom", "James", "Sarah", "Anna", "Paul", "Mark", "Lisa", "Kate",
+         "David", "Michael", "Emma", "Peter", "Alice", "Robert"]
+PLACES = ["store", "park", "school", "office", "hospital", "station", "market", "garden"]
+THINGS = ["drink", "book", "ring", "gift", "letter", "ball", "key", "bag"]
+
+
+def _sva(rng: random.Random, n: int, kind: str) -> list[Pair]:
+    pairs = []
+    for _ in range(n):
+        subj = rng.choice(NOUNS)
+        verb = rng.choice(VERBS)
+        clean_plural = rng.random() < 0.5
+        if kind == "simple":
+            prefix = "The {}"
+            fill = lambda p: prefix.format(subj[p])  # noqa: E731
+            agree_with = "subject"
+        elif kind == "nounpp":
+            obj = rng.choice(OBJECTS)[rng.random() < 0.5]
+            prep = rng.choice(PREPOSITIONS)
+            fill = lambda p: f"The {subj[p]} {prep} the {obj}"  # noqa: E731
+            agree_with = "subject"
+        elif kind == "rc":
+            other = rng.choice(NOUNS)[rng.random() < 0.5]
+            past = rng.choice(PAST_VERBS)
+            fill = lambda p: f"The {subj[p]} that the {other} {past}"  # noqa: E731
+            agree_with = "subject"
+        elif kind == "within-rc":
+            head = rng.choice(NOUNS)[rng.random() < 0.5]
+            fill = lambda p: f"The {head} that the {subj[p]}"  # noqa: E731
+            agree_with = "embedded subject"
+        else:  # pragma: no cover - guarded by make_task
+            raise ValueError(kind)
+        c, p = int(clean_plural), int(not clean_plural)
+        pairs.append(Pair(fill(c), fill(p), verb[c], verb[p],
+                          case=f"{'plural' if clean_plural else 'singular'} {agree_with}"))
+    return pairs
+
+
+def _ioi(rng: random.Random, n: int) -> list[Pair]:
+    pairs = []
+    for _ in range(n):
+        a, b = rng.sample(NAMES, 2)
+        place, thing = rng.choice(PLACES), rng.choice(THINGS)
+        order = (a, b) if rng.random() < 0.5 else (b, a)
+        start = f"When {order[0]} and {order[1]} went to the {place}, "
+        # Clean: B gives to A (answer A). Counterfactual: A gives, so the answer is B.
+        pairs.append(Pair(f"{start}{b} gave a {thing} to", f"{start}{a} gave a {thing} to",
+                          f" {a}", f" {b}", case="ioi"))
+    return pairs
+
+
+def make_pairs(task: str, n: int, seed: int = 0) -> list[Pair]:
+    """``n`` pairs of a built-in task (``sva-simple`` ...), or the first ``n`` of a task file."""
+    if n <= 0:
+        raise UserError(f"--n must be positive, got {n}")
+    if task in BUILTIN_TASKS:
+        rng = random.Random(f"{task}:{seed}")
+        if task == "ioi":
+            return _ioi(rng, n)
+        return _sva(rng, n, task[len("sva-"):])
+    path = Path(task)
+    if path.suffix in (".json", ".jsonl") or path.exists():
+        pairs = read_pairs(path)
+        rng = random.Random(seed)
+        rng.shuffle(pairs)
+        return pairs[:n]
+    raise UserError(f"unknown task {task!r}: give one of {', '.join(BUILTIN_TASKS)} or a JSON-lines file")
+
+
+def task_vocabulary() -> list[str]:
+    """Every word the built-in generators use (tests build tiny word-level tokenizers from it)."""
+    words = {"The", "the", "that", "When", "and", "went", "to", "gave", "a", ","}
+    for s, p in NOUNS + OBJECTS:
+        words |= {s, p}
+    words |= set(PREPOSITIONS) | set(PAST_VERBS) | set(NAMES) | set(PLACES) | set(THINGS)
+    words |= {v.strip() for pair in VERBS for v in pair}
+    return sorted(words)
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizing into aligned batches
+
+
+@dataclass
+class Batch:
+    """Clean and counterfactual prompts, left-padded to one length so positions align at the end."""
+
+    clean_ids: torch.Tensor  # [b, T]
+    clean_mask: torch.Tensor
+    patch_ids: torch.Tensor
+    patch_mask: torch.Tensor
+    clean_answer: torch.Tensor  # [b] token ids
+    patch_answer: torch.Tensor
+    pairs: list[Pair]
+
+    def __len__(self) -> int:
+        return self.clean_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.clean_ids.shape[1]
+
+    def inputs(self, which: str = "clean") -> dict[str, torch.Tensor]:
+        if which == "clean":
+            return {"input_ids": self.clean_ids, "attention_mask": self.clean_mask}
+        return {"input_ids": self.patch_ids, "attention_mask": self.patch_mask}
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        return Batch(self.clean_ids[start:stop], self.clean_mask[start:stop], self.patch_ids[start:stop],
+                     self.patch_mask[start:stop], self.clean_answer[start:stop],
+                     self.patch_answer[start:stop], self.pairs[start:stop])
+
+    def chunks(self, size: int) -> list["Batch"]:
+        return [self.slice(i, i + size) for i in range(0, len(self), size)]
+
+
+def single_token(tokenizer: Any, answer: str) -> int | None:
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer: Any) -> tuple[Batch, list[tuple[int, str]]]:
+    """Tokenize pairs into one aligned batch.
+
+    Pairs whose answers are not single tokens are dropped and returned as
+    ``(index, reason)`` so the caller can report the count; an empty result is an error.
+    """
+    kept, dropped, answers = [], [], []
+    for i, p in enumerate(pairs):
+        ca, pa = single_token(tokenizer, p.clean_answer), single_token(tokenizer, p.patch_answer)
+        if ca is None or pa is None:
+            bad = p.clean_answer if ca is None else p.patch_answer
+            dropped.append((i, f"answer {bad!r} is not a single token"))
+            continue
+        if ca == pa:
+            dropped.append((i, f"clean and patch answers are the same token {p.clean_answer!r}"))
+            continue
+        kept.append(p)
+        answers.append((ca, pa))
+    if not kept:
+        reasons = "; ".join(r for _, r in dropped[:3])
+        raise UserError(f"no usable pairs: all {len(pairs)} were dropped ({reasons})")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer([p.clean_prefix for p in kept] + [p.patch_prefix for p in kept],
+                        return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    b = len(kept)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    batch = Batch(ids[:b], mask[:b], ids[b:], mask[b:],
+                  torch.tensor([a for a, _ in answers]), torch.tensor([p for _, p in answers]), kept)
+    return batch, dropped

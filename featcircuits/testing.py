@@ -1,0 +1,66 @@
+"""Tiny random models of every supported family, built from configs (no hub), with a
+word-level tokenizer covering the built-in tasks. Used by the tests and by the benchmark's
+tiny-model rows."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import LoadedModel, wrap
+from .tasks import task_vocabulary
+
+FAMILIES = ("gpt_neox", "gpt2", "llama", "gemma2", "gemma3")
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>"]
+    vocab = {w: i for i, w in enumerate(specials + task_vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<bos>")
+
+
+def tiny_config(family: str, vocab_size: int, n_layers: int = 2, d_model: int = 32):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, max_position_embeddings=64)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
+                                intermediate_size=2 * d_model, rotary_pct=0.25, use_parallel_residual=True,
+                                **common)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=64,
+                             bos_token_id=2, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                              num_attention_heads=4, num_key_value_heads=2, **common)
+    if family == "gemma2":
+        return tf.Gemma2Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                               query_pre_attn_scalar=8, sliding_window=16, **common)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=d_model, intermediate_size=2 * d_model,
+                                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=1,
+                                   head_dim=8, query_pre_attn_scalar=8, sliding_window=16, **common)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def tiny_model(family: str = "gemma3", n_layers: int = 2, d_model: int = 32, seed: int = 0,
+               scale: float = 0.15) -> LoadedModel:
+    """A random model of ``family`` whose weights are scaled up so it has non-trivial outputs."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    config = tiny_config(family, len(tok), n_layers, d_model)
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return wrap(hf, tok, spec=f"tiny-{family}")

@@ -1,0 +1,136 @@
+"""The model traced with nnsight, dictionaries spliced in at every site.
+
+At a site with activation ``x``: ``f = encode(x)``, ``x_hat = decode(f)``, ``err = x - x_hat``
+and the model continues with ``x_hat + err``. ``SplicedModel.run`` visits the sites in
+forward order inside one nnsight trace and lets a *site hook* read or replace each site's
+value; every estimator, edge computation and ablation in featcircuits is such a hook.
+Logits are computed at the last position only (``logits_to_keep=1``): the offline Gemma
+has a 262k vocabulary and the metric reads only that position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import nnsight
+import torch
+
+from .adapters import Site, resolve
+from .dictionaries import Dictionary, DictionarySet, identity_set
+from .errors import UserError
+from .models import LoadedModel
+
+# hook(site, x) -> replacement for x, or None to leave the site as it is
+SiteHook = Callable[[Site, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class SiteValues:
+    """Features and error term of one site: f [b, T, d_sae], err [b, T, d_model]."""
+
+    f: torch.Tensor
+    err: torch.Tensor
+
+
+def split(d: Dictionary, x: torch.Tensor) -> SiteValues:
+    """Encode a site activation into features and the exact error term (no gradients)."""
+    with torch.no_grad():
+        f = d.encode(x)
+        err = x - d.decode(f)
+    return SiteValues(f, err)
+
+
+def join(d: Dictionary, v: SiteValues) -> torch.Tensor:
+    """The site value the model continues with: ``decode(f) + err``."""
+    return d.decode(v.f) + v.err
+
+
+def grad_leaves(d: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, SiteValues]:
+    """Splice with features and error as gradient leaves, leaving the value exactly ``x``.
+
+    Returns the site's new value and the leaves. The value is ``x`` plus exact zeros, so
+    splicing changes no output; gradients reach ``f`` (through the decoder), ``err``
+    (identity) and upstream (straight through: the encoder is not differentiated).
+    """
+    with torch.no_grad():
+        f0 = d.encode(x)
+    f = f0.detach().requires_grad_(True)
+    x_hat = d.decode(f)
+    err = (x.detach() - x_hat.detach()).requires_grad_(True)
+    out = x + (x_hat - x_hat.detach()) + (err - err.detach())
+    return out, SiteValues(f, err)
+
+
+class SplicedModel:
+    """A ``LoadedModel`` with a ``DictionarySet`` spliced in at every site."""
+
+    def __init__(self, model: LoadedModel, dictionaries: DictionarySet | None = None):
+        self.model = model
+        self.adapter = model.adapter
+        self.dictionaries = dictionaries if dictionaries is not None else identity_set(model.adapter)
+        self.sites: list[Site] = self.adapter.sites()
+        missing = [s.name for s in self.sites if s.name not in self.dictionaries]
+        if missing:
+            raise UserError(f"dictionary set {self.dictionaries.name!r} lacks sites {', '.join(missing[:5])}")
+        self.n_forward = 0  # passes counted for benchmarks
+        self.n_backward = 0
+
+    def site(self, name: str) -> Site:
+        return self.adapter.site(name)
+
+    def dictionary(self, site: str | Site) -> Dictionary:
+        return self.dictionaries[site if isinstance(site, str) else site.name]
+
+    def run(self, inputs: dict[str, torch.Tensor], hook: SiteHook | None = None,
+            sites: Iterable[Site] | None = None) -> torch.Tensor:
+        """One forward pass; returns the last-position logits [b, vocab] (with autograd graph).
+
+        ``hook`` is called at each site in ``sites`` (default: all) in forward order.
+        """
+        visit = list(self.sites if sites is None else sites)
+        lm = self.model.lm
+        self.n_forward += 1
+        with lm.trace(dict(inputs), logits_to_keep=1):
+            if hook is not None:
+                for site in visit:
+                    env = resolve(lm, site.path)
+                    out = env.output
+                    x = out[0] if site.tuple_output else out
+                    new = hook(site, x)
+                    if new is not None:
+                        env.output = (new, *out[1:]) if site.tuple_output else new
+            logits = nnsight.save(lm.output.logits[:, -1, :])
+        return logits
+
+    def cache(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, SiteValues]]:
+        """Forward pass without gradients; returns logits and each site's features and error."""
+        values: dict[str, SiteValues] = {}
+
+        def record(site: Site, x: torch.Tensor) -> None:
+            values[site.name] = split(self.dictionary(site), x)
+            return None
+
+        with torch.no_grad():
+            logits = self.run(inputs, record)
+        return logits, values
+
+    def run_with_leaves(self, inputs: dict[str, torch.Tensor],
+                        sites: Iterable[Site] | None = None) -> tuple[torch.Tensor, dict[str, SiteValues]]:
+        """Forward pass with every site's features and error as gradient leaves."""
+        leaves: dict[str, SiteValues] = {}
+
+        def splice(site: Site, x: torch.Tensor) -> torch.Tensor:
+            out, leaves[site.name] = grad_leaves(self.dictionary(site), x)
+            return out
+
+        logits = self.run(inputs, splice, sites)
+        return logits, leaves
+
+    def run_patched(self, inputs: dict[str, torch.Tensor], values: dict[str, SiteValues]) -> torch.Tensor:
+        """Forward pass in which the named sites take the given features and errors."""
+        def patch(site: Site, x: torch.Tensor) -> torch.Tensor | None:
+            v = values.get(site.name)
+            return None if v is None else join(self.dictionary(site), v).to(x.dtype)
+
+        return self.run(inputs, patch, [s for s in self.sites if s.name in values])
