@@ -1,0 +1,263 @@
+"""Node effects: exact activation patching, AtP, RelP and Integrated Gradients.
+
+For a node ``a`` (an SAE feature at a site and position, or a site's error vector) with
+clean value ``a_c`` and counterfactual value ``a_p``:
+
+- ``exact``: ``m(clean | do(a = a_p)) - m(clean)``: one forward per node, the ground truth.
+- ``atp``:   ``(a_p - a_c) . dm/da`` at the clean run (2 forward + 1 backward).
+- ``relp``:  the same product with ``dm/da`` computed under the LRP rules (``featcircuits.lrp``).
+- ``ig``:    per site, ``steps`` forwards at ``a_c + alpha (a_p - a_c)``, alpha = k/steps,
+             k = 0..steps-1; effect = ``(a_p - a_c) . mean grad`` (Sparse Feature Circuits).
+
+Feature effects are elementwise products; an error node's effect is the dot product over
+d_model. The metric and its sign live in ``featcircuits.metric``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import lrp
+from .adapters import Site
+from .errors import UserError
+from .metric import metric
+from .tasks import Batch
+from .tracing import SiteValues, SplicedModel, join
+
+METHODS = ("exact", "atp", "relp", "ig")
+GRADIENT_METHODS = ("atp", "relp", "ig")
+
+
+@dataclass
+class NodeEffects:
+    """Node effects summed over examples (divide by ``n`` for the mean).
+
+    ``features[site]``: [T, d_sae]; ``errors[site]``: [T] (T = padded prompt length, aligned
+    at the last token). ``delta_*`` hold the summed ``a_p - a_c`` (used by edges and reports).
+    """
+
+    method: str
+    features: dict[str, torch.Tensor]
+    errors: dict[str, torch.Tensor]
+    n: int
+    metric_clean: float  # mean discovery metric on the clean prompts
+    metric_patch: float
+    seconds: float = 0.0
+    passes: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+    def mean(self, aggregation: str = "sum") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Aggregate: ``sum`` (sum over positions, mean over examples -> [d_sae], error [] )
+        or ``none`` (mean over examples, keep positions -> [T, d_sae], error [T])."""
+        if aggregation not in ("sum", "none"):
+            raise UserError(f"aggregation must be 'sum' or 'none', got {aggregation!r}")
+        feats = {s: v / self.n for s, v in self.features.items()}
+        errs = {s: v / self.n for s, v in self.errors.items()}
+        if aggregation == "sum":
+            feats = {s: v.sum(0) for s, v in feats.items()}
+            errs = {s: v.sum(0) for s, v in errs.items()}
+        return feats, errs
+
+    def components(self) -> dict[str, torch.Tensor]:
+        """Per-site effect per position, summed over features and error: [T] (mean over examples).
+        With identity dictionaries this is the component (layer x position) effect."""
+        return {s: (self.features[s].sum(-1) + self.errors[s]) / self.n for s in self.features}
+
+
+def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(f"non-finite {what} at site {name}: stopping (check the model and dictionaries)")
+
+
+def _add(acc: dict[str, torch.Tensor], site: str, value: torch.Tensor) -> None:
+    acc[site] = acc[site] + value if site in acc else value.clone()
+
+
+def node_effects(
+    sm: SplicedModel,
+    batch: Batch,
+    method: str = "relp",
+    *,
+    steps: int = 10,
+    rules: Iterable[str] | str | None = None,
+    batch_size: int = 16,
+    sites: Iterable[str] | None = None,
+    progress: bool = True,
+) -> NodeEffects:
+    """Node effects of every feature and error node at every site (or ``sites``), by ``method``.
+
+    ``rules``: the LRP rule set for ``relp`` (default LN + identity + half). ``exact`` here
+    patches every *component* position (whole site vector at one position); for exact
+    effects of individual features use ``exact_feature_effects``.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    chosen = [s for s in sm.sites if sites is None or s.name in set(sites)]
+    rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
+    feats: dict[str, torch.Tensor] = {}
+    errs: dict[str, torch.Tensor] = {}
+    m_clean = m_patch = 0.0
+    f0, b0 = sm.n_forward, sm.n_backward
+    t0 = time.perf_counter()
+    chunks = batch.chunks(batch_size)
+    bar = tqdm(chunks, desc=f"node effects ({method})", disable=not progress, leave=False)
+    for chunk in bar:
+        with torch.no_grad():
+            logits_p, patch_vals = sm.cache(chunk.inputs("patch"))
+        m_patch += float(metric(logits_p, chunk.clean_answer, chunk.patch_answer).sum())
+        if method in ("atp", "relp"):
+            mc = _gradient_effects(sm, chunk, patch_vals, chosen, rule_set, feats, errs)
+        elif method == "ig":
+            mc = _ig_effects(sm, chunk, patch_vals, chosen, steps, feats, errs)
+        else:
+            mc = _exact_component_effects(sm, chunk, patch_vals, chosen, feats, errs)
+        m_clean += mc
+    for s in feats:
+        _check_finite(s, feats[s], "feature effects")
+        _check_finite(s, errs[s], "error effects")
+    return NodeEffects(
+        method=method, features=feats, errors=errs, n=len(batch), metric_clean=m_clean / len(batch),
+        metric_patch=m_patch / len(batch), seconds=time.perf_counter() - t0,
+        passes={"forward": sm.n_forward - f0, "backward": sm.n_backward - b0},
+        params={"steps": steps if method == "ig" else None, "rules": sorted(rule_set) if method == "relp" else None},
+    )
+
+
+def _gradient_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues], chosen: list[Site],
+                      rules: frozenset[str], feats: dict, errs: dict) -> float:
+    """AtP (no rules) or RelP (rules): one clean forward with leaves, one backward."""
+    with lrp.lrp_rules(rules):
+        logits, leaves = sm.run_with_leaves(chunk.inputs("clean"))
+        m = metric(logits, chunk.clean_answer, chunk.patch_answer)
+        _check_finite("metric", m, "metric")
+        tensors = [t for s in chosen for t in (leaves[s.name].f, leaves[s.name].err)]
+        grads = torch.autograd.grad(m.sum(), tensors, allow_unused=True)
+        sm.n_backward += 1
+    for i, s in enumerate(chosen):
+        gf, ge = grads[2 * i], grads[2 * i + 1]
+        c, p = leaves[s.name], patch_vals[s.name]
+        gf = torch.zeros_like(c.f) if gf is None else gf
+        ge = torch.zeros_like(c.err) if ge is None else ge
+        _add(feats, s.name, ((p.f - c.f.detach()) * gf).sum(0))
+        _add(errs, s.name, ((p.err - c.err.detach()) * ge).sum(-1).sum(0))
+    return float(m.detach().sum())
+
+
+def _ig_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues], chosen: list[Site],
+                steps: int, feats: dict, errs: dict) -> float:
+    """IG per site: the ``steps`` interpolation points stacked along the batch in one forward."""
+    with torch.no_grad():
+        logits_c, clean_vals = sm.cache(chunk.inputs("clean"))
+    b = len(chunk)
+    inputs = {k: v.repeat(steps, 1) for k, v in chunk.inputs("clean").items()}
+    ca, pa = chunk.clean_answer.repeat(steps), chunk.patch_answer.repeat(steps)
+    alphas = torch.arange(steps, dtype=torch.float32) / steps
+    for s in chosen:
+        c, p = clean_vals[s.name], patch_vals[s.name]
+        shape_f = (steps, 1, 1, 1)
+        f = (c.f.unsqueeze(0) + alphas.view(shape_f) * (p.f - c.f).unsqueeze(0)).flatten(0, 1)
+        e = (c.err.unsqueeze(0) + alphas.view(shape_f) * (p.err - c.err).unsqueeze(0)).flatten(0, 1)
+        f.requires_grad_(True)
+        e.requires_grad_(True)
+        d = sm.dictionary(s)
+        logits = sm.run(inputs, lambda site, x, d=d, f=f, e=e: join(d, SiteValues(f, e)).to(x.dtype), [s])
+        m = metric(logits, ca, pa)
+        gf, ge = torch.autograd.grad(m.sum(), [f, e], allow_unused=True)
+        sm.n_backward += 1
+        gf = torch.zeros_like(f) if gf is None else gf
+        ge = torch.zeros_like(e) if ge is None else ge
+        mean_gf = gf.view(steps, b, *gf.shape[1:]).mean(0)
+        mean_ge = ge.view(steps, b, *ge.shape[1:]).mean(0)
+        _add(feats, s.name, ((p.f - c.f) * mean_gf).sum(0))
+        _add(errs, s.name, ((p.err - c.err) * mean_ge).sum(-1).sum(0))
+    return float(metric(logits_c, chunk.clean_answer, chunk.patch_answer).sum())
+
+
+def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues],
+                             chosen: list[Site], feats: dict, errs: dict) -> float:
+    """Exact patching of each site's whole vector at one position at a time (all positions of
+    a site stacked along the batch in one forward). Stored as an 'error' effect per position
+    with feature effects zero: with identity dictionaries the site vector is the component."""
+    with torch.no_grad():
+        logits_c, clean_vals = sm.cache(chunk.inputs("clean"))
+        m_c = metric(logits_c, chunk.clean_answer, chunk.patch_answer)
+        b, T = chunk.clean_ids.shape
+        inputs = {k: v.repeat(T, 1) for k, v in chunk.inputs("clean").items()}
+        ca, pa = chunk.clean_answer.repeat(T), chunk.patch_answer.repeat(T)
+        for s in chosen:
+            d = sm.dictionary(s)
+            x_c = join(d, clean_vals[s.name])
+            x_p = join(d, patch_vals[s.name])
+            stacked = x_c.unsqueeze(0).repeat(T, 1, 1, 1)  # [T(which position), b, T, d]
+            idx = torch.arange(T)
+            stacked[idx, :, idx, :] = x_p.transpose(0, 1)[idx]
+            stacked = stacked.flatten(0, 1)
+            logits = sm.run(inputs, lambda site, x, v=stacked: v.to(x.dtype), [s])
+            delta = (metric(logits, ca, pa) - m_c.repeat(T)).view(T, b)  # [position, example]
+            _add(errs, s.name, delta.sum(1))
+            _add(feats, s.name, torch.zeros(T, d.d_sae))
+    return float(m_c.sum())
+
+
+@dataclass(frozen=True)
+class FeatureNode:
+    """One node for exact patching: a feature (``index``) or the error (``index = -1``) at a
+    site, at one position (``position``) or at all positions (``None``, aggregation ``sum``)."""
+
+    site: str
+    index: int
+    position: int | None = None
+
+
+def exact_feature_effects(sm: SplicedModel, batch: Batch, nodes: list[FeatureNode], *, batch_size: int = 16,
+                          nodes_per_pass: int = 8, progress: bool = True) -> torch.Tensor:
+    """Exact activation-patching effect of each node, mean over examples: [len(nodes)].
+
+    The node's clean value is replaced by its counterfactual value (all other features and
+    the error of the site keep their clean values); several nodes run stacked in one forward.
+    """
+    out = torch.zeros(len(nodes))
+    by_site: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        by_site.setdefault(node.site, []).append(i)
+    total = sum((len(v) + nodes_per_pass - 1) // nodes_per_pass for v in by_site.values()) * len(batch.chunks(batch_size))
+    bar = tqdm(total=total, desc="exact patching", disable=not progress, leave=False)
+    for chunk in batch.chunks(batch_size):
+        with torch.no_grad():
+            logits_c, clean_vals = sm.cache(chunk.inputs("clean"))
+            _, patch_vals = sm.cache(chunk.inputs("patch"))
+            m_c = metric(logits_c, chunk.clean_answer, chunk.patch_answer)
+            b = len(chunk)
+            for site_name, idxs in by_site.items():
+                d = sm.dictionary(site_name)
+                c, p = clean_vals[site_name], patch_vals[site_name]
+                site = sm.site(site_name)
+                for start in range(0, len(idxs), nodes_per_pass):
+                    group = idxs[start:start + nodes_per_pass]
+                    fs, es = [], []
+                    for i in group:
+                        node = nodes[i]
+                        f, e = c.f.clone(), c.err.clone()
+                        pos = slice(None) if node.position is None else node.position
+                        if node.index < 0:
+                            e[:, pos] = p.err[:, pos]
+                        else:
+                            f[:, pos, node.index] = p.f[:, pos, node.index]
+                        fs.append(f)
+                        es.append(e)
+                    value = join(d, SiteValues(torch.cat(fs), torch.cat(es)))
+                    k = len(group)
+                    inputs = {key: v.repeat(k, 1) for key, v in chunk.inputs("clean").items()}
+                    logits = sm.run(inputs, lambda s_, x, v=value: v.to(x.dtype), [site])
+                    delta = metric(logits, chunk.clean_answer.repeat(k), chunk.patch_answer.repeat(k)) - m_c.repeat(k)
+                    out[group] += delta.view(k, b).sum(1)
+                    bar.update(1)
+    bar.close()
+    return out / len(batch)
