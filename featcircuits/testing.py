@@ -64,3 +64,33 @@ def tiny_model(family: str = "gemma3", n_layers: int = 2, d_model: int = 32, see
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return wrap(hf, tok, spec=f"tiny-{family}")
+
+
+def random_saelens_set(model: LoadedModel, folder, width: int = 48, seed: int = 0, sites=None) -> None:
+    """Write a random sae-lens dictionary (``cfg.json`` + ``sae_weights.safetensors``) for each
+    site into ``folder/<site>/``: the same on-disk format as real sae-lens SAEs."""
+    from pathlib import Path
+
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    d = model.d_model
+    for site in model.adapter.sites():
+        if sites is not None and site.name not in sites:
+            continue
+        sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=width))
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.randn(d, width, generator=gen) / d**0.5)
+            sae.W_dec.copy_(torch.randn(width, d, generator=gen) / width**0.5)
+            sae.b_enc.copy_(torch.randn(width, generator=gen) * 0.1)
+            sae.b_dec.copy_(torch.randn(d, generator=gen) * 0.1)
+        sae.save_model(Path(folder) / site.name)
+
+
+def random_ae_pt(path, d: int, width: int, seed: int = 0) -> None:
+    """Write a random dictionary_learning ``ae.pt`` state dict."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.save({"encoder.weight": torch.randn(width, d, generator=gen) / d**0.5,
+                "encoder.bias": torch.randn(width, generator=gen) * 0.1,
+                "decoder.weight": torch.randn(d, width, generator=gen) / width**0.5,
+                "bias": torch.randn(d, generator=gen) * 0.1}, path)

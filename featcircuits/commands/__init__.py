@@ -1,0 +1,37 @@
+"""Subcommands of the ``featcircuits`` CLI, one module each, and the flags they share."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..models import OFFLINE_ALIAS
+
+
+def add_model_args(p: argparse.ArgumentParser, saes: bool = True) -> None:
+    p.add_argument("--model", default=OFFLINE_ALIAS,
+                   help=f"hub id, local HF folder, .gguf file, or {OFFLINE_ALIAS!r} (default)")
+    if saes:
+        p.add_argument("--saes", default=None,
+                       help="dictionary set: a registered name (e.g. 'starter'), a folder of per-site "
+                            "dictionaries, or 'identity' (neurons). Default: 'starter' for the offline "
+                            "model when present, else identity")
+
+
+def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:
+    p.add_argument("--task", default="sva-simple",
+                   help="built-in task (sva-simple, sva-nounpp, sva-rc, sva-within-rc, ioi) or a "
+                        "JSON-lines file in the Sparse Feature Circuits format")
+    p.add_argument("--n", type=int, default=n_default, help="number of prompt pairs")
+    p.add_argument("--seed", type=int, default=0, help="seed for task generation and sampling")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+
+
+def default_saes(model_spec: str, saes: str | None) -> str:
+    """``starter`` for the offline model when that set is registered, else identity."""
+    if saes is not None:
+        return saes
+    from ..dictionaries import registry
+
+    if model_spec == OFFLINE_ALIAS and "starter" in registry():
+        return "starter"
+    return "identity"

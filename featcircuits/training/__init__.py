@@ -1,0 +1,1 @@
+"""Training sparse dictionaries offline: the docstring corpus and the multi-site SAE trainer."""

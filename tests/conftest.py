@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_sfc() -> Path:
+    path = SHARED / "data" / "sfc"
+    if not path.is_dir():
+        pytest.skip("../shared/data/sfc is not here")
+    return path
+
+
+@pytest.fixture(scope="session", params=["gpt_neox", "gpt2", "llama", "gemma2", "gemma3"])
+def any_family(request):
+    from featcircuits.testing import tiny_model
+
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from featcircuits.testing import tiny_model
+
+    return tiny_model("gemma3")
+
+
+@pytest.fixture(scope="session")
+def gemma_offline():
+    from featcircuits.models import load_model
+
+    return load_model("gemma-3-270m-offline")
