@@ -199,6 +199,11 @@ class Batch:
                      self.patch_mask[start:stop], self.clean_answer[start:stop],
                      self.patch_answer[start:stop], self.pairs[start:stop])
 
+    def select(self, indices: list[int]) -> "Batch":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(self.clean_ids[idx], self.clean_mask[idx], self.patch_ids[idx], self.patch_mask[idx],
+                     self.clean_answer[idx], self.patch_answer[idx], [self.pairs[i] for i in indices])
+
     def chunks(self, size: int) -> list["Batch"]:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 

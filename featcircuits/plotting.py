@@ -1,0 +1,37 @@
+"""Shared plotting conventions: one colour per method across every figure of the project,
+and a helper that saves a figure as PNG and SVG atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METHOD_COLORS = {
+    "exact": "#222222",
+    "atp": "#E69F00",      # orange
+    "relp": "#0072B2",     # blue
+    "relp+ah": "#56B4E9",  # light blue
+    "ig": "#009E73",       # green
+    "random": "#999999",   # grey
+}
+METHOD_LABELS = {"exact": "exact patching", "atp": "AtP", "relp": "RelP", "relp+ah": "RelP (+AH rule)",
+                 "ig": "IG", "random": "random"}
+
+
+def method_color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#CC79A7")
+
+
+def save_figure(fig, path_stem: str | Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Save ``fig`` as ``<stem>.png`` and ``<stem>.svg`` (temp file + rename, never half-written)."""
+    import os
+
+    out = []
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for fmt in formats:
+        final = stem.with_suffix(f".{fmt}")
+        tmp = final.with_name(f".{final.name}.tmp")
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        os.replace(tmp, final)
+        out.append(final)
+    return out

@@ -1,0 +1,155 @@
+"""LRP rules and node-effect estimators on tiny models."""
+
+import pytest
+import torch
+
+from featcircuits import lrp
+from featcircuits.attribution import FeatureNode, exact_feature_effects, node_effects
+from featcircuits.dictionaries import load_dictionary_set
+from featcircuits.metric import metric
+from featcircuits.tasks import make_pairs, tokenize_pairs
+from featcircuits.testing import random_saelens_set, tiny_model
+from featcircuits.tracing import SplicedModel
+
+
+def test_identity_rule_backward_is_f_over_x():
+    x = torch.tensor([-2.0, -0.5, 0.0, 1e-9, 0.7, 3.0], requires_grad=True)
+    fn = torch.nn.functional.gelu
+    y = lrp.identity_rule(x, fn(x), fn)
+    assert torch.equal(y, fn(x))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    ref = fn(x.detach()) / x.detach()
+    ref[2] = ref[3] = 0.5  # the limit of gelu(x)/x at 0
+    assert torch.allclose(g, ref, atol=1e-5)
+
+
+def test_half_rule_halves_each_factor():
+    a = torch.tensor([1.5, -2.0], requires_grad=True)
+    b = torch.tensor([0.5, 4.0], requires_grad=True)
+    y = lrp.half_product(a, b)
+    assert torch.equal(y, a * b)
+    ga, gb = torch.autograd.grad(y.sum(), [a, b])
+    assert torch.allclose(ga, 0.5 * b) and torch.allclose(gb, 0.5 * a)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "gemma", "llama"])
+def test_ln_rule_treats_scale_as_constant(norm):
+    import types
+
+    import transformers.models.gemma3.modeling_gemma3 as g3
+    import transformers.models.llama.modeling_llama as ll
+
+    torch.manual_seed(0)
+    mod = {"layernorm": torch.nn.LayerNorm(8), "gemma": g3.Gemma3RMSNorm(8), "llama": ll.LlamaRMSNorm(8)}[norm]
+    with torch.no_grad():
+        mod.weight.normal_()
+    mod.forward = types.MethodType(lrp._norm_forward, mod)
+    x = torch.randn(3, 8, requires_grad=True)
+    y_plain = mod(x)
+    with lrp.lrp_rules(("ln",)):
+        y = mod(x)
+        assert torch.equal(y, y_plain)
+        v = torch.randn(3, 8)
+        (g,) = torch.autograd.grad((y * v).sum(), x)
+    # with the scale constant, the map is linear in x: y(2x) - y(x) direction equals J x
+    sigma = (x.var(-1, keepdim=True, unbiased=False) + mod.eps).sqrt() if norm == "layernorm" \
+        else (x.pow(2).mean(-1, keepdim=True) + getattr(mod, "eps", getattr(mod, "variance_epsilon", 0))).sqrt()
+    w = mod.weight + 1 if norm == "gemma" else mod.weight
+    vw = v * w / sigma
+    expected = vw - vw.mean(-1, keepdim=True) if norm == "layernorm" else vw
+    assert torch.allclose(g, expected.detach(), atol=1e-5)
+
+
+def test_forward_unchanged_with_all_rules(any_family):
+    batch, _ = tokenize_pairs(make_pairs("sva-nounpp", 4), any_family.tokenizer)
+    sm = SplicedModel(any_family)
+    plain, _ = sm.cache(batch.inputs())
+    with lrp.lrp_rules(lrp.RULES):
+        ruled, leaves = sm.run_with_leaves(batch.inputs())
+        (g_rules,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
+                                         [leaves["embed"].f])
+    assert torch.equal(plain, ruled.detach())
+    assert g_rules.abs().sum() > 0
+
+
+def test_rules_change_gradients_only_inside_context(tiny):
+    batch, _ = tokenize_pairs(make_pairs("ioi", 4), tiny.tokenizer)
+    sm = SplicedModel(tiny)
+
+    def grad():
+        logits, leaves = sm.run_with_leaves(batch.inputs())
+        return torch.autograd.grad(metric(logits, batch.clean_answer, batch.patch_answer).sum(),
+                                   [leaves["embed"].f])[0]
+
+    before = grad()
+    with lrp.lrp_rules():
+        during = grad()
+    after = grad()
+    assert torch.equal(before, after) and not torch.allclose(before, during)
+
+
+def test_all_equal_on_a_linear_model():
+    """A model with no nonlinearity after the site: AtP = RelP = exact to float precision."""
+    model = tiny_model("llama", n_layers=1, scale=0.3)
+    # make everything after embed linear: zero attention and MLP outputs, final norm weight
+    # fixed; the only nonlinearity left is the final RMSNorm, removed by the LN-rule and by
+    # scaling every residual to the same norm is not possible, so use the metric on resid_0
+    # with the final norm replaced by identity.
+    hf = model.hf
+    with torch.no_grad():
+        for p in hf.model.layers[0].mlp.down_proj.parameters():
+            p.zero_()
+        for p in hf.model.layers[0].self_attn.o_proj.parameters():
+            p.zero_()
+    hf.model.norm.forward = lambda x: x
+    batch, _ = tokenize_pairs(make_pairs("sva-simple", 6), model.tokenizer)
+    sm = SplicedModel(model)
+    e = {m: node_effects(sm, batch, m, progress=False).components() for m in ("exact", "atp", "relp")}
+    for site in ("embed", "resid_0"):
+        assert torch.allclose(e["atp"][site], e["exact"][site], atol=1e-4)
+        assert torch.allclose(e["relp"][site], e["exact"][site], atol=1e-4)
+
+
+def test_ig_one_step_equals_atp_and_many_steps_approach_exact(tmp_path):
+    model = tiny_model("gemma3", scale=0.1)
+    random_saelens_set(model, tmp_path, width=24)
+    sm = SplicedModel(model, load_dictionary_set(str(tmp_path), model.adapter))
+    batch, _ = tokenize_pairs(make_pairs("ioi", 4), model.tokenizer)
+    atp = node_effects(sm, batch, "atp", progress=False)
+    ig1 = node_effects(sm, batch, "ig", steps=1, progress=False)
+    for s in atp.features:
+        assert torch.allclose(atp.features[s], ig1.features[s], atol=1e-5)
+        assert torch.allclose(atp.errors[s], ig1.errors[s], atol=1e-5)
+    # one node = the whole resid_0 site (every feature, error and position patched together):
+    # IG's effects summed over it approach exact patching of it as steps grow
+    with torch.no_grad():
+        clean_logits, _ = sm.cache(batch.inputs("clean"))
+        _, patch_vals = sm.cache(batch.inputs("patch"))
+        patched = sm.run_patched(batch.inputs("clean"), {"resid_0": patch_vals["resid_0"]})
+    exact = float((metric(patched, batch.clean_answer, batch.patch_answer)
+                   - metric(clean_logits, batch.clean_answer, batch.patch_answer)).mean())
+    errors = []
+    for steps in (1, 4, 64):
+        f, e = node_effects(sm, batch, "ig", steps=steps, sites=["resid_0"], progress=False).mean("sum")
+        errors.append(abs(float(f["resid_0"].sum() + e["resid_0"]) - exact))
+    assert errors[-1] < errors[0] and errors[-1] < 0.05 * abs(exact) + 1e-4
+
+
+def test_sign_node_carrying_the_answer_is_positive():
+    """DESIGN.md: a node whose patching moves the model toward the counterfactual answer gets
+    a positive effect. The last resid at the last position carries the whole answer: on
+    examples the model gets right (clean prefers the clean answer, patch the patch answer),
+    patching it flips the answer, and every estimator must give it a positive effect."""
+    model = tiny_model("gemma3", scale=0.2)
+    batch, _ = tokenize_pairs(make_pairs("sva-simple", 48), model.tokenizer)
+    sm = SplicedModel(model)
+    with torch.no_grad():
+        m_c = metric(sm.cache(batch.inputs("clean"))[0], batch.clean_answer, batch.patch_answer)
+        m_p = metric(sm.cache(batch.inputs("patch"))[0], batch.clean_answer, batch.patch_answer)
+    right = torch.nonzero((m_c < 0) & (m_p > 0)).flatten().tolist()
+    assert len(right) >= 2, "the random model should get a few pairs right"
+    sub = batch.select(right)
+    site = f"resid_{model.n_layers - 1}"
+    for method in ("exact", "atp", "relp", "ig"):
+        effect = node_effects(sm, sub, method, sites=[site], progress=False).components()[site][-1]
+        assert effect > 0, method
