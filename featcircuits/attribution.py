@@ -112,10 +112,9 @@ def node_effects(
         with torch.no_grad():
             logits_p, patch_vals = sm.cache(chunk.inputs("patch"))
         m_patch += float(metric(logits_p, chunk.clean_answer, chunk.patch_answer).sum())
-        if method in ("atp", "relp"):
-            mc = _gradient_effects(sm, chunk, patch_vals, chosen, rule_set, feats, errs)
-        elif method == "ig":
-            mc = _ig_effects(sm, chunk, patch_vals, chosen, steps, feats, errs)
+        if method in GRADIENT_METHODS:
+            sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals)
+            mc = _accumulate_effects(sg, chosen, feats, errs)
         else:
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, feats, errs)
         m_clean += mc
@@ -130,42 +129,61 @@ def node_effects(
     )
 
 
-def _gradient_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues], chosen: list[Site],
-                      rules: frozenset[str], feats: dict, errs: dict) -> float:
-    """AtP (no rules) or RelP (rules): one clean forward with leaves, one backward."""
-    with lrp.lrp_rules(rules):
+@dataclass
+class SiteGradients:
+    """Per-example gradients of the metric and the clean values, for one chunk of examples.
+
+    ``grads[site]`` holds dm/df [b, T, d_sae] and dm/derr [b, T, d_model] (for IG: the mean
+    over the interpolation points); ``clean``/``patch`` the sites' features and errors."""
+
+    grads: dict[str, SiteValues]
+    clean: dict[str, SiteValues]
+    patch: dict[str, SiteValues]
+    metric_clean: torch.Tensor  # [b]
+
+
+def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Site], *, steps: int = 10,
+                   rules: Iterable[str] | str | None = None,
+                   patch_vals: dict[str, SiteValues] | None = None) -> SiteGradients:
+    """The gradients node effects and edges are made of: AtP (plain), RelP (LRP rules, default
+    set when ``rules`` is None) or IG (mean over ``steps`` interpolation points, per site)."""
+    if patch_vals is None:
+        with torch.no_grad():
+            _, patch_vals = sm.cache(chunk.inputs("patch"))
+    if method == "ig":
+        return _ig_gradients(sm, chunk, patch_vals, chosen, steps)
+    rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
+    with lrp.lrp_rules(rule_set):
         logits, leaves = sm.run_with_leaves(chunk.inputs("clean"))
         m = metric(logits, chunk.clean_answer, chunk.patch_answer)
         _check_finite("metric", m, "metric")
         tensors = [t for s in chosen for t in (leaves[s.name].f, leaves[s.name].err)]
         grads = torch.autograd.grad(m.sum(), tensors, allow_unused=True)
         sm.n_backward += 1
+    out, clean = {}, {}
     for i, s in enumerate(chosen):
+        c = leaves[s.name]
         gf, ge = grads[2 * i], grads[2 * i + 1]
-        c, p = leaves[s.name], patch_vals[s.name]
-        gf = torch.zeros_like(c.f) if gf is None else gf
-        ge = torch.zeros_like(c.err) if ge is None else ge
-        _add(feats, s.name, ((p.f - c.f.detach()) * gf).sum(0))
-        _add(errs, s.name, ((p.err - c.err.detach()) * ge).sum(-1).sum(0))
-    return float(m.detach().sum())
+        out[s.name] = SiteValues(torch.zeros_like(c.f) if gf is None else gf,
+                                 torch.zeros_like(c.err) if ge is None else ge)
+        clean[s.name] = SiteValues(c.f.detach(), c.err.detach())
+    return SiteGradients(out, clean, patch_vals, m.detach())
 
 
-def _ig_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues], chosen: list[Site],
-                steps: int, feats: dict, errs: dict) -> float:
+def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues], chosen: list[Site],
+                  steps: int) -> SiteGradients:
     """IG per site: the ``steps`` interpolation points stacked along the batch in one forward."""
     with torch.no_grad():
         logits_c, clean_vals = sm.cache(chunk.inputs("clean"))
     b = len(chunk)
     inputs = {k: v.repeat(steps, 1) for k, v in chunk.inputs("clean").items()}
     ca, pa = chunk.clean_answer.repeat(steps), chunk.patch_answer.repeat(steps)
-    alphas = torch.arange(steps, dtype=torch.float32) / steps
+    alphas = torch.arange(steps, dtype=torch.float32).view(steps, 1, 1, 1) / steps
+    out = {}
     for s in chosen:
         c, p = clean_vals[s.name], patch_vals[s.name]
-        shape_f = (steps, 1, 1, 1)
-        f = (c.f.unsqueeze(0) + alphas.view(shape_f) * (p.f - c.f).unsqueeze(0)).flatten(0, 1)
-        e = (c.err.unsqueeze(0) + alphas.view(shape_f) * (p.err - c.err).unsqueeze(0)).flatten(0, 1)
-        f.requires_grad_(True)
-        e.requires_grad_(True)
+        f = (c.f.unsqueeze(0) + alphas * (p.f - c.f).unsqueeze(0)).flatten(0, 1).requires_grad_(True)
+        e = (c.err.unsqueeze(0) + alphas * (p.err - c.err).unsqueeze(0)).flatten(0, 1).requires_grad_(True)
         d = sm.dictionary(s)
         logits = sm.run(inputs, lambda site, x, d=d, f=f, e=e: join(d, SiteValues(f, e)).to(x.dtype), [s])
         m = metric(logits, ca, pa)
@@ -173,11 +191,18 @@ def _ig_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues
         sm.n_backward += 1
         gf = torch.zeros_like(f) if gf is None else gf
         ge = torch.zeros_like(e) if ge is None else ge
-        mean_gf = gf.view(steps, b, *gf.shape[1:]).mean(0)
-        mean_ge = ge.view(steps, b, *ge.shape[1:]).mean(0)
-        _add(feats, s.name, ((p.f - c.f) * mean_gf).sum(0))
-        _add(errs, s.name, ((p.err - c.err) * mean_ge).sum(-1).sum(0))
-    return float(metric(logits_c, chunk.clean_answer, chunk.patch_answer).sum())
+        out[s.name] = SiteValues(gf.view(steps, b, *gf.shape[1:]).mean(0), ge.view(steps, b, *ge.shape[1:]).mean(0))
+    m_c = metric(logits_c, chunk.clean_answer, chunk.patch_answer)
+    return SiteGradients(out, clean_vals, patch_vals, m_c)
+
+
+def _accumulate_effects(sg: SiteGradients, chosen: list[Site], feats: dict, errs: dict) -> float:
+    """Node effect = (a_p - a_c) * grad, summed over the chunk's examples."""
+    for s in chosen:
+        g, c, p = sg.grads[s.name], sg.clean[s.name], sg.patch[s.name]
+        _add(feats, s.name, ((p.f - c.f) * g.f).sum(0))
+        _add(errs, s.name, ((p.err - c.err) * g.err).sum(-1).sum(0))
+    return float(sg.metric_clean.sum())
 
 
 def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues],
