@@ -1,0 +1,215 @@
+"""Edge effects between sites, direct paths only.
+
+Edge ``u -> d`` = ``grad_d m . (dd/du) . (u_p - u_c)`` at the clean run, where every site
+between ``u`` and ``d`` is held fixed. We get all direct Jacobians from *one* forward pass
+in which every site's real output ``x_D`` is recorded (a function of the sites feeding it)
+and then replaced, for everything downstream, by fresh gradient leaves built from its
+detached value. So ``x_D`` depends only on the leaves of its direct upstream sites:
+
+    sequential family: attn_l <- resid_{l-1};  mlp_l <- resid_{l-1}, attn_l;
+                       resid_l <- resid_{l-1}, attn_l, mlp_l
+    parallel family:   attn_l <- resid_{l-1};  mlp_l <- resid_{l-1};
+                       resid_l <- resid_{l-1}, attn_l, mlp_l      (resid_{-1} = embed)
+
+For a downstream node ``j`` at ``D`` the scalar ``s_j = sum g_j * node_j(x_D)`` (``g`` the
+metric's gradient at D, ``node_j`` = ``encode(x_D)_j`` or the error ``x_D - decode(encode(x_D))``)
+is backpropagated to those leaves, and multiplied by ``u_p - u_c``. The reference does one
+backward per downstream node (``batched=False``); the default stacks the downstream nodes'
+vector-Jacobian products into one batched backward (``is_grads_batched``).
+
+RelP edges run forward and backward under the LRP rules with RelP's ``g``; IG edges use the
+IG mean gradient for ``g`` and plain Jacobians; AtP uses plain gradients throughout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import lrp
+from .adapters import Adapter, Site
+from .attribution import GRADIENT_METHODS, site_gradients
+from .errors import UserError
+from .graph import SiteMask, mask_nodes, node_id
+from .tasks import Batch
+from .tracing import SiteValues, SplicedModel, grad_leaves
+
+
+def direct_upstream(adapter: Adapter, site: str) -> list[str]:
+    """The sites with a direct path into ``site`` (intermediate sites held fixed)."""
+    if site == "embed":
+        return []
+    kind, layer = site.split("_")
+    layer = int(layer)
+    prev = "embed" if layer == 0 else f"resid_{layer - 1}"
+    if kind == "attn":
+        return [prev]
+    if kind == "mlp":
+        return [prev] if adapter.parallel else [prev, f"attn_{layer}"]
+    return [prev, f"attn_{layer}", f"mlp_{layer}"]
+
+
+@dataclass
+class EdgeEffects:
+    """Dense edge weights into selected downstream nodes, mean over examples.
+
+    ``weights[(U, D)]``: a pair ``(features, error)`` with shapes [K_D, d_U] and [K_D] (aggregation
+    ``sum``) or [K_D, T, d_U] and [K_D, T] (``none``), K_D = the selected nodes of D in the
+    order of ``downstream[D]`` (``(index, position)`` pairs, index -1 = error)."""
+
+    downstream: dict[str, list[tuple[int, int]]]
+    weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
+    aggregation: str
+    n: int
+    seconds: float = 0.0
+    passes: dict = field(default_factory=dict)
+
+    def edge_list(self, upstream_masks: dict[str, SiteMask] | None = None) -> list[tuple[str, str, float]]:
+        """(u_id, d_id, weight) for every upstream node (or those in ``upstream_masks``)."""
+        out = []
+        for (u, d), (wf, we) in self.weights.items():
+            keep = upstream_masks.get(u) if upstream_masks is not None else None
+            ups = mask_nodes(keep) if keep is not None else None
+            for k, (index, position) in enumerate(self.downstream[d]):
+                did = node_id(d, index, position)
+                if ups is None:
+                    if self.aggregation == "sum":
+                        ups_k = [(i, -1) for i in range(wf.shape[-1])] + [(-1, -1)]
+                    else:
+                        T = wf.shape[1]
+                        ups_k = [(i, t) for t in range(T) for i in range(wf.shape[-1])] + [(-1, t) for t in range(T)]
+                else:
+                    ups_k = ups
+                for i, t in ups_k:
+                    if i < 0:
+                        w = we[k] if t < 0 else we[k, t]
+                    else:
+                        w = wf[k, i] if t < 0 else wf[k, t, i]
+                    out.append((node_id(u, i, t), did, float(w)))
+        return out
+
+
+def _node_scalars(d, x: torch.Tensor, g: SiteValues, nodes: list[tuple[int, int]]) -> torch.Tensor:
+    """s_k = sum over examples (and positions, for summed nodes) of g * node value: [K]."""
+    f = d.encode(x)
+    out = []
+    feat_nodes = [(k, i, t) for k, (i, t) in enumerate(nodes) if i >= 0]
+    err_nodes = [(k, t) for k, (i, t) in enumerate(nodes) if i < 0]
+    s = torch.zeros(len(nodes), dtype=x.dtype)
+    if feat_nodes:
+        idx = torch.tensor([i for _, i, _ in feat_nodes])
+        prod = g.f[..., idx] * f[..., idx]  # [b, T, k]
+        pos = torch.tensor([t for _, _, t in feat_nodes])
+        summed = prod.sum((0, 1))
+        at_pos = prod.sum(0)[pos.clamp(min=0), torch.arange(len(feat_nodes))]
+        vals = torch.where(pos < 0, summed, at_pos)
+        s = s.index_put((torch.tensor([k for k, _, _ in feat_nodes]),), vals)
+    if err_nodes:
+        err = x - d.decode(f)
+        per_pos = (g.err * err).sum(-1).sum(0)  # [T]
+        vals = torch.stack([per_pos.sum() if t < 0 else per_pos[t] for _, t in err_nodes])
+        s = s.index_put((torch.tensor([k for k, _ in err_nodes]),), vals)
+    out.append(s)
+    return out[0]
+
+
+def edge_effects(
+    sm: SplicedModel,
+    batch: Batch,
+    masks: dict[str, SiteMask],
+    method: str = "relp",
+    *,
+    steps: int = 10,
+    rules: Iterable[str] | str | None = None,
+    aggregation: str = "sum",
+    batch_size: int = 16,
+    batched: bool = True,
+    chunk_nodes: int = 64,
+    progress: bool = True,
+) -> EdgeEffects:
+    """Edges into every selected downstream node from every node of its direct upstream sites."""
+    if method not in GRADIENT_METHODS:
+        raise UserError(f"edges need a gradient method ({', '.join(GRADIENT_METHODS)}), got {method!r}")
+    if aggregation not in ("sum", "none"):
+        raise UserError(f"aggregation must be 'sum' or 'none', got {aggregation!r}")
+    adapter = sm.adapter
+    downstream = {s.name: mask_nodes(masks[s.name]) for s in sm.sites if s.name in masks}
+    downstream = {s: nodes for s, nodes in downstream.items() if nodes and direct_upstream(adapter, s)}
+    rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
+    weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    f0, b0 = sm.n_forward, sm.n_backward
+    t0 = time.perf_counter()
+    chunks = batch.chunks(batch_size)
+    total = len(chunks) * sum((len(v) + chunk_nodes - 1) // chunk_nodes if batched else len(v)
+                              for v in downstream.values())
+    bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
+               disable=not progress, leave=False)
+    for chunk in chunks:
+        sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
+        with lrp.lrp_rules(rule_set):
+            real, leaves = _direct_forward(sm, chunk)
+            for d_site, nodes in downstream.items():
+                ups = direct_upstream(adapter, d_site)
+                inputs = [t for u in ups for t in (leaves[u].f, leaves[u].err)]
+                deltas = [(sg.patch[u].f - sg.clean[u].f, sg.patch[u].err - sg.clean[u].err) for u in ups]
+                for start in range(0, len(nodes), chunk_nodes):
+                    part = nodes[start:start + chunk_nodes]
+                    s = _node_scalars(sm.dictionary(d_site), real[d_site], sg.grads[d_site], part)
+                    grads = _vjps(s, inputs, batched, sm)
+                    for ui, u in enumerate(ups):
+                        gf, ge = grads[2 * ui], grads[2 * ui + 1]  # [K, b, T, d_U], [K, b, T, d_model]
+                        df, de = deltas[ui]
+                        wf = gf * df.unsqueeze(0)
+                        we = (ge * de.unsqueeze(0)).sum(-1)
+                        if aggregation == "sum":
+                            wf, we = wf.sum((1, 2)), we.sum((1, 2))
+                        else:
+                            wf, we = wf.sum(1), we.sum(1)
+                        key = (u, d_site)
+                        if key not in weights:
+                            shape_f = (len(nodes), *wf.shape[1:])
+                            weights[key] = (torch.zeros(shape_f), torch.zeros(len(nodes), *we.shape[1:]))
+                        weights[key][0][start:start + len(part)] += wf.detach()
+                        weights[key][1][start:start + len(part)] += we.detach()
+                    bar.update(1 if batched else len(part))
+    bar.close()
+    n = len(batch)
+    weights = {k: (wf / n, we / n) for k, (wf, we) in weights.items()}
+    return EdgeEffects(downstream, weights, aggregation, n, time.perf_counter() - t0,
+                       {"forward": sm.n_forward - f0, "backward": sm.n_backward - b0})
+
+
+def _vjps(s: torch.Tensor, inputs: list[torch.Tensor], batched: bool, sm: SplicedModel) -> list[torch.Tensor]:
+    """d s_k / d inputs for every k: [K, *input.shape] per input (zeros where unused)."""
+    K = s.shape[0]
+    if batched:
+        eye = torch.eye(K, dtype=s.dtype)
+        grads = torch.autograd.grad(s, inputs, grad_outputs=eye, is_grads_batched=True,
+                                    retain_graph=True, allow_unused=True)
+        sm.n_backward += 1
+        return [torch.zeros(K, *x.shape) if g is None else g for g, x in zip(grads, inputs)]
+    per_k = []
+    for k in range(K):
+        g = torch.autograd.grad(s[k], inputs, retain_graph=True, allow_unused=True)
+        sm.n_backward += 1
+        per_k.append([torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)])
+    return [torch.stack([row[i] for row in per_k]) for i in range(len(inputs))]
+
+
+def _direct_forward(sm: SplicedModel, chunk: Batch) -> tuple[dict[str, torch.Tensor], dict[str, SiteValues]]:
+    """One clean forward where each site's real output is recorded and then replaced by
+    fresh leaves (value unchanged), cutting every path that goes through another site."""
+    real: dict[str, torch.Tensor] = {}
+    leaves: dict[str, SiteValues] = {}
+
+    def cut(site: Site, x: torch.Tensor) -> torch.Tensor:
+        real[site.name] = x
+        out, leaves[site.name] = grad_leaves(sm.dictionary(site), x.detach())
+        return out
+
+    sm.run(chunk.inputs("clean"), cut)
+    return real, leaves
