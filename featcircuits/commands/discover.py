@@ -1,0 +1,100 @@
+"""``featcircuits discover``: the main job, from a task to a circuit folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import add_model_args, add_task_args, default_saes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "discover", help="discover a sparse feature circuit and write graph, exports and plots",
+        description="Compute node effects, threshold them, compute edges into the kept nodes, and write "
+                    "graph.graphml/.dot/.json, node effects, summary.json and pictures into --out.")
+    add_model_args(p)
+    add_task_args(p)
+    p.add_argument("--method", default="relp", choices=["relp", "ig", "atp"],
+                   help="estimator for nodes and edges (default relp)")
+    p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
+    p.add_argument("--rules", default="default",
+                   help="LRP rules for relp: comma list of ln,identity,half,ah (default ln,identity,half)")
+    p.add_argument("--node-threshold", type=float, default=None, help="keep nodes with |effect| above this")
+    p.add_argument("--edge-threshold", type=float, default=None,
+                   help="keep edges with |weight| above this (default: 1%% of the largest |edge|)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep the k nodes of largest |effect| (default 100 when no other node rule is given)")
+    p.add_argument("--share", type=float, default=None,
+                   help="keep the fewest nodes whose |effect| adds up to this share of the total")
+    p.add_argument("--aggregation", default="sum", choices=["sum", "none"],
+                   help="sum: one node per feature (summed over positions); none: one per feature and position")
+    p.add_argument("--no-edges", action="store_true", help="nodes only")
+    p.add_argument("--unbatched-edges", action="store_true",
+                   help="one backward per downstream node (the slow reference path)")
+    p.add_argument("--compare", default=None, choices=["ig", "relp", "atp"],
+                   help="also time this method's nodes+edges on the same data (recorded in summary.json)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..dictionaries import load_dictionary_set
+    from ..discover import discover_circuit
+    from ..draw import draw_circuit
+    from ..export import save_circuit
+    from ..graph import Thresholds
+    from ..models import load_model
+    from ..tasks import make_pairs, tokenize_pairs
+    from ..tracing import SplicedModel
+    from ..validation import check_output_folder
+
+    torch.manual_seed(args.seed)
+    out = check_output_folder(args.out)
+    thresholds = Thresholds(node=args.node_threshold, edge=args.edge_threshold, top_k=args.top_k,
+                            share=args.share)
+    if thresholds.node is None and thresholds.top_k is None and thresholds.share is None:
+        thresholds.top_k = 100
+    thresholds.validate()
+    pairs = make_pairs(args.task, args.n, args.seed)
+    t_load = time.perf_counter()
+    model = load_model(args.model)
+    saes = default_saes(args.model, args.saes)
+    dicts = load_dictionary_set(saes, model.adapter, args.model)
+    t_load = time.perf_counter() - t_load
+    batch, dropped = tokenize_pairs(pairs, model.tokenizer)
+    if dropped:
+        print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} pairs ({dropped[0][1]}, ...)", file=sys.stderr)
+    sm = SplicedModel(model, dicts)
+    provenance = {"model": args.model, "saes": saes, "task": args.task, "seed": args.seed,
+                  "pairs_requested": len(pairs), "pairs_dropped": len(dropped)}
+    circuit = discover_circuit(sm, batch, args.method, thresholds=thresholds, aggregation=args.aggregation,
+                               steps=args.steps, rules=args.rules, batch_size=args.batch_size,
+                               edges=not args.no_edges, batched_edges=not args.unbatched_edges,
+                               provenance=provenance)
+    circuit.provenance["seconds"]["load"] = round(t_load, 3)
+    extra = {}
+    if args.compare and args.compare != args.method:
+        other = discover_circuit(sm, batch, args.compare, thresholds=thresholds, aggregation=args.aggregation,
+                                 steps=args.steps, rules=args.rules, batch_size=args.batch_size,
+                                 edges=not args.no_edges, batched_edges=not args.unbatched_edges)
+        mine, theirs = circuit.provenance["seconds"], other.provenance["seconds"]
+        extra["compare"] = {"method": args.compare, "seconds": theirs, "n_nodes": other.n_nodes,
+                            "n_edges": other.n_edges,
+                            "ratio_total": round(mine["total"] / theirs["total"], 4) if theirs["total"] else None}
+    save_circuit(circuit, out, extra=extra)
+    draw_circuit(circuit, Path(out) / "circuit")
+    s = circuit.provenance["seconds"]
+    print(f"circuit: {circuit.n_nodes} nodes, {circuit.n_edges} edges  (nodes {s['nodes']:.1f}s, "
+          f"edges {s['edges']:.1f}s, total {s['total']:.1f}s)  -> {out}")
+    if "compare" in extra:
+        c = extra["compare"]
+        print(f"same run with {c['method']}: total {c['seconds']['total']:.1f}s "
+              f"({args.method}/{c['method']} = {c['ratio_total']})")
+    for nid, eff in circuit.top_nodes(8):
+        print(f"  {nid:<22} effect {eff:+.4f}")
+    return 0

@@ -1,0 +1,89 @@
+"""The main job: task -> node effects -> thresholds -> edges -> circuit graph.
+
+``discover_circuit`` runs the stages in order and returns a ``graph.Circuit`` with the time
+each stage took; ``featcircuits.export.save_circuit`` writes it out.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Iterable
+
+import torch
+
+from . import __version__
+from .attribution import GRADIENT_METHODS, node_effects
+from .edges import edge_effects
+from .errors import UserError
+from .graph import Circuit, Thresholds, build_graph, count_nodes, select_nodes
+from .tasks import Batch
+from .tracing import SplicedModel
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide the numbers (recorded in every summary)."""
+    import nnsight
+    import sae_lens
+    import transformers
+
+    return {"featcircuits": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "nnsight": getattr(nnsight, "__version__", "?"), "sae_lens": sae_lens.__version__,
+            "python": platform.python_version()}
+
+
+def discover_circuit(
+    sm: SplicedModel,
+    batch: Batch,
+    method: str = "relp",
+    *,
+    thresholds: Thresholds | None = None,
+    aggregation: str = "sum",
+    steps: int = 10,
+    rules: Iterable[str] | str | None = None,
+    batch_size: int = 16,
+    edges: bool = True,
+    batched_edges: bool = True,
+    provenance: dict | None = None,
+    progress: bool = True,
+) -> Circuit:
+    """Discover the circuit of ``batch``'s behaviour with ``method`` (relp | ig | atp).
+
+    Nodes pass ``thresholds`` (absolute / top-k / share); edges are computed only into those
+    nodes, from the nodes of their direct upstream sites, and kept above ``thresholds.edge``
+    (default: 1 % of the largest |edge|). Nodes with no path to the metric are pruned.
+    """
+    if method not in GRADIENT_METHODS:
+        raise UserError(f"--method must be one of {', '.join(GRADIENT_METHODS)}, got {method!r}")
+    thresholds = (thresholds or Thresholds(top_k=100)).validate()
+    t0 = time.perf_counter()
+    effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress)
+    feats, errs = effects.mean(aggregation)
+    masks = select_nodes(feats, errs, thresholds)
+    t_nodes = time.perf_counter() - t0
+    edge_list: list[tuple[str, str, float]] = []
+    t_edges = 0.0
+    edge_threshold = thresholds.edge
+    if edges and count_nodes(masks):
+        t1 = time.perf_counter()
+        ee = edge_effects(sm, batch, masks, method, steps=steps, rules=rules, aggregation=aggregation,
+                          batch_size=batch_size, batched=batched_edges, progress=progress)
+        edge_list = ee.edge_list(masks)
+        t_edges = time.perf_counter() - t1
+        if edge_threshold is None and edge_list:
+            edge_threshold = 0.01 * max(abs(w) for _, _, w in edge_list)
+    last = f"resid_{sm.adapter.n_layers - 1}"
+    graph = build_graph(feats, errs, masks, edge_list, last_resid=last, edge_threshold=edge_threshold)
+    seconds = {"nodes": round(t_nodes, 3), "edges": round(t_edges, 3), "total": round(time.perf_counter() - t0, 3)}
+    prov = {
+        **(provenance or {}),
+        "method": method, "aggregation": aggregation, "n": len(batch),
+        "steps": steps if method == "ig" else None,
+        "rules": sorted(effects.params["rules"]) if method == "relp" else None,
+        "thresholds": {**thresholds.as_dict(), "edge_used": edge_threshold},
+        "dictionaries": sm.dictionaries.name, "dictionaries_sha256": sm.dictionaries.digest(),
+        "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
+        "seconds": seconds, "passes": effects.passes, "versions": versions(),
+        "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
+    }
+    return Circuit(graph, feats, errs, prov)
