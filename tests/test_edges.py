@@ -1,0 +1,68 @@
+"""Edges: direct-path attributions into selected nodes; batched path equals the reference."""
+
+import pytest
+import torch
+
+from featcircuits.attribution import node_effects
+from featcircuits.dictionaries import load_dictionary_set
+from featcircuits.edges import direct_upstream, edge_effects
+from featcircuits.graph import Thresholds, select_nodes
+from featcircuits.tasks import make_pairs, tokenize_pairs
+from featcircuits.testing import random_saelens_set, tiny_model
+from featcircuits.tracing import SplicedModel
+
+
+@pytest.fixture(scope="module", params=["gemma3", "gpt_neox"])
+def spliced(request, tmp_path_factory):
+    model = tiny_model(request.param, scale=0.1)
+    folder = tmp_path_factory.mktemp(f"saes_{request.param}")
+    random_saelens_set(model, folder, width=16)
+    sm = SplicedModel(model, load_dictionary_set(str(folder), model.adapter))
+    batch, _ = tokenize_pairs(make_pairs("ioi", 4), model.tokenizer)
+    return sm, batch
+
+
+def test_direct_upstream_layouts():
+    seq = tiny_model("gemma3").adapter
+    par = tiny_model("gpt_neox").adapter
+    assert direct_upstream(seq, "attn_0") == ["embed"]
+    assert direct_upstream(seq, "mlp_1") == ["resid_0", "attn_1"]
+    assert direct_upstream(par, "mlp_1") == ["resid_0"]
+    assert direct_upstream(seq, "resid_1") == ["resid_0", "attn_1", "mlp_1"]
+    assert direct_upstream(seq, "embed") == []
+
+
+@pytest.mark.parametrize("method", ["atp", "relp"])
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_edges_into_resid_sum_to_node_effect(spliced, method, aggregation):
+    sm, batch = spliced
+    feats, errs = node_effects(sm, batch, method, progress=False).mean(aggregation)
+    masks = select_nodes(feats, errs, Thresholds(node=0.0))
+    ee = edge_effects(sm, batch, masks, method, aggregation=aggregation, progress=False)
+    for layer in range(sm.adapter.n_layers):
+        site = f"resid_{layer}"
+        into = sum(float(wf.sum() + we.sum()) for (u, d), (wf, we) in ee.weights.items() if d == site)
+        total = float(feats[site][masks[site].features].sum() + errs[site][masks[site].error].sum())
+        assert into == pytest.approx(total, abs=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_batched_edges_equal_one_backward_per_node(spliced, aggregation):
+    sm, batch = spliced
+    feats, errs = node_effects(sm, batch, "relp", progress=False).mean(aggregation)
+    masks = select_nodes(feats, errs, Thresholds(top_k=12))
+    fast = edge_effects(sm, batch, masks, "relp", aggregation=aggregation, progress=False)
+    slow = edge_effects(sm, batch, masks, "relp", aggregation=aggregation, batched=False, progress=False)
+    assert fast.weights.keys() == slow.weights.keys()
+    for key in fast.weights:
+        for a, b in zip(fast.weights[key], slow.weights[key]):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert fast.passes["backward"] < slow.passes["backward"]
+
+
+def test_ig_edges_run(spliced):
+    sm, batch = spliced
+    feats, errs = node_effects(sm, batch, "ig", steps=3, progress=False).mean("sum")
+    masks = select_nodes(feats, errs, Thresholds(top_k=6))
+    ee = edge_effects(sm, batch, masks, "ig", steps=3, progress=False)
+    assert ee.edge_list(masks) is not None and ee.weights
