@@ -1,1 +1,64 @@
+"""featcircuits: sparse feature circuit discovery with RelP and Integrated Gradients.
+
+The data flow, one module per stage::
+
+    tasks       counterfactual pairs and the metric      make_pairs, read_pairs, tokenize_pairs
+    models      a model traced with nnsight + adapter     load_model
+    dictionaries  SAEs at every site                       load_dictionary_set, load_dictionary
+    tracing     dictionaries spliced in (features + error) SplicedModel
+    attribution node effects: exact, AtP, RelP, IG         node_effects
+    edges       direct-path edge effects                   edge_effects
+    graph       thresholds -> networkx circuit             Thresholds, Circuit
+    discover    the stages above in one call               discover_circuit
+    evaluation  faithfulness and completeness              (featcircuits.evaluation)
+    export      GraphML / DOT / JSON / circuit-tracer      save_circuit, load_circuit
+
+A notebook session::
+
+    import featcircuits as fc
+    model = fc.load_model("gemma-3-270m-offline")
+    sm = fc.SplicedModel(model, fc.load_dictionary_set("starter", model.adapter))
+    batch, dropped = fc.tokenize_pairs(fc.make_pairs("sva-simple", 64), model.tokenizer)
+    circuit = fc.discover_circuit(sm, batch, "relp", thresholds=fc.Thresholds(top_k=100))
+    fc.save_circuit(circuit, "runs/sva-simple")
+
+The metric and its sign are defined once, in ``featcircuits.metric``; the LRP rules in
+``featcircuits.lrp`` (``with fc.lrp_rules(("ln", "identity", "half")): ...``).
+"""
+
 __version__ = "0.1.0"
+
+from .errors import UserError
+from .metric import metric, preference
+from .tasks import Pair, make_pairs, read_pairs, tokenize_pairs
+from .models import LoadedModel, load_model
+from .dictionaries import DictionarySet, load_dictionary, load_dictionary_set
+from .tracing import SplicedModel
+from .lrp import DEFAULT_RULES, lrp_rules
+from .attribution import NodeEffects, exact_feature_effects, node_effects
+from .edges import EdgeEffects, edge_effects
+from .graph import Circuit, Thresholds
+from .discover import discover_circuit
+
+
+def save_circuit(circuit, out_dir, **kwargs):
+    """Write a circuit folder (GraphML, DOT, JSON, circuit-tracer JSON, node effects,
+    summary.json). See ``featcircuits.export.save_circuit``."""
+    from .export import save_circuit as _save
+
+    return _save(circuit, out_dir, **kwargs)
+
+
+def load_circuit(folder):
+    """Read a circuit folder written by ``save_circuit`` back into a ``Circuit``."""
+    from .export import load_circuit as _load
+
+    return _load(folder)
+
+
+__all__ = [
+    "UserError", "metric", "preference", "Pair", "make_pairs", "read_pairs", "tokenize_pairs",
+    "LoadedModel", "load_model", "DictionarySet", "load_dictionary", "load_dictionary_set", "SplicedModel",
+    "DEFAULT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects", "EdgeEffects",
+    "edge_effects", "Circuit", "Thresholds", "discover_circuit", "save_circuit", "load_circuit",
+]
