@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +28,9 @@ from .errors import UserError
 from .metric import metric
 from .tasks import Batch
 from .tracing import SiteValues, SplicedModel, join
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 METHODS = ("exact", "atp", "relp", "ig")
 GRADIENT_METHODS = ("atp", "relp", "ig")
@@ -88,12 +91,14 @@ def node_effects(
     batch_size: int = 16,
     sites: Iterable[str] | None = None,
     progress: bool = True,
+    checkpoint: "Checkpoint | None" = None,
 ) -> NodeEffects:
     """Node effects of every feature and error node at every site (or ``sites``), by ``method``.
 
     ``rules``: the LRP rule set for ``relp`` (default LN + identity + half). ``exact`` here
     patches every *component* position (whole site vector at one position); for exact
-    effects of individual features use ``exact_feature_effects``.
+    effects of individual features use ``exact_feature_effects``. With a ``checkpoint``, the
+    running sums are saved after every chunk and a resumed run skips the chunks done.
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -107,8 +112,15 @@ def node_effects(
     f0, b0 = sm.n_forward, sm.n_backward
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
-    bar = tqdm(chunks, desc=f"node effects ({method})", disable=not progress, leave=False)
-    for chunk in bar:
+    done = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        done, state = saved
+        feats, errs = state["features"], state["errors"]
+        m_clean, m_patch = state["m_clean"], state["m_patch"]
+    bar = tqdm(chunks[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
+               initial=done, total=len(chunks))
+    for i, chunk in enumerate(bar, start=done):
         with torch.no_grad():
             logits_p, patch_vals = sm.cache(chunk.inputs("patch"))
         m_patch += float(metric(logits_p, chunk.clean_answer, chunk.patch_answer).sum())
@@ -118,6 +130,8 @@ def node_effects(
         else:
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, feats, errs)
         m_clean += mc
+        if checkpoint is not None:
+            checkpoint.save(i + 1, {"features": feats, "errors": errs, "m_clean": m_clean, "m_patch": m_patch})
     for s in feats:
         _check_finite(s, feats[s], "feature effects")
         _check_finite(s, errs[s], "error effects")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -46,18 +47,32 @@ def discover_circuit(
     batched_edges: bool = True,
     provenance: dict | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> Circuit:
     """Discover the circuit of ``batch``'s behaviour with ``method`` (relp | ig | atp).
 
     Nodes pass ``thresholds`` (absolute / top-k / share); edges are computed only into those
     nodes, from the nodes of their direct upstream sites, and kept above ``thresholds.edge``
     (default: 1 % of the largest |edge|). Nodes with no path to the metric are pruned.
+    With ``checkpoint_dir``, node and edge sums are checkpointed per chunk of examples and
+    ``resume=True`` continues a killed run (the result equals an uninterrupted run).
     """
     if method not in GRADIENT_METHODS:
         raise UserError(f"--method must be one of {', '.join(GRADIENT_METHODS)}, got {method!r}")
     thresholds = (thresholds or Thresholds(top_k=100)).validate()
     t0 = time.perf_counter()
-    effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress)
+    ckpt_nodes = ckpt_edges = None
+    if checkpoint_dir is not None:
+        from .checkpoint import Checkpoint
+
+        config = {"method": method, "steps": steps, "rules": str(rules), "batch_size": batch_size,
+                  "aggregation": aggregation, "dictionaries": sm.dictionaries.digest(), "n": len(batch),
+                  "inputs": _batch_digest(batch), "thresholds": thresholds.as_dict()}
+        ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}", config, resume)
+        ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}", config, resume)
+    effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
+                           checkpoint=ckpt_nodes)
     feats, errs = effects.mean(aggregation)
     masks = select_nodes(feats, errs, thresholds)
     t_nodes = time.perf_counter() - t0
@@ -67,7 +82,8 @@ def discover_circuit(
     if edges and count_nodes(masks):
         t1 = time.perf_counter()
         ee = edge_effects(sm, batch, masks, method, steps=steps, rules=rules, aggregation=aggregation,
-                          batch_size=batch_size, batched=batched_edges, progress=progress)
+                          batch_size=batch_size, batched=batched_edges, progress=progress,
+                          checkpoint=ckpt_edges)
         edge_list = ee.edge_list(masks)
         t_edges = time.perf_counter() - t1
         if edge_threshold is None and edge_list:
@@ -86,4 +102,16 @@ def discover_circuit(
         "seconds": seconds, "passes": effects.passes, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
     }
+    for ck in (ckpt_nodes, ckpt_edges):
+        if ck is not None:
+            ck.clear()
     return Circuit(graph, feats, errs, prov)
+
+
+def _batch_digest(batch: Batch) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (batch.clean_ids, batch.patch_ids, batch.clean_answer, batch.patch_answer):
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]

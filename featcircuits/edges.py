@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +37,9 @@ from .errors import UserError
 from .graph import SiteMask, mask_nodes, node_id
 from .tasks import Batch
 from .tracing import SiteValues, SplicedModel, grad_leaves
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 
 def direct_upstream(adapter: Adapter, site: str) -> list[str]:
@@ -130,8 +133,11 @@ def edge_effects(
     batched: bool = True,
     chunk_nodes: int = 64,
     progress: bool = True,
+    checkpoint: "Checkpoint | None" = None,
 ) -> EdgeEffects:
-    """Edges into every selected downstream node from every node of its direct upstream sites."""
+    """Edges into every selected downstream node from every node of its direct upstream sites.
+
+    With a ``checkpoint`` the running sums are saved after every chunk of examples."""
     if method not in GRADIENT_METHODS:
         raise UserError(f"edges need a gradient method ({', '.join(GRADIENT_METHODS)}), got {method!r}")
     if aggregation not in ("sum", "none"):
@@ -146,9 +152,15 @@ def edge_effects(
     chunks = batch.chunks(batch_size)
     total = len(chunks) * sum((len(v) + chunk_nodes - 1) // chunk_nodes if batched else len(v)
                               for v in downstream.values())
+    done = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        done, state = saved
+        weights = {tuple(k.split("|")): (v["f"], v["e"]) for k, v in state.items()}
+    per_chunk = total // max(len(chunks), 1)
     bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
-               disable=not progress, leave=False)
-    for chunk in chunks:
+               disable=not progress, leave=False, initial=done * per_chunk)
+    for ci, chunk in enumerate(chunks[done:], start=done):
         sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
         with lrp.lrp_rules(rule_set):
             real, leaves = _direct_forward(sm, chunk)
@@ -176,6 +188,8 @@ def edge_effects(
                         weights[key][0][start:start + len(part)] += wf.detach()
                         weights[key][1][start:start + len(part)] += we.detach()
                     bar.update(1 if batched else len(part))
+        if checkpoint is not None:
+            checkpoint.save(ci + 1, {f"{u}|{d}": {"f": wf, "e": we} for (u, d), (wf, we) in weights.items()})
     bar.close()
     n = len(batch)
     weights = {k: (wf / n, we / n) for k, (wf, we) in weights.items()}

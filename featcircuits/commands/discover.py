@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", default=None, choices=["ig", "relp", "atp"],
                    help="also time this method's nodes+edges on the same data (recorded in summary.json)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from the checkpoints in --out (same arguments required)")
     p.set_defaults(func=run)
 
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     circuit = discover_circuit(sm, batch, args.method, thresholds=thresholds, aggregation=args.aggregation,
                                steps=args.steps, rules=args.rules, batch_size=args.batch_size,
                                edges=not args.no_edges, batched_edges=not args.unbatched_edges,
-                               provenance=provenance)
+                               provenance=provenance, checkpoint_dir=out, resume=args.resume)
     circuit.provenance["seconds"]["load"] = round(t_load, 3)
     extra = {}
     if args.compare and args.compare != args.method:

@@ -1,0 +1,63 @@
+"""Per-batch checkpoints so a killed run continues where it stopped (``--resume``).
+
+A checkpoint holds running sums (tensors) and how many chunks they cover, tagged with a
+fingerprint of the run's settings: a resume with other settings is refused rather than
+mixed in. Sums are added in the same chunk order either way, so a resumed run gives the
+same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .io import atomic_write
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """Checkpoints of one stage of one run, under ``folder/.checkpoint/<stage>.pt``."""
+
+    def __init__(self, folder: str | Path, stage: str, config: dict[str, Any], resume: bool = True):
+        self.path = Path(folder) / ".checkpoint" / f"{stage}.pt"
+        self.stage = stage
+        self.key = fingerprint(config)
+        self.resume = resume
+        if not resume and self.path.exists():
+            self.path.unlink()
+
+    def load(self) -> tuple[int, dict[str, Any]] | None:
+        """(chunks done, saved state) or None when there is nothing to resume."""
+        if not self.resume or not self.path.exists():
+            return None
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated file from a kill mid-write cannot happen (atomic), but a tampered one can
+            raise UserError(f"checkpoint {self.path} is unreadable ({exc}); delete it or run without --resume") from None
+        if blob.get("key") != self.key:
+            raise UserError(f"checkpoint {self.path} was made with other settings; delete it or match the "
+                            "original arguments")
+        return int(blob["done"]), blob["state"]
+
+    def save(self, done: int, state: dict[str, Any]) -> None:
+        blob = {"key": self.key, "done": done, "state": state}
+        atomic_write(self.path, lambda p: torch.save(blob, p))
+        if os.environ.get("FEATCIRCUITS_FAULT_AFTER") == f"{self.stage}:{done}":
+            # Fault injection for the reliability tests: die right after a checkpoint.
+            os._exit(137)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()
+        except OSError:
+            pass

@@ -1,0 +1,86 @@
+"""Reliability: resume after a kill equals an uninterrupted run; same seed, same graph."""
+
+import networkx as nx
+import pytest
+import torch
+
+from featcircuits.attribution import node_effects
+from featcircuits.checkpoint import Checkpoint
+from featcircuits.discover import discover_circuit
+from featcircuits.errors import UserError
+from featcircuits.graph import Thresholds
+from featcircuits.tasks import make_pairs, tokenize_pairs
+from featcircuits.testing import tiny_model
+from featcircuits.tracing import SplicedModel
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("gemma3", scale=0.1)
+    batch, _ = tokenize_pairs(make_pairs("sva-nounpp", 8), model.tokenizer)
+    return SplicedModel(model), batch
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, n_saves):
+    real = Checkpoint.save
+    calls = {"n": 0}
+
+    def save(self, done, state):
+        real(self, done, state)  # the checkpoint is on disk, then the process "dies"
+        calls["n"] += 1
+        if calls["n"] == n_saves:
+            raise Killed
+
+    monkeypatch.setattr(Checkpoint, "save", save)
+
+
+def test_node_effects_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    sm, batch = setup
+    full = node_effects(sm, batch, "relp", batch_size=2, progress=False)
+    config = {"run": 1}
+    _kill_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        node_effects(sm, batch, "relp", batch_size=2, progress=False, checkpoint=Checkpoint(tmp_path, "n", config))
+    monkeypatch.undo()
+    ck = Checkpoint(tmp_path, "n", config, resume=True)
+    assert ck.load()[0] == 2
+    resumed = node_effects(sm, batch, "relp", batch_size=2, progress=False, checkpoint=ck)
+    for s in full.features:
+        assert torch.equal(full.features[s], resumed.features[s])
+        assert torch.equal(full.errors[s], resumed.errors[s])
+    assert full.metric_clean == resumed.metric_clean
+
+
+def test_discover_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    sm, batch = setup
+    kw = dict(thresholds=Thresholds(top_k=10), batch_size=2, progress=False)
+    full = discover_circuit(sm, batch, "relp", **kw)
+    _kill_after(monkeypatch, 6)  # 4 node chunks, then 2 edge chunks
+    with pytest.raises(Killed):
+        discover_circuit(sm, batch, "relp", checkpoint_dir=tmp_path, **kw)
+    monkeypatch.undo()
+    resumed = discover_circuit(sm, batch, "relp", checkpoint_dir=tmp_path, resume=True, **kw)
+    assert nx.utils.graphs_equal(full.graph, resumed.graph)
+    assert not (tmp_path / ".checkpoint" / "nodes-relp.pt").exists()  # cleared when done
+
+
+def test_resume_with_other_settings_is_refused(setup, tmp_path):
+    Checkpoint(tmp_path, "n", {"a": 1}).save(1, {"x": torch.zeros(1)})
+    with pytest.raises(UserError, match="other settings"):
+        Checkpoint(tmp_path, "n", {"a": 2}).load()
+    (tmp_path / ".checkpoint" / "n.pt").write_bytes(b"corrupt")
+    with pytest.raises(UserError, match="unreadable"):
+        Checkpoint(tmp_path, "n", {"a": 1}).load()
+
+
+def test_same_arguments_same_graph(setup):
+    sm, batch = setup
+    a = discover_circuit(sm, batch, "relp", thresholds=Thresholds(top_k=12), progress=False)
+    b = discover_circuit(sm, batch, "relp", thresholds=Thresholds(top_k=12), progress=False)
+    assert nx.utils.graphs_equal(a.graph, b.graph)
+    assert dict(a.graph.nodes(data=True)) == dict(b.graph.nodes(data=True))
+    assert [tuple(e) for e in a.graph.edges(data="weight")] == [tuple(e) for e in b.graph.edges(data="weight")]
