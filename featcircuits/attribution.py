@@ -27,7 +27,7 @@ from .adapters import Site
 from .errors import UserError
 from .metric import metric
 from .tasks import Batch
-from .tracing import SiteValues, SplicedModel, join
+from .tracing import SiteValues, SplicedModel, check_finite, join
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -53,6 +53,9 @@ class NodeEffects:
     seconds: float = 0.0
     passes: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    # per chunk of examples, the gradients and values the effects were made of (kept on
+    # request so edges need not recompute them; None for chunks restored from a checkpoint)
+    gradients: list | None = None
 
     def mean(self, aggregation: str = "sum") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Aggregate: ``sum`` (sum over positions, mean over examples -> [d_sae], error [] )
@@ -73,8 +76,7 @@ class NodeEffects:
 
 
 def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise FloatingPointError(f"non-finite {what} at site {name}: stopping (check the model and dictionaries)")
+    check_finite(f"{what} of {name}" if name != "metric" else "the metric", t)
 
 
 def _add(acc: dict[str, torch.Tensor], site: str, value: torch.Tensor) -> None:
@@ -92,6 +94,7 @@ def node_effects(
     sites: Iterable[str] | None = None,
     progress: bool = True,
     checkpoint: "Checkpoint | None" = None,
+    keep_gradients: bool = False,
 ) -> NodeEffects:
     """Node effects of every feature and error node at every site (or ``sites``), by ``method``.
 
@@ -99,6 +102,7 @@ def node_effects(
     patches every *component* position (whole site vector at one position); for exact
     effects of individual features use ``exact_feature_effects``. With a ``checkpoint``, the
     running sums are saved after every chunk and a resumed run skips the chunks done.
+    ``keep_gradients`` keeps each chunk's ``SiteGradients`` (for ``edge_effects``).
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -112,6 +116,7 @@ def node_effects(
     f0, b0 = sm.n_forward, sm.n_backward
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
+    kept: list | None = [None] * len(chunks) if keep_gradients and method in GRADIENT_METHODS else None
     done = 0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
@@ -127,19 +132,22 @@ def node_effects(
         if method in GRADIENT_METHODS:
             sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals)
             mc = _accumulate_effects(sg, chosen, feats, errs)
+            if kept is not None:
+                kept[i] = sg
         else:
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, feats, errs)
         m_clean += mc
         if checkpoint is not None:
             checkpoint.save(i + 1, {"features": feats, "errors": errs, "m_clean": m_clean, "m_patch": m_patch})
     for s in feats:
-        _check_finite(s, feats[s], "feature effects")
-        _check_finite(s, errs[s], "error effects")
+        _check_finite(s, feats[s].unsqueeze(0), "feature effects")
+        _check_finite(s, errs[s].unsqueeze(0), "error effects")
     return NodeEffects(
         method=method, features=feats, errors=errs, n=len(batch), metric_clean=m_clean / len(batch),
         metric_patch=m_patch / len(batch), seconds=time.perf_counter() - t0,
         passes={"forward": sm.n_forward - f0, "backward": sm.n_backward - b0},
         params={"steps": steps if method == "ig" else None, "rules": sorted(rule_set) if method == "relp" else None},
+        gradients=kept,
     )
 
 

@@ -72,7 +72,7 @@ def discover_circuit(
         ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}", config, resume)
         ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}", config, resume)
     effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
-                           checkpoint=ckpt_nodes)
+                           checkpoint=ckpt_nodes, keep_gradients=edges)
     feats, errs = effects.mean(aggregation)
     masks = select_nodes(feats, errs, thresholds)
     t_nodes = time.perf_counter() - t0
@@ -83,7 +83,7 @@ def discover_circuit(
         t1 = time.perf_counter()
         ee = edge_effects(sm, batch, masks, method, steps=steps, rules=rules, aggregation=aggregation,
                           batch_size=batch_size, batched=batched_edges, progress=progress,
-                          checkpoint=ckpt_edges)
+                          checkpoint=ckpt_edges, gradients=effects.gradients)
         edge_list = ee.edge_list(masks)
         t_edges = time.perf_counter() - t1
         if edge_threshold is None and edge_list:
@@ -102,6 +102,7 @@ def discover_circuit(
         "seconds": seconds, "passes": effects.passes, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
     }
+    effects.gradients = None  # free the kept gradients
     for ck in (ckpt_nodes, ckpt_edges):
         if ck is not None:
             ck.clear()

@@ -134,10 +134,13 @@ def edge_effects(
     chunk_nodes: int = 64,
     progress: bool = True,
     checkpoint: "Checkpoint | None" = None,
+    gradients: list | None = None,
 ) -> EdgeEffects:
     """Edges into every selected downstream node from every node of its direct upstream sites.
 
-    With a ``checkpoint`` the running sums are saved after every chunk of examples."""
+    With a ``checkpoint`` the running sums are saved after every chunk of examples.
+    ``gradients``: the ``NodeEffects.gradients`` of the same method, batch and batch size, so
+    the metric's gradients are not computed twice (a chunk whose entry is None recomputes)."""
     if method not in GRADIENT_METHODS:
         raise UserError(f"edges need a gradient method ({', '.join(GRADIENT_METHODS)}), got {method!r}")
     if aggregation not in ("sum", "none"):
@@ -161,7 +164,9 @@ def edge_effects(
     bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
                disable=not progress, leave=False, initial=done * per_chunk)
     for ci, chunk in enumerate(chunks[done:], start=done):
-        sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
+        sg = gradients[ci] if gradients is not None and ci < len(gradients) else None
+        if sg is None:
+            sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
         with lrp.lrp_rules(rule_set):
             real, leaves = _direct_forward(sm, chunk)
             for d_site, nodes in downstream.items():

@@ -33,6 +33,19 @@ class SiteValues:
     err: torch.Tensor
 
 
+class NonFiniteError(UserError):
+    """NaN or inf in an activation or the metric: the run stops, naming site and example."""
+
+
+def check_finite(where: str, x: torch.Tensor) -> None:
+    """Raise ``NonFiniteError`` naming ``where`` and the first bad example (cheap: one reduction)."""
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1) if x.ndim > 1 else ~torch.isfinite(x)
+        example = int(torch.nonzero(bad).flatten()[0]) if bad.any() else -1
+        raise NonFiniteError(f"non-finite values (NaN or inf) at {where}, example {example}: stopping; "
+                             "check the model's dtype and weights and the dictionaries")
+
+
 def split(d: Dictionary, x: torch.Tensor) -> SiteValues:
     """Encode a site activation into features and the exact error term (no gradients)."""
     with torch.no_grad():
@@ -108,6 +121,7 @@ class SplicedModel:
         values: dict[str, SiteValues] = {}
 
         def record(site: Site, x: torch.Tensor) -> None:
+            check_finite(f"site {site.name}", x)
             values[site.name] = split(self.dictionary(site), x)
             return None
 
@@ -121,6 +135,7 @@ class SplicedModel:
         leaves: dict[str, SiteValues] = {}
 
         def splice(site: Site, x: torch.Tensor) -> torch.Tensor:
+            check_finite(f"site {site.name}", x)
             out, leaves[site.name] = grad_leaves(self.dictionary(site), x)
             return out
 

@@ -37,3 +37,15 @@ def gemma_offline():
     from featcircuits.models import load_model
 
     return load_model("gemma-3-270m-offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Gemma 3 saved as a local HF folder: loads through the real ``load_model`` path."""
+    from featcircuits.testing import tiny_model
+
+    model = tiny_model("gemma3", scale=0.1)
+    folder = tmp_path_factory.mktemp("tiny_gemma3")
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return folder

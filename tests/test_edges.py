@@ -66,3 +66,17 @@ def test_ig_edges_run(spliced):
     masks = select_nodes(feats, errs, Thresholds(top_k=6))
     ee = edge_effects(sm, batch, masks, "ig", steps=3, progress=False)
     assert ee.edge_list(masks) is not None and ee.weights
+
+
+def test_reusing_node_gradients_gives_same_edges(spliced):
+    sm, batch = spliced
+    effects = node_effects(sm, batch, "relp", batch_size=2, keep_gradients=True, progress=False)
+    feats, errs = effects.mean("sum")
+    masks = select_nodes(feats, errs, Thresholds(top_k=8))
+    fresh = edge_effects(sm, batch, masks, "relp", batch_size=2, progress=False)
+    before = sm.n_backward
+    reused = edge_effects(sm, batch, masks, "relp", batch_size=2, gradients=effects.gradients, progress=False)
+    for key in fresh.weights:
+        assert torch.allclose(fresh.weights[key][0], reused.weights[key][0], atol=1e-6)
+    # reuse saves the metric backward of every chunk
+    assert reused.passes["backward"] == fresh.passes["backward"] - len(batch.chunks(2))

@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from ..validation import check_output_folder
 
     torch.manual_seed(args.seed)
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, create=False)
+    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
+        from ..errors import UserError
+
+        raise UserError("--n, --batch-size and --steps must be positive")
     thresholds = Thresholds(node=args.node_threshold, edge=args.edge_threshold, top_k=args.top_k,
                             share=args.share)
     if thresholds.node is None and thresholds.top_k is None and thresholds.share is None:
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if dropped:
         print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} pairs ({dropped[0][1]}, ...)", file=sys.stderr)
     sm = SplicedModel(model, dicts)
+    out.mkdir(parents=True, exist_ok=True)  # every input checked: now the work starts
     provenance = {"model": args.model, "saes": saes, "task": args.task, "seed": args.seed,
                   "pairs_requested": len(pairs), "pairs_dropped": len(dropped)}
     circuit = discover_circuit(sm, batch, args.method, thresholds=thresholds, aggregation=args.aggregation,
