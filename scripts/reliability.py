@@ -1,0 +1,140 @@
+"""Fault injection and bad inputs: what happens to the data in each case.
+
+Runs the real CLI in subprocesses on a tiny Gemma 3 saved as a local HF folder (so the
+model loads through the real loader) and writes results/reliability/{README.md,reliability.json}.
+
+    .venv/bin/python scripts/reliability.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "reliability"
+CLI = [sys.executable, "-m", "featcircuits.cli"]
+
+
+def run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def first_line(text: str) -> str:
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1][:160] if lines else ""
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from featcircuits.testing import random_saelens_set, tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="fc-reliability-"))
+    model = tiny_model("gemma3", scale=0.1)
+    model_dir = work / "tiny-gemma3"
+    model.hf.save_pretrained(model_dir)
+    model.tokenizer.save_pretrained(model_dir)
+    saes = work / "saes"
+    random_saelens_set(model, saes, width=16)
+    base = ["discover", "--model", str(model_dir), "--saes", str(saes), "--task", "sva-nounpp", "--n", "8",
+            "--batch-size", "2", "--top-k", "12"]
+    rows = []
+
+    # 1. kill -9 during discover (right after the 3rd node chunk's checkpoint), then --resume
+    ref = run(base + ["--out", str(work / "ref")])
+    killed = run(base + ["--out", str(work / "killed")], env={"FEATCIRCUITS_FAULT_AFTER": "nodes-relp:3"})
+    ckpt_left = (work / "killed" / ".checkpoint" / "nodes-relp.pt").exists()
+    files_after_kill = sorted(p.name for p in (work / "killed").glob("*") if p.is_file())
+    resumed = run(base + ["--out", str(work / "killed"), "--resume"])
+    same = False
+    if ref.returncode == 0 and resumed.returncode == 0:
+        a = json.loads((work / "ref" / "graph.json").read_text())
+        b = json.loads((work / "killed" / "graph.json").read_text())
+        key = "edges" if "edges" in a else "links"
+        same = a["nodes"] == b["nodes"] and a[key] == b[key]
+    rows.append({"fault": "kill -9 during discover (after 3 of 4 node chunks)",
+                 "exit": killed.returncode, "left": f"checkpoint kept: {ckpt_left}; files: {files_after_kill or 'none'}",
+                 "outcome": f"--resume exit {resumed.returncode}; graph identical to uninterrupted run: {same}"})
+
+    # 2. kill during a write: a large file being written atomically, killed mid-way
+    target = work / "atomic" / "big.json"
+    target.parent.mkdir()
+    target.write_text('{"old": true}\n')
+    code = ("import sys; sys.path.insert(0, %r); from featcircuits.io import write_text; "
+            "write_text(%r, 'x' * 400_000_000)") % (str(ROOT), str(target))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    content = target.read_text()[:40]
+    leftovers = [p.name for p in target.parent.iterdir() if p.name != target.name]
+    rows.append({"fault": "kill -9 while writing a 400 MB output file", "exit": proc.returncode,
+                 "left": f"final file holds: {content.strip()!r}; temp files left: {len(leftovers)}",
+                 "outcome": "old file intact" if content.startswith('{"old"') else "file changed"})
+
+    # 3. corrupt and truncated dictionary weights
+    weights = saes / "resid_0" / "sae_weights.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    r = run(base + ["--out", str(work / "trunc")])
+    rows.append({"fault": "truncated sae_weights.safetensors", "exit": r.returncode, "left":
+                 f"output folder created: {(work / 'trunc').exists()}", "outcome": first_line(r.stderr)})
+    weights.write_bytes(b"\x00" * 16 + blob[16:])
+    r = run(base + ["--out", str(work / "tamper")])
+    rows.append({"fault": "tampered sae_weights.safetensors (header zeroed)", "exit": r.returncode, "left":
+                 f"output folder created: {(work / 'tamper').exists()}", "outcome": first_line(r.stderr)})
+    weights.write_bytes(blob)
+
+    # 4. bad inputs, each checked before any work
+    bad_task = work / "bad.json"
+    bad_task.write_text('{"clean_prefix": "The author", "patch_prefix": "The authors", "clean_answer": " is", '
+                        '"patch_answer": " are"}\n{broken\n')
+    multi = work / "multi.json"
+    multi.write_text('{"clean_prefix": "The author", "patch_prefix": "The authors", "clean_answer": " is here", '
+                     '"patch_answer": " are here"}\n')
+    other_width = work / "other"
+    random_saelens_set(tiny_model("gemma3", d_model=16), other_width, width=8, sites={"resid_1"})
+    cases = [
+        ("malformed JSON line in task file", ["--task", str(bad_task)]),
+        ("answers that are not single tokens", ["--task", str(multi)]),
+        ("dictionary width does not match the site", ["--saes", str(other_width)]),
+        ("unknown model spec", ["--model", str(work / "nope.gguf")]),
+        ("negative node threshold", ["--node-threshold", "-1"]),
+        ("share outside (0, 1]", ["--share", "1.5"]),
+        ("output path is a file", ["--out", str(bad_task)]),
+        ("unknown task name", ["--task", "sva-nothing"]),
+    ]
+    for name, extra in cases:
+        args = base + ["--out", str(work / "bad_out")]
+        for i in range(0, len(extra), 2):  # replace or append the flag
+            if extra[i] in args:
+                args[args.index(extra[i]) + 1] = extra[i + 1]
+            else:
+                args += extra[i:i + 2]
+        r = run(args)
+        rows.append({"fault": f"bad input: {name}", "exit": r.returncode,
+                     "left": f"output folder created: {(work / 'bad_out').exists()}; traceback: {'Traceback' in r.stderr}",
+                     "outcome": first_line(r.stderr)})
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "reliability.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["# Reliability: faults injected and bad inputs", "",
+             "Made by `.venv/bin/python scripts/reliability.py` (real CLI in subprocesses, tiny Gemma 3 saved "
+             "as a local HF folder, random sae-lens dictionaries).", "",
+             "| fault or input | exit code | what was left | what happened |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['fault']} | {r['exit']} | {r['left']} | {r['outcome'].replace('|', '/')} |")
+    (OUT / "README.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
