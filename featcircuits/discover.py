@@ -101,12 +101,21 @@ def discover_circuit(
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
         "seconds": seconds, "passes": effects.passes, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
+        "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
+        "prompt_tokens": _prompt_tokens(sm, batch),
     }
     effects.gradients = None  # free the kept gradients
     for ck in (ckpt_nodes, ckpt_edges):
         if ck is not None:
             ck.clear()
     return Circuit(graph, feats, errs, prov)
+
+
+def _prompt_tokens(sm: SplicedModel, batch: Batch) -> list[str]:
+    """The first clean prompt's tokens, padded positions shown as '' (positions align at the end)."""
+    tok = sm.model.tokenizer
+    ids, mask = batch.clean_ids[0].tolist(), batch.clean_mask[0].tolist()
+    return [tok.decode([i]) if m else "" for i, m in zip(ids, mask)]
 
 
 def _batch_digest(batch: Batch) -> str:

@@ -153,7 +153,7 @@ def build_graph(
     ``edge_threshold``, and the sink ``metric`` fed by the nodes of ``last_resid`` (edge
     weight = their node effect). With ``prune``, nodes without a path to the metric go."""
     g = nx.DiGraph()
-    g.add_node(METRIC, site=METRIC, layer=10**6, kind="metric", feature=-1, position=-1, effect=0.0, label="metric")
+    g.add_node(METRIC, site=METRIC, layer=_metric_layer(masks), kind="metric", feature=-1, position=-1, effect=0.0, label="metric")
     for site, mask in masks.items():
         kind_site = site_kind(site)
         for index, position in mask_nodes(mask):
@@ -172,6 +172,11 @@ def build_graph(
     if prune:
         prune_graph(g)
     return g
+
+
+def _metric_layer(masks: dict[str, SiteMask]) -> int:
+    """The metric sits one layer above the last layer of the sites."""
+    return max((site_layer(s) for s in masks), default=-1) + 1
 
 
 def prune_graph(g: nx.DiGraph) -> nx.DiGraph:

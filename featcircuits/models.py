@@ -89,6 +89,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         hf, tok = _load_gguf(path, dtype)
     else:
         path = Path(spec)
+        if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+            raise UserError(f"no model folder at {spec}; give a local HF folder, a hub id, a .gguf file, "
+                            f"or {OFFLINE_ALIAS!r}")
         if path.exists() and not (path / "config.json").is_file():
             raise UserError(f"{spec} is a folder without config.json; give an HF model folder or a hub id")
         try:
