@@ -169,3 +169,26 @@ def test_cli_errors_exit_2(capsys, tmp_path):
     assert err.startswith("featcircuits: error:") and "Traceback" not in err
     (tmp_path / "folder").mkdir()
     assert main(["info", "--model", str(tmp_path / "folder")]) == 2
+
+
+def test_hub_set_resolves_release_ids_through_saelens(monkeypatch, tmp_path):
+    """The registered Pythia set asks sae-lens for the right release/id per site; the hub is
+    replaced by local files in the same format (SAE.load_from_disk)."""
+    import sae_lens
+
+    from featcircuits.testing import tiny_model
+
+    model = tiny_model("gpt_neox")
+    random_saelens_set(model, tmp_path, width=24, sites={"resid_0"})
+    asked = []
+
+    def fake_from_pretrained(release, sae_id, device="cpu", **kw):
+        asked.append((release, sae_id))
+        return sae_lens.SAE.load_from_disk(tmp_path / "resid_0", device=device)
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", classmethod(lambda cls, *a, **k: fake_from_pretrained(*a, **k)))
+    dicts = load_dictionary_set("pythia-70m-deduped", model.adapter)
+    assert ("pythia-70m-deduped-res-sm", "blocks.0.hook_resid_pre") in asked
+    assert ("pythia-70m-deduped-att-sm", "blocks.1.hook_attn_out") in asked
+    assert ("pythia-70m-deduped-mlp-sm", "blocks.0.hook_mlp_out") in asked
+    assert len(asked) == len(model.adapter.sites()) and dicts.widths()["mlp_1"] == 24
