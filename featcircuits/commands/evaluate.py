@@ -1,0 +1,118 @@
+"""``featcircuits evaluate``: faithfulness and completeness of one saved circuit.
+
+Reads a circuit folder (``featcircuits.export.load_circuit``), rebuilds its model,
+dictionaries and discovery pairs from the provenance, draws evaluation pairs disjoint from
+the discovery pairs, and ablates everything outside the circuit (and, for completeness,
+the circuit itself). Writes ``evaluation.json`` into the circuit folder (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .curves import add_eval_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="faithfulness and completeness of a saved circuit on held-out examples",
+        description="Ablate every node outside the circuit (mean / zero / resample) on evaluation pairs "
+                    "disjoint from the discovery pairs and report F(C), F(M), F(empty), faithfulness "
+                    "and completeness.")
+    p.add_argument("--circuit", required=True, help="circuit folder written by `featcircuits discover`")
+    p.add_argument("--n", type=int, default=None,
+                   help="evaluation pairs (default: as many as the circuit was discovered on)")
+    p.add_argument("--model", default=None, help="override the model recorded in the circuit's provenance")
+    p.add_argument("--saes", default=None, help="override the dictionaries recorded in the provenance")
+    p.add_argument("--task", default=None, help="override the task recorded in the provenance")
+    p.add_argument("--seed", type=int, default=None, help="override the discovery seed recorded in the provenance")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    add_eval_args(p)
+    p.add_argument("--out", default=None, help="JSON file to write (default: CIRCUIT/evaluation.json)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..dictionaries import load_dictionary_set
+    from ..errors import UserError
+    from ..export import load_circuit
+    from ..models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    circuit = load_circuit(args.circuit)
+    prov = circuit.provenance or {}
+    model_spec = args.model or prov.get("model")
+    saes = args.saes or prov.get("saes") or prov.get("dictionaries")
+    task = args.task or prov.get("task")
+    missing = [k for k, v in (("model", model_spec), ("saes", saes), ("task", task)) if not v]
+    if missing:
+        raise UserError(f"the circuit's provenance lacks {', '.join(missing)}: give --{' --'.join(missing)}")
+    model = load_model(model_spec)
+    dicts = load_dictionary_set(saes, model.adapter, model_spec)
+    result = evaluate_circuit(model, dicts, circuit, task=task, n_eval=args.n, seed=args.seed,
+                              ablation=args.ablation, errors=args.errors, start_layer=args.start_layer,
+                              batch_size=args.batch_size, stack=args.stack, progress=not args.no_progress)
+    result["provenance"].update({"model": model_spec, "saes": saes})
+    out = Path(args.out) if args.out else Path(args.circuit) / "evaluation.json"
+    from ..io import write_json
+
+    write_json(out, result)
+    r = result
+    print(f"circuit {args.circuit}: {r['n_nodes']} nodes at the evaluated sites "
+          f"({r['settings']['ablation']} ablation, errors {r['settings']['errors']}, "
+          f"{r['split']['n_eval']} held-out pairs)")
+    print(f"  F(C) {r['F_C']:+.4f}   F(M) {r['F_M']:+.4f}   F(empty) {r['F_empty']:+.4f}   F(M\\C) {r['F_complement']:+.4f}")
+    print(f"  faithfulness {r['faithfulness']:.4f}   completeness {r['completeness']:.4f}   -> {out}")
+    return 0
+
+
+def evaluate_circuit(model, dicts, circuit, *, task: str, n_eval: int | None = None, seed: int | None = None,
+                     ablation: str = "mean", errors: str = "ablate", start_layer: int = -1,
+                     batch_size: int = 16, stack: int = 4, progress: bool = False) -> dict:
+    """Faithfulness and completeness of ``circuit`` (a ``graph.Circuit``) on evaluation pairs
+    disjoint from its discovery pairs (regenerated from ``task``, the provenance's seed and
+    pair count)."""
+    from ..errors import UserError
+    from ..evaluation import DEFINITIONS, Evaluator, eval_pairs
+    from ..tasks import make_pairs, tokenize_pairs
+    from ..tracing import SplicedModel
+
+    prov = circuit.provenance or {}
+    if not circuit.features:
+        raise UserError("the circuit folder has no node_effects.safetensors: cannot rebuild the site masks")
+    digest = prov.get("dictionaries_sha256")
+    if digest and digest != dicts.digest():
+        print("featcircuits: warning: these dictionaries differ from the ones the circuit was found with "
+              f"(sha256 {dicts.digest()} vs {digest})", file=sys.stderr)
+    seed = int(prov.get("seed", 0) if seed is None else seed)
+    n_disc = int(prov.get("pairs_requested") or prov.get("n") or 0)
+    if n_disc < 1:
+        raise UserError("the circuit's provenance does not say how many discovery pairs it used ('n')")
+    n_eval = int(n_eval or prov.get("n") or n_disc)
+    disc_pairs = make_pairs(task, n_disc, seed)
+    ev_pairs, split = eval_pairs(task, n_eval, disc_pairs, seed)
+    batch, dropped = tokenize_pairs(ev_pairs, model.tokenizer)
+    split.update({"n_eval_requested": n_eval, "n_eval": len(batch), "eval_dropped": len(dropped),
+                  "discovery_pairs_regenerated": n_disc, "discovery_seed": seed})
+    sm = SplicedModel(model, dicts)
+    t0 = time.perf_counter()
+    ev = Evaluator(sm, batch, ablation=ablation, errors=errors, start_layer=start_layer, seed=seed,
+                   batch_size=batch_size, stack=stack, progress=progress)
+    masks = circuit.masks()
+    (res,) = ev.evaluate([masks])
+    seconds = time.perf_counter() - t0
+    return {**res, "F_M": ev.F_M, "F_empty": ev.F_empty,
+            "n_nodes_in_graph": circuit.n_nodes,
+            "settings": {**ev.settings(), "aggregation": prov.get("aggregation", "sum"), "seed": seed,
+                         "batch_size": batch_size},
+            "split": split, "seconds": round(seconds, 3), "forward_passes": ev.forward_passes,
+            "provenance": {"circuit_method": prov.get("method"), "task": task,
+                           "circuit_thresholds": prov.get("thresholds"),
+                           "dictionaries_sha256": dicts.digest()},
+            "definitions": {k: DEFINITIONS[k] for k in ("F", "faithfulness", "completeness", "n_nodes")}}
