@@ -1,0 +1,246 @@
+"""Faithfulness and completeness curves of RelP, IG, AtP and random circuits for the four
+tasks on the offline default, into results/faithfulness/<task>/ (curves.json, curves.png,
+curves.svg), and the section "Faithfulness and completeness" of results/README.md.
+
+    .venv/bin/python scripts/faithfulness.py [--tasks sva-simple,sva-nounpp,sva-within-rc,ioi]
+        [--saes starter] [--n 16] [--n-eval 32] [--steps 10] [--thresholds 15] [--threads 1]
+    .venv/bin/python scripts/faithfulness.py --readme-only     # rebuild the table from the JSONs
+
+The model and dictionaries are loaded once. A task whose curves.json already holds the same
+settings is skipped (``--force`` redoes it); node effects are cached under
+``~/.cache/featcircuits/faithfulness`` so an interrupted run resumes at the evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "faithfulness"
+README = ROOT / "results" / "README.md"
+SECTION = "## Faithfulness and completeness"
+TASKS = ("sva-simple", "sva-nounpp", "sva-within-rc", "ioi")
+PLOT_TASK = "sva-nounpp"  # the plot shown in results/README.md
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--model", default="gemma-3-270m-offline")
+    ap.add_argument("--saes", default="starter")
+    ap.add_argument("--methods", default="relp,ig,atp,random")
+    ap.add_argument("--n", type=int, default=16, help="discovery pairs")
+    ap.add_argument("--n-eval", type=int, default=32, help="evaluation pairs (disjoint from discovery)")
+    ap.add_argument("--steps", type=int, default=10, help="IG steps")
+    ap.add_argument("--thresholds", type=int, default=15, help="circuit sizes on the grid")
+    ap.add_argument("--random-draws", type=int, default=3)
+    ap.add_argument("--ablation", default="mean")
+    ap.add_argument("--errors", default="ablate")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--stack", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
+    ap.add_argument("--effects-cache", default=None)
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--force", action="store_true", help="recompute tasks whose curves.json exists")
+    ap.add_argument("--readme-only", action="store_true", help="only rebuild the README section")
+    ap.add_argument("--no-readme", action="store_true", help="do not touch results/README.md")
+    args = ap.parse_args()
+    out_root = Path(args.out)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not args.readme_only:
+        run_tasks(args, tasks, out_root)
+    if not args.no_readme:
+        write_readme(out_root, tasks)
+    return 0
+
+
+def settings_key(args) -> dict:
+    return {"model": args.model, "saes": args.saes, "methods": args.methods, "n": args.n, "n_eval": args.n_eval,
+            "steps": args.steps, "thresholds": args.thresholds, "random_draws": args.random_draws,
+            "ablation": args.ablation, "errors": args.errors, "seed": args.seed}
+
+
+def run_tasks(args, tasks: list[str], out_root: Path) -> None:
+    import torch
+
+    from featcircuits.commands.curves import curves_main, print_summary
+    from featcircuits.dictionaries import load_dictionary_set
+    from featcircuits.models import cache_dir, load_model
+
+    torch.set_num_threads(args.threads)
+    key = settings_key(args)
+    todo = []
+    for task in tasks:
+        f = out_root / task / "curves.json"
+        if f.is_file() and not args.force:
+            old = json.loads(f.read_text()).get("script_settings")
+            if old == key:
+                print(f"{task}: up to date ({f}), skipped", flush=True)
+                continue
+        todo.append(task)
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    model = load_model(args.model)
+    dicts = load_dictionary_set(args.saes, model.adapter, args.model)
+    load_seconds = round(time.perf_counter() - t0, 2)
+    cache = Path(args.effects_cache) if args.effects_cache else cache_dir() / "faithfulness"
+    cmd = (f".venv/bin/python scripts/faithfulness.py --tasks {','.join(tasks)} --model {args.model} "
+           f"--saes {args.saes} --n {args.n} --n-eval {args.n_eval} --steps {args.steps} "
+           f"--thresholds {args.thresholds} --threads {args.threads}")
+    for task in todo:
+        print(f"== {task}", flush=True)
+        t1 = time.perf_counter()
+        result = curves_main(model, dicts, task=task, n=args.n, n_eval=args.n_eval, seed=args.seed,
+                             methods=[m for m in args.methods.split(",") if m], points=args.thresholds,
+                             ablation=args.ablation, errors=args.errors, steps=args.steps,
+                             random_draws=args.random_draws, batch_size=args.batch_size, stack=args.stack,
+                             out=None, model_spec=args.model, saes_spec=args.saes, effects_cache=cache,
+                             extra_timings={"load_seconds": load_seconds})
+        result["timings"]["task_wall_seconds"] = round(time.perf_counter() - t1, 1)
+        result["timings"]["torch_threads"] = args.threads
+        result["script_settings"] = key
+        result["command"] = cmd
+        _write(result, out_root / task, task, args)
+        print_summary(result, out_root / task)
+
+
+def _write(result: dict, folder: Path, task: str, args) -> None:
+    from featcircuits.evaluation import plot_curves
+    from featcircuits.io import write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "curves.json", result)
+    plot_curves(result, folder / "curves", title=f"{task}: {args.model}, dictionaries {args.saes}")
+
+
+# --------------------------------------------------------------------------------------
+# The README section
+
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def section_text(out_root: Path, tasks: list[str]) -> str:
+    rel = out_root.relative_to(ROOT / "results") if out_root.is_relative_to(ROOT / "results") else out_root
+    data = {}
+    for t in tasks:
+        f = out_root / t / "curves.json"
+        if f.is_file():
+            data[t] = json.loads(f.read_text())
+    lines = [SECTION, ""]
+    if not data:
+        lines += ["No curves yet: run `.venv/bin/python scripts/faithfulness.py`.", ""]
+        return "\n".join(lines)
+    first = next(iter(data.values()))
+    s, p = first["settings"], first["provenance"]
+    methods = [m for m in ("relp", "ig", "atp", "random") if any(m in d["methods"] for d in data.values())]
+    label = {"relp": "RelP", "ig": "IG", "atp": "AtP", "random": "random"}
+    lines += [
+        f"Made by `{first.get('command', 'scripts/faithfulness.py')}` (model `{p['model']}`, dictionaries "
+        f"`{p['saes']}`). Per task: node effects of each method on **{s['n_discovery']} discovery pairs** "
+        f"(IG with {s['steps_ig']} steps, RelP rules {', '.join(s['rules_relp'] or [])}; aggregation "
+        f"`{s['aggregation']}`: one node per feature, plus one error node per site); circuits = the top-k nodes "
+        f"by |effect| for {s['points']} log-spaced k from {s['n_min']} to the number of nodes with a non-zero "
+        "effect, **the same k for every method** (so the curves compare methods at identical node counts); "
+        f"random = k nodes drawn uniformly ({s['random_draws']} seeded draws, mean; band = ±1 std). "
+        f"Each circuit is evaluated on **{s['n_eval']} held-out pairs** (a different seed; no pair shared with "
+        f"discovery): every node outside it, at every site (embed, attn, mlp, resid of every layer), is "
+        f"{s['ablation']}-ablated (mean over the counterfactual prompts of the evaluation set, per position), "
+        f"error nodes {'ablated like features' if s['errors'] == 'ablate' else 'kept'}. "
+        "Faithfulness = (F(C) − F(∅)) / (F(M) − F(∅)) with F the mean logit[clean] − logit[patch]; "
+        "completeness = faithfulness of the complement (lower = more complete). "
+        "AUC = area under faithfulness vs log10(nodes), divided by the log10 range of the grid "
+        "(mean faithfulness over log-size; 1 = faithful at every size; not clipped). "
+        "Nodes to 0.8 = smallest grid size with faithfulness ≥ 0.8 (grid resolution; – = never).",
+        "",
+        "| task | F(M) | F(∅) | " + " | ".join(f"nodes to 0.8 {label[m]}" for m in methods) + " | "
+        + " | ".join(f"AUC {label[m]}" for m in methods) + " | RelP vs IG (≥ 50 nodes) |",
+        "|---|---|---|" + "---|" * (2 * len(methods)) + "---|",
+    ]
+    for t, d in data.items():
+        ms = d["methods"]
+        reach = [_fmt(ms[m]["nodes_to_0.8"]) if m in ms else "–" for m in methods]
+        auc = [_fmt(ms[m]["auc"]) if m in ms else "–" for m in methods]
+        cmp_ = d.get("relp_vs_ig")
+        if cmp_ is None:
+            verdict = "–"
+        elif cmp_["within"]:
+            verdict = f"within 0.05 (max \\|diff\\| {cmp_['max_abs_diff']:.3f})"
+        else:
+            worst = max(cmp_["outside"], key=lambda r: abs(r["diff"]))
+            verdict = (f"**NOT within 0.05** at {len(cmp_['outside'])}/{cmp_['points']} sizes "
+                       f"(worst {worst['diff']:+.3f} at {worst['n_nodes']} nodes)")
+        lines.append(f"| {t} | {d['F_M']:.3f} | {d['F_empty']:.3f} | " + " | ".join(reach) + " | "
+                     + " | ".join(auc) + f" | {verdict} |")
+    lines += ["", "Completeness AUC (lower = the circuit leaves less out):", "",
+              "| task | " + " | ".join(label[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for t, d in data.items():
+        ms = d["methods"]
+        lines.append(f"| {t} | " + " | ".join(_fmt(ms[m]["completeness_auc"]) if m in ms else "–" for m in methods)
+                     + " |")
+    lines += ["", "Time per task (seconds; node effects on the discovery pairs, then all ablation runs):", "",
+              "| task | " + " | ".join(f"{label[m]} effects" for m in methods if m != "random")
+              + " | ablations | forward passes |", "|---|" + "---|" * (len(methods) + 1)]
+    for t, d in data.items():
+        tm = d["timings"]
+        lines.append(f"| {t} | " + " | ".join(_fmt(tm.get(f"effects_{m}_seconds"), 1) for m in methods if m != "random")
+                     + f" | {_fmt(tm.get('ablation_seconds'), 1)} | {tm.get('ablation_forward_passes', '–')} |")
+    plot_task = PLOT_TASK if PLOT_TASK in data else next(iter(data))
+    lines += ["", f"![faithfulness and completeness, {plot_task}]({rel}/{plot_task}/curves.png)", "",
+              "Every point is in `" + f"{rel}/<task>/curves.json" + "` (with F(C) and F(M∖C) per size, "
+              "per-draw random values, the split, settings and timings); plots in "
+              f"`{rel}/<task>/curves.png` and `.svg`."]
+    notes = _notes(data)
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(data: dict) -> list[str]:
+    """Plain statements of what the numbers show, computed from them."""
+    out = []
+    for t, d in data.items():
+        ms = d["methods"]
+        if "random" not in ms:
+            continue
+        for m in ("relp", "ig", "atp"):
+            if m not in ms:
+                continue
+            gap = [a - b for a, b in zip(ms[m]["faithfulness"], ms["random"]["faithfulness"])]
+            if gap:
+                best = max(gap)
+                if best < 0.2:
+                    out.append(f"- {t}: {m} beats random by at most {best:.2f} in faithfulness at any size.")
+    return out
+
+
+def write_readme(out_root: Path, tasks: list[str]) -> None:
+    from featcircuits.io import write_text
+
+    text = section_text(out_root, tasks)
+    if README.is_file():
+        old = README.read_text(encoding="utf-8")
+    else:
+        old = "# Results\n\nMeasured results of featcircuits, one section per study.\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text + "\n", old, count=1)
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    write_text(README, new.rstrip("\n") + "\n")
+    print(f"wrote the section {SECTION!r} of {README}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
