@@ -37,6 +37,10 @@ PACKAGES = ("numpy", "torch", "transformers")
 # budget is large enough that on this machine it is never the reason a walk stops (the
 # recipe records how many modules each source yielded, so a cut walk would show there).
 PACKAGE_BUDGET_S = 240.0
+# Cap on the characters taken from one source (about 1.6M tokens). transformers alone yields
+# ~27M characters of highly repetitive auto-generated model docs; without the cap it would
+# be three quarters of the corpus. Documents beyond the cap are dropped by a seeded sample.
+MAX_CHARS_PER_SOURCE = 6_400_000
 
 # Modules whose import has side effects (prints, opens a browser, starts a GUI, installs
 # signal handlers, runs demos) or that are not text about the library.
@@ -269,7 +273,8 @@ def _holdout(doc: str, fraction: float) -> bool:
 
 def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
                  docs: dict[str, list[str]] | None = None, window: int = WINDOW,
-                 cache: bool = True, log: Any = None) -> Corpus:
+                 cache: bool = True, log: Any = None,
+                 max_chars_per_source: int = MAX_CHARS_PER_SOURCE) -> Corpus:
     """The shuffled, tokenized corpus. ``docs`` (source -> documents) overrides the
     docstring collection (tests pass a handful of strings); otherwise the collected texts
     are used and the result is cached per tokenizer, recipe and seed."""
@@ -285,6 +290,7 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
         "modules": (collected or {}).get("modules", {}),
         "versions": (collected or {}).get("versions", package_versions()),
         "window": window, "bos": True, "seed": seed, "eval_fraction": eval_fraction,
+        "max_chars_per_source": max_chars_per_source,
         "tokenizer": getattr(tokenizer, "name_or_path", "") and Path(str(tokenizer.name_or_path)).name,
         "vocab_size": len(tokenizer),
         "text_sha256": _sha(docs),
@@ -297,7 +303,17 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
     rng = random.Random(seed)
     train_docs, eval_docs = [], []
     for src in sorted(docs):
-        for d in docs[src]:
+        chosen = list(docs[src])
+        if sum(map(len, chosen)) > max_chars_per_source:
+            random.Random(f"{seed}:{src}").shuffle(chosen)
+            kept, total = [], 0
+            for d in chosen:
+                if total >= max_chars_per_source:
+                    break
+                kept.append(d)
+                total += len(d)
+            chosen = kept
+        for d in chosen:
             (eval_docs if _holdout(d, eval_fraction) else train_docs).append(d)
     rng.shuffle(train_docs)
     rng.shuffle(eval_docs)
