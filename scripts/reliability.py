@@ -123,6 +123,9 @@ def main() -> int:
                      "left": f"output folder created: {(work / 'bad_out').exists()}; traceback: {'Traceback' in r.stderr}",
                      "outcome": first_line(r.stderr)})
 
+    for r in rows:  # the temporary folder's name changes every run
+        for k in ("left", "outcome"):
+            r[k] = r[k].replace(str(work), "<tmp>")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "reliability.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# Reliability: faults injected and bad inputs", "",
