@@ -231,23 +231,28 @@ def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[st
                              chosen: list[Site], feats: dict, errs: dict) -> float:
     """Exact patching of each site's whole vector at one position at a time (all positions of
     a site stacked along the batch in one forward). Stored as an 'error' effect per position
-    with feature effects zero: with identity dictionaries the site vector is the component."""
+    with feature effects zero: with identity dictionaries the site vector is the component.
+    Positions where no example's value changes (e.g. before the first token in which the
+    prompts differ) need no forward: patching a value with itself changes nothing, effect 0."""
     with torch.no_grad():
         logits_c, clean_vals = sm.cache(chunk.inputs("clean"))
         m_c = metric(logits_c, chunk.clean_answer, chunk.patch_answer)
         b, T = chunk.clean_ids.shape
-        inputs = {k: v.repeat(T, 1) for k, v in chunk.inputs("clean").items()}
-        ca, pa = chunk.clean_answer.repeat(T), chunk.patch_answer.repeat(T)
         for s in chosen:
             d = sm.dictionary(s)
             x_c = join(d, clean_vals[s.name])
             x_p = join(d, patch_vals[s.name])
-            stacked = x_c.unsqueeze(0).repeat(T, 1, 1, 1)  # [T(which position), b, T, d]
-            idx = torch.arange(T)
-            stacked[idx, :, idx, :] = x_p.transpose(0, 1)[idx]
-            stacked = stacked.flatten(0, 1)
-            logits = sm.run(inputs, lambda site, x, v=stacked: v.to(x.dtype), [s])
-            delta = (metric(logits, ca, pa) - m_c.repeat(T)).view(T, b)  # [position, example]
+            pos = torch.nonzero((x_p != x_c).any(-1).any(0)).flatten()  # positions that change
+            delta = torch.zeros(T, b)
+            if pos.numel():
+                P = pos.numel()
+                stacked = x_c.unsqueeze(0).repeat(P, 1, 1, 1)  # [P(which position), b, T, d]
+                stacked[torch.arange(P), :, pos, :] = x_p[:, pos, :].transpose(0, 1)
+                stacked = stacked.flatten(0, 1)
+                inputs = {k: v.repeat(P, 1) for k, v in chunk.inputs("clean").items()}
+                ca, pa = chunk.clean_answer.repeat(P), chunk.patch_answer.repeat(P)
+                logits = sm.run(inputs, lambda site, x, v=stacked: v.to(x.dtype), [s])
+                delta[pos] = (metric(logits, ca, pa) - m_c.repeat(P)).view(P, b)  # [position, example]
             _add(errs, s.name, delta.sum(1))
             _add(feats, s.name, torch.zeros(T, d.d_sae))
     return float(m_c.sum())
