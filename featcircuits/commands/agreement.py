@@ -1,0 +1,95 @@
+"""``featcircuits agreement``: how well AtP, RelP and IG agree with exact activation patching."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import add_model_args, add_task_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "agreement", help="compare node-effect estimators with exact activation patching",
+        description="Compute exact activation patching and each estimator (AtP, RelP with the given rules and "
+                    "with the AH-rule added, IG) on the same pairs; write agreement.json (Pearson r per method "
+                    "and site kind, seconds per method), agreement.md and scatter plots into --out.")
+    add_model_args(p)
+    add_task_args(p, n_default=32)
+    p.set_defaults(batch_size=8)
+    p.add_argument("--methods", default="atp,relp,ig",
+                   help="comma list of atp, relp, relp+ah, ig (default atp,relp,ig; relp+ah is added next to "
+                        "relp unless --no-ah-variant)")
+    p.add_argument("--granularity", default="components", choices=["components", "features"],
+                   help="components: one node per site and position (identity dictionaries); features: one "
+                        "per SAE feature and error node, exact patching on a sample")
+    p.add_argument("--rules", default="default",
+                   help="LRP rules for relp: comma list of ln,identity,half,ah (default ln,identity,half)")
+    p.add_argument("--no-ah-variant", action="store_true", help="do not add relp+ah (rules plus the AH-rule)")
+    p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved timing runs of AtP and RelP; the median is reported (default 3)")
+    p.add_argument("--aggregation", default="sum", choices=["sum", "none"],
+                   help="features: sum (one node per feature) or none (per feature and position)")
+    p.add_argument("--top-k", type=int, default=16,
+                   help="features: exact-patch the top k nodes by each method, per site kind (default 16)")
+    p.add_argument("--random", type=int, default=48,
+                   help="features: plus this many random nodes with a nonzero estimate, per site kind (default 48)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..agreement import resolve_methods, run_agreement, write_agreement
+    from ..dictionaries import identity_set, load_dictionary_set
+    from ..errors import UserError
+    from ..models import load_model
+    from ..tasks import make_pairs, tokenize_pairs
+    from ..tracing import SplicedModel
+    from ..validation import check_output_folder
+
+    torch.manual_seed(args.seed)
+    out = check_output_folder(args.out, create=False)
+    if min(args.n, args.batch_size, args.steps, args.repeats) < 1:
+        raise UserError("--n, --batch-size, --steps and --repeats must be positive")
+    if args.top_k < 0 or args.random < 0:
+        raise UserError("--top-k and --random must not be negative")
+    resolve_methods(args.methods, args.rules)  # a bad --methods or --rules fails before the model loads
+    if args.granularity == "components" and args.saes not in (None, "identity"):
+        raise UserError("--granularity components patches whole site vectors and uses no dictionaries; "
+                        "drop --saes or use --granularity features")
+    pairs = make_pairs(args.task, args.n, args.seed)
+    model = load_model(args.model)
+    if args.granularity == "components":
+        dicts, saes = identity_set(model.adapter), "identity"
+    else:
+        saes = args.saes or "identity"
+        dicts = load_dictionary_set(saes, model.adapter, args.model)
+    batch, dropped = tokenize_pairs(pairs, model.tokenizer)
+    if dropped:
+        print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} pairs ({dropped[0][1]}, ...)", file=sys.stderr)
+    sm = SplicedModel(model, dicts)
+    result = run_agreement(sm, batch, args.methods, args.granularity, rules=args.rules, steps=args.steps,
+                           batch_size=args.batch_size, repeats=args.repeats, aggregation=args.aggregation,
+                           top_k=args.top_k, n_random=args.random, seed=args.seed, progress=not args.quiet,
+                           add_ah=not args.no_ah_variant)
+    result = {"model": args.model, "task": args.task, "saes": saes, "seed": args.seed,
+              "pairs_requested": len(pairs), "pairs_dropped": len(dropped),
+              "torch_threads": torch.get_num_threads(), **result}
+    title = f"{args.model}, {args.task}, {args.granularity}" + (f", {saes}" if args.granularity == "features" else "")
+    out.mkdir(parents=True, exist_ok=True)
+    write_agreement(result, out, title)
+    kinds = result["site_kinds"]
+    print(f"Pearson r vs exact patching ({args.granularity}, n={result['n']}):")
+    print(f"  {'method':<8} " + " ".join(f"{k:>7}" for k in kinds) + f" {'seconds':>9}")
+    for m in result["methods"]:
+        print(f"  {m:<8} " + " ".join(f"{result['pearson'][m][k]:>+7.3f}" for k in kinds)
+              + f" {result['seconds'][m]:>9.2f}")
+    print(f"  {'exact':<8} " + " ".join(f"{'':>7}" for _ in kinds) + f" {result['seconds']['exact']:>9.2f}")
+    for c in result["targets"]:
+        print(f"  target {c['check']}: {'met' if c['passed'] else 'MISSED'} ({c['value']})")
+    print(f"-> {out}")
+    return 0
