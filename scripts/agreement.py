@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Reproduce the agreement tables (issue 3) for the offline Gemma 3 270M.
+
+Runs ``featcircuits agreement`` for
+
+- IOI, components granularity (n = 32 by default),
+- sva-simple, components granularity,
+- sva-simple, features granularity with identity dictionaries,
+- sva-simple, features granularity with the ``starter`` dictionaries when
+  ``saes/registry.json`` registers them,
+
+writing each into ``results/agreement/<task>_<granularity>[_<saes>]/``, then puts the
+combined table (with the commands that made it) into ``results/README.md`` under the
+heading ``## Node effects vs exact patching``, leaving the file's other sections alone.
+
+    .venv/bin/python scripts/agreement.py [--threads 1] [--only ioi_components,...] [--table-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+OUT = RESULTS / "agreement"
+HEADING = "## Node effects vs exact patching"
+MODEL = "gemma-3-270m-offline"
+README_INTRO = """# Results
+
+Measured outputs of featcircuits on this machine (CPU). Each section names the script and
+commands that made it; the raw outputs sit beside this file.
+"""
+
+
+def runs(n_ioi: int, n_sva: int, starter: bool, methods: str) -> dict[str, list[str]]:
+    common = ["--model", MODEL, "--methods", methods, "--quiet"]
+    out = {
+        "ioi_components": ["--task", "ioi", "--n", str(n_ioi), "--granularity", "components"],
+        "sva-simple_components": ["--task", "sva-simple", "--n", str(n_sva), "--granularity", "components"],
+        "sva-simple_features_identity": ["--task", "sva-simple", "--n", str(n_sva), "--granularity", "features",
+                                         "--saes", "identity"],
+    }
+    if starter:
+        out["sva-simple_features_starter"] = ["--task", "sva-simple", "--n", str(n_sva), "--granularity",
+                                              "features", "--saes", "starter"]
+    return {name: ["agreement", *args, *common, "--out", str((OUT / name).relative_to(ROOT))]
+            for name, args in out.items()}
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def combined_table(names: list[str], commands: dict[str, list[str]]) -> str:
+    """One row per (run, method): Pearson r per site kind, seconds, and the targets."""
+    kinds = ["resid", "attn", "mlp", "embed"]
+    lines = ["| run | method | " + " | ".join(kinds) + " | seconds | x AtP |",
+             "|---|---|" + "---|" * len(kinds) + "---|---|"]
+    notes, missed = [], []
+    for name in names:
+        path = OUT / name / "agreement.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        sec = r["seconds"]
+        for m in r["methods"]:
+            rules = r["method_params"][m]["rules"]
+            label = m + (f" ({','.join(rules)})" if rules else "")
+            ratio = f"{sec[m] / sec['atp']:.2f}" if sec.get("atp") else "n/a"
+            row = [f"`{name}`", label, *(fmt(r["pearson"][m].get(k)) for k in kinds), f"{sec[m]:.1f}", ratio]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append(f"| `{name}` | exact patching | " + " | ".join("1" if k in r["site_kinds"] else "n/a"
+                                                                   for k in kinds)
+                     + f" | {sec['exact']:.1f} | " + (f"{sec['exact'] / sec['atp']:.2f}" if sec.get("atp") else "n/a")
+                     + " |")
+        if r["granularity"] == "features":
+            s = r["sample"]
+            notes.append(f"- `{name}`: {s['description']} (aggregation `{s['aggregation']}`; sampled per kind: "
+                         + ", ".join(f"{k} {v['sampled']} of {v['nodes']}" for k, v in s["per_kind"].items())
+                         + "). Pearson on the random part alone: "
+                         + "; ".join(f"{m} " + ", ".join(f"{k} {fmt(v)}" for k, v in pr.items())
+                                     for m, pr in r["pearson_random"].items()) + ".")
+        verdicts = [f"{c['check']}: {'met' if c['passed'] else '**missed**'} ({c['value']})" for c in r["targets"]]
+        tag = "" if r["granularity"] == "components" else " (the targets are defined for components; shown for reference)"
+        notes.append(f"- `{name}` targets{tag}: " + "; ".join(verdicts) + ".")
+        if r["granularity"] == "components":
+            missed += [f"`{name}`: {c['check']} ({c['value']})" for c in r["targets"] if not c["passed"]]
+        notes.append(f"  n = {r['n']} pairs ({r['pairs_dropped']} dropped), clean metric "
+                     f"{r['metric_clean']:+.2f}, patch metric {r['metric_patch']:+.2f}; "
+                     f"`featcircuits {shlex.join(commands[name])}`")
+    return "\n".join(lines), notes, missed
+
+
+def write_readme(section: str) -> None:
+    from featcircuits.io import write_text
+
+    path = RESULTS / "README.md"
+    text = path.read_text() if path.is_file() else README_INTRO
+    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_text(path, text.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-ioi", type=int, default=32)
+    p.add_argument("--n-sva", type=int, default=32)
+    p.add_argument("--methods", default="atp,relp,ig")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 when another job runs)")
+    p.add_argument("--only", default=None, help="comma list of run names (default: all)")
+    p.add_argument("--table-only", action="store_true", help="rebuild the README table from existing results")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from featcircuits.cli import main as cli
+    from featcircuits.dictionaries import registry
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    starter = "starter" in registry()
+    commands = runs(args.n_ioi, args.n_sva, starter, args.methods)
+    names = list(commands) if not args.only else [n.strip() for n in args.only.split(",")]
+    unknown = set(names) - set(commands)
+    if unknown:
+        p.error(f"unknown run(s) {', '.join(sorted(unknown))}; choose from {', '.join(commands)}")
+    if not args.table_only:
+        for name in names:
+            t0 = time.time()
+            print(f"== {name}: featcircuits {shlex.join(commands[name])}", flush=True)
+            rc = cli(commands[name])
+            if rc:
+                print(f"{name} failed with exit code {rc}", file=sys.stderr)
+                return rc
+            print(f"   {name} took {time.time() - t0:.0f}s", flush=True)
+    table, notes, missed = combined_table(list(commands), commands)
+    verdict = ("All components-granularity targets are met." if not missed else
+               "Targets missed (components granularity): " + "; ".join(missed) + ". See the note below the table.")
+    section = "\n".join([
+        HEADING, "",
+        f"Pearson r of each estimator against exact activation patching on `{MODEL}` "
+        "(components: over the prompt-averaged layer x position grid of each site kind; features: over a "
+        "sample of nodes, see the notes). `relp` uses the RelP authors' default rules (LN + identity + half), "
+        "`relp+ah` adds the AH-rule. Seconds: node effects on the same batch; AtP and RelP are the median of "
+        "interleaved repeats. Made by `.venv/bin/python scripts/agreement.py"
+        + (f" --threads {args.threads}" if args.threads else "") + "`; raw outputs, scatter plots and per-run "
+        "tables in `results/agreement/<run>/`.", "",
+        table, "", verdict, "", *notes, "",
+    ])
+    write_readme(section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
