@@ -61,6 +61,7 @@ def wrap(hf_model: Any, tokenizer: Any, spec: str = "custom", info: dict | None 
         p.requires_grad_(False)
     adapter = adapter_for(hf_model.config)
     lrp.install(hf_model, adapter)
+    _contiguous_unembedding(hf_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Left padding puts every prompt's last token at the same position, where the metric reads.
@@ -71,6 +72,29 @@ def wrap(hf_model: Any, tokenizer: Any, spec: str = "custom", info: dict | None 
         warnings.simplefilter("ignore")  # nnsight 0.8.1 suggests TransformersModel; both work
         lm = LanguageModel(hf_model, tokenizer=tokenizer)
     return LoadedModel(spec=spec, hf=hf_model, lm=lm, tokenizer=tokenizer, adapter=adapter, info=info or {})
+
+
+def _contiguous_input_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return type(self).forward(self, x.contiguous(), *args, **kwargs)
+
+
+def _contiguous_unembedding(hf_model: Any) -> None:
+    """Give the unembedding a contiguous input (installed before nnsight wraps the model).
+
+    HF computes ``lm_head(hidden_states[:, -k:, :])``, a strided view; for it torch's matmul
+    falls back to a batched matmul against the weight expanded per example, which reads the
+    whole [vocab, d_model] matrix once per example. On the offline Gemma (262k vocabulary)
+    that made the last-position unembedding 3-4x slower, forward and backward, and it grows
+    with the batch (IG stacks steps x examples). A contiguous copy of the [b, k, d_model]
+    input costs nothing; logits change only by float rounding (~1e-6 relative).
+    """
+    import types
+
+    head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_featcircuits_contiguous", False):
+        return
+    head.forward = types.MethodType(_contiguous_input_forward, head)
+    head._featcircuits_contiguous = True
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
