@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from featcircuits import lrp  # noqa: E402
-from featcircuits.attribution import FeatureNode, exact_feature_effects, node_effects, site_gradients  # noqa: E402
+from featcircuits.attribution import FeatureNode, exact_feature_effects, node_effects  # noqa: E402
 from featcircuits.dictionaries import identity_set, load_dictionary_set, registry  # noqa: E402
 from featcircuits.discover import discover_circuit, versions  # noqa: E402
 from featcircuits.edges import direct_upstream, edge_effects  # noqa: E402
@@ -343,15 +343,43 @@ def exact_feature_sample(sm: CountingModel, batch, batch_size: int, k: int, seed
 
 
 def edges_fixed_part(sm: SplicedModel, batch, bs: int) -> None:
-    """What ``edge_effects`` does per chunk before any vector-Jacobian product: the RelP site
-    gradients (patch cache, clean forward with leaves, backward) and the cut forward."""
+    """What ``edge_effects`` does per chunk before any vector-Jacobian product when it is given
+    the node stage's gradients (as in discover): the cut forward that records every direct
+    Jacobian, under the LRP rules."""
     from featcircuits.edges import _direct_forward
 
     for c in batch.chunks(bs):
-        sg = site_gradients(sm, c, "relp", sm.sites)
         with lrp.lrp_rules(lrp.DEFAULT_RULES):
             _direct_forward(sm, c)
-        del sg
+
+
+def vjp_part_items(sm: SplicedModel, chunk, masks: dict[str, SiteMask], sg, chunk_nodes: int = 64) -> dict:
+    """The vector-Jacobian products of ``edge_effects`` alone, on one chunk: the cut forward and
+    the downstream scalars are built once (as ``edge_effects`` builds them), then the VJPs run
+    batched (one backward per site and part) or one backward per downstream node. Uses the
+    private helpers of ``featcircuits.edges`` so the products are exactly the library's."""
+    from featcircuits.edges import _direct_forward, _node_scalars, _vjps
+    from featcircuits.graph import mask_nodes
+
+    prepared = []
+    with lrp.lrp_rules(lrp.DEFAULT_RULES):
+        real, leaves = _direct_forward(sm, chunk)
+        for site, m in masks.items():
+            nodes = mask_nodes(m)
+            ups = direct_upstream(sm.adapter, site)
+            if not nodes or not ups:
+                continue
+            inputs = [t for u in ups for t in (leaves[u].f, leaves[u].err)]
+            for start in range(0, len(nodes), chunk_nodes):
+                part = nodes[start:start + chunk_nodes]
+                prepared.append((_node_scalars(sm.dictionary(site), real[site], sg.grads[site], part), inputs))
+
+    def run(batched: bool):
+        with lrp.lrp_rules(lrp.DEFAULT_RULES):
+            for s_, inputs in prepared:
+                _vjps(s_, inputs, batched, sm)
+
+    return {"vjp_batched": lambda: run(True), "vjp_one_backward_per_node": lambda: run(False)}
 
 
 def spliced_forwards(sm: SplicedModel, batch, bs: int) -> None:
@@ -567,13 +595,21 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
 
     # ---- edges: batched vs one backward per downstream node --------------------------------
     log(f"[{key}] edges (circuit top-k {cfg['top_k']})")
-    feats, errs = relp_effects.mean("sum")
+    # As discover does: the node stage keeps its per-chunk RelP gradients and the edge stage reuses them.
+    del relp_effects
+    kept = node_effects(sm, batch, "relp", batch_size=bs, progress=False, keep_gradients=True)
+    grads = kept.gradients
+    feats, errs = kept.mean("sum")
+    del kept
     masks = select_nodes(feats, errs, Thresholds(top_k=cfg["top_k"]))
     order = downstream_order(sm, feats, errs, masks)
     full = len(order)
-    eb = {"batched": lambda: edge_effects(sm, batch, masks, "relp", batch_size=bs, batched=True, progress=False),
-          "one_backward_per_node": lambda: edge_effects(sm, batch, masks, "relp", batch_size=bs, batched=False,
-                                                        progress=False)}
+
+    def edge_call(mk, batched):
+        return lambda: edge_effects(sm, batch, mk, "relp", batch_size=bs, batched=batched, progress=False,
+                                    gradients=grads)
+
+    eb = {"batched": edge_call(masks, True), "one_backward_per_node": edge_call(masks, False)}
     eb = {k: counted(sm, len(batch), f) for k, f in eb.items()}
     eb["fixed_part"] = counted(sm, len(batch), lambda: edges_fixed_part(sm, batch, bs))
     edges = interleaved(eb, cfg["edge_rounds"], None, log, keep={"batched", "one_backward_per_node"})
@@ -590,15 +626,21 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
     esec["speedup_vjp_part"] = {"median": round(statistics.median(per), 4) if per else None,
                                 "per_round": [round(x, 4) for x in per],
                                 "how": "(one backward per node - fixed part) / (batched - fixed part), per round"}
+    # the vector-Jacobian products alone, on one chunk
+    try:
+        vj = interleaved(vjp_part_items(sm, batch.slice(0, min(bs, len(batch))), masks, grads[0]),
+                         cfg["edge_rounds"], None, log)
+        esec["vjp_part_one_chunk"] = {"examples": min(bs, len(batch)), "items": vj,
+                                      "speedup": round_ratio(vj, "vjp_one_backward_per_node", "vjp_batched")}
+    except (ImportError, AttributeError, TypeError) as exc:  # the private helpers changed
+        esec["vjp_part_one_chunk"] = {"unavailable": repr(exc)}
     # time vs number of downstream nodes
     ks = sorted({k for k in cfg["sweep_ks"] if k < full} | {full})
     sweep = []
     for k in ks:
         mk = masks_of(order[:k], masks)
-        items_k = {"batched": counted(sm, len(batch), lambda mk=mk: edge_effects(
-                       sm, batch, mk, "relp", batch_size=bs, batched=True, progress=False)),
-                   "one_backward_per_node": counted(sm, len(batch), lambda mk=mk: edge_effects(
-                       sm, batch, mk, "relp", batch_size=bs, batched=False, progress=False))}
+        items_k = {"batched": counted(sm, len(batch), edge_call(mk, True)),
+                   "one_backward_per_node": counted(sm, len(batch), edge_call(mk, False))}
         log(f"  downstream nodes k={k}")
         r = interleaved(items_k, cfg["sweep_rounds"], None, log)
         sweep.append({"downstream_nodes": k, **{name: {kk: v[kk] for kk in ("median_wall_s", "median_cpu_s",
@@ -615,7 +657,7 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
                 name: round((b[name]["median_wall_s"] - a[name]["median_wall_s"]) / dk, 5)
                 for name in ("batched", "one_backward_per_node")}
     res["edges"] = esec
-    del relp_effects
+    del grads
 
     # ---- full discover: relp vs ig --------------------------------------------------------
     dn = cfg["discover_n"]
@@ -840,25 +882,25 @@ def gemma_config(args) -> dict:
         return out
 
     q = args.quick
-    scaling_n = [8, 16, 32] if q else [8, 16, 32, 64]
-    if args.gemma_max_n:
-        scaling_n = [n for n in [8, 16, 32, 64, 128, 256] if n <= args.gemma_max_n]
+    gn = 8 if q and args.gemma_n == 16 else args.gemma_n
+    max_n = args.gemma_max_n or (32 if q else 256)
+    scaling_n = [n for n in [8, 16, 32, 64, 128, 256] if n <= max_n]
     cut = None if scaling_n[-1] >= 256 else (
-        f"cut at n={scaling_n[-1]} (of 8 -> 256) to keep the Gemma run near 20 minutes on this shared "
-        f"2-core machine; examples run in chunks of 16, so from n=16 on the cost grows linearly "
-        f"(see seconds per example below); --gemma-max-n 256 runs the full range")
+        f"cut at n={scaling_n[-1]} (of 8 -> 256) to keep the run short; examples run in chunks of 16, so "
+        f"from n=16 on the cost grows linearly (see seconds per example below); --gemma-max-n 256 runs "
+        f"the full range")
     cli = None
     if not args.no_cli:
         cli = ["discover", "--model", OFFLINE_ALIAS, "--saes", saes, "--task", TASK, "--method", "relp",
                "--n", "64"]
     return {
         "description": f"offline Gemma 3 270M ({OFFLINE_ALIAS}), dictionaries: {saes}",
-        "saes": saes, "load": load, "n": args.gemma_n, "batch_size": 16, "rounds": 1 if q else args.repeats or 3,
+        "saes": saes, "load": load, "n": gn, "batch_size": 16, "rounds": 1 if q else args.repeats or 3,
         "ig_steps": [10] if q else [5, 10, 20], "subset_sites": None if args.gemma_sites == 0 else args.gemma_sites,
         "validate_subset": None, "ig_repeats": 1,
         "exact": True, "exact_repeats": 1, "exact_feature_sample": 8 if q else 16, "profile": True,
         "top_k": 100, "edge_rounds": 1 if q else 3, "sweep_ks": [1, 4, 16, 64], "sweep_rounds": 1,
-        "discover_n": args.gemma_n, "discover_ig": args.gemma_full_ig, "discover_ig_steps": 10,
+        "discover_n": gn, "discover_ig": args.gemma_full_ig, "discover_ig_steps": 10,
         "discover_rounds": 1 if q else 2, "discover_ig_repeats": 1,
         "scaling_n": scaling_n, "scaling_ig": False, "scaling_rounds": 1 if q else 2,
         "scaling_full_rounds_up_to": 16, "scaling_cut_note": cut,
@@ -882,12 +924,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="on Gemma, time exact patching and IG node effects on this many evenly spread sites "
                          "and extrapolate to all 55 (default 3; 0 = all sites, measured: ~25 s per site per "
                          "IG run at n=8 here)")
-    ap.add_argument("--gemma-n", type=int, default=8, help="examples for Gemma's per-method, edge and discover "
-                                                          "sections (default 8)")
+    ap.add_argument("--gemma-n", type=int, default=16, help="examples for Gemma's per-method, edge and discover "
+                                                           "sections (default 16: one chunk)")
     ap.add_argument("--gemma-full-ig", action="store_true",
                     help="also time IG (10 steps) full discover on Gemma (about 2x IG node effects on all sites: "
                          "tens of minutes here); without it the RelP/IG discover ratio on Gemma is an upper bound")
-    ap.add_argument("--gemma-max-n", type=int, default=None, help="largest n in Gemma's scaling (default 64)")
+    ap.add_argument("--gemma-max-n", type=int, default=None,
+                    help="largest n in Gemma's scaling (default 256; 32 with --quick)")
     ap.add_argument("--no-cli", action="store_true", help="skip the CLI peak-RSS measurement on Gemma")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for the measurements (default 1: on a shared, oversubscribed machine "
@@ -1060,7 +1103,7 @@ def bounds_text(key: str, m: dict, row: dict) -> str:
                 f"{bare - hf:+.3g} s, splicing (encode/decode at {m['dictionaries']['n_sites']} sites and the "
                 f"per-site hooks) {fwd - bare:+.3g} s ({(fwd - bare) / fwd * 100:.0f} %).")
         un = m["nodes"].get("without_full_unembedding_estimate")
-        if tid == "relp_forward" and un and items.get("unembed_forward"):
+        if tid == "relp_forward" and un and items.get("unembed_forward") and (un.get("relp_speedup") or 0) > 1.1:
             uf, ub = items["unembed_forward"]["median_wall_s"], items["unembed_fwd_bwd"]["median_wall_s"]
             lines.append(
                 f"The unembedding is measured alone too: forward {uf:.3g} s, forward + backward {ub:.3g} s for "
@@ -1089,13 +1132,22 @@ def bounds_text(key: str, m: dict, row: dict) -> str:
         vjp = e.get("speedup_vjp_part", {}).get("median")
         if fixed is not None:
             lines.append(
-                f"Both paths first do the same work per chunk of examples: the RelP site gradients again (one "
-                f"counterfactual forward, one clean forward with leaves, one backward) and one cut forward "
-                f"that records every direct Jacobian. Measured alone, that shared part takes {fixed:.3g} s of "
+                f"Both paths are given the node stage's RelP gradients (as in discover) and first do the same "
+                f"work per chunk of examples: one cut forward that records every direct Jacobian (every "
+                f"site's output replaced by fresh leaves, under the LRP rules), then per downstream site the "
+                f"encoder and the scalars to differentiate. Measured alone, the cut forward takes {fixed:.3g} s of "
                 f"the batched path's {bt:.3g} s ({fixed / bt * 100:.0f} %), so even free vector-Jacobian products "
                 f"could not make the whole call more than {ub / fixed:.2g}x faster than the one-backward path "
                 f"({ub:.3g} s). On the vector-Jacobian part alone (total minus the shared part) batching is "
                 + (f"{vjp:.3g}x faster." if vjp else "not measurably faster."))
+        vp = e.get("vjp_part_one_chunk", {})
+        if vp.get("speedup"):
+            vb = vp["items"]["vjp_batched"]["median_wall_s"]
+            vu = vp["items"]["vjp_one_backward_per_node"]["median_wall_s"]
+            lines.append(f"Timed alone on one chunk of {vp['examples']} examples, the vector-Jacobian products take "
+                         f"{vb:.3g} s batched and {vu:.3g} s with one backward per node: batching itself is "
+                         f"**{vp['speedup']['median']:.3g}x** faster, but that part is "
+                         f"{vb / fixed * 100 if fixed else 0:.0f} % (batched) of the shared part above.")
         marg = e.get("marginal_seconds_per_downstream_node", {})
         if marg and marg.get("batched", 0) > 0:
             lines.append(f"From the sweep over downstream nodes: each extra node costs "
@@ -1103,21 +1155,29 @@ def bounds_text(key: str, m: dict, row: dict) -> str:
                          f" s batched (marginal ratio {marg['one_backward_per_node'] / marg['batched']:.2g}x).")
         lines.append("One backward per node is itself cheap here: it runs only through one block (from the "
                      "upstream sites' leaves to the downstream site), not through the model, so batching can "
-                     "only save the per-call autograd overhead and the repeated small kernels. Reusing the node "
-                     "stage's site gradients in the edge stage (discover computes them twice) would remove "
-                     "most of the shared part.")
+                     "only save the per-call autograd overhead and the repeated small kernels.")
     if tid == "discover":
         d = m["discover"]["items"]
         sec_ = {k: v.get("circuit", {}).get("seconds", {}) for k, v in d.items()}
         ig = next((k for k in d if k.startswith("ig")), None)
         if ig and "relp" in sec_:
             r, g = sec_["relp"], sec_[ig]
+            pig = m["nodes"]["items"].get(ig, {}).get("passes", {})
+            prl = m["nodes"]["items"].get("relp", {}).get("passes", {})
+            try:
+                ratio_p = ((pig["forward_per_example"] + pig["backward_per_example"])
+                           / (prl["forward_per_example"] + prl["backward_per_example"]))
+            except (KeyError, ZeroDivisionError):
+                ratio_p = float("nan")
             lines.append(
                 f"First runs: RelP nodes {r['nodes']:.3g} s + edges {r['edges']:.3g} s; IG nodes {g['nodes']:.3g} s "
                 f"+ edges {g['edges']:.3g} s. IG stacks its {ig[2:]} interpolation steps along the batch, so it "
-                f"costs one forward + backward *per site*, not per step: on a model this small a forward of "
+                f"makes one forward + backward call *per site*; its passes per example "
+                f"({pig.get('forward_per_example', '?')} forward + {pig.get('backward_per_example', '?')} backward, "
+                f"against RelP's {prl.get('forward_per_example', '?')} + {prl.get('backward_per_example', '?')}) "
+                f"would make it ~{ratio_p:.0f}x RelP if cost followed rows, but on a model this small a call over "
                 f"{ig[2:]}x the rows costs little more than one (per-call overhead dominates), so IG nodes cost "
-                f"{g['nodes'] / r['nodes']:.2g}x RelP nodes rather than ~{int(ig[2:]) * m['dictionaries']['n_sites'] // 2}x. "
+                f"{g['nodes'] / r['nodes']:.2g}x RelP nodes. "
                 f"The edge stage costs both methods about the same and is {r['edges'] / (r['nodes'] + r['edges']) * 100:.0f} % "
                 f"of RelP's discover, which bounds the ratio from below at about "
                 f"{r['edges'] / (g['nodes'] + g['edges']):.2g} even if RelP nodes were free.")
@@ -1385,7 +1445,7 @@ def model_section(key: str, m: dict, figs: dict[str, str]) -> str:
           f"Batched: {e['items']['batched']['median_wall_s']:.3g} s; one backward per downstream node: "
           f"{e['items']['one_backward_per_node']['median_wall_s']:.3g} s; speed-up **{sp['median']:.3g}x** "
           f"(per round: {', '.join(f'{x:.3g}' for x in sp['per_round'])}). "
-          + (f"The part both paths share (RelP site gradients + the cut forward) takes "
+          + (f"The part both paths share (the cut forward) takes "
              f"{e['items']['fixed_part']['median_wall_s']:.3g} s on its own; without it the vector-Jacobian "
              f"part is **{e['speedup_vjp_part']['median']:.3g}x** faster batched. "
              if e.get("speedup_vjp_part", {}).get("median") else "")
@@ -1402,6 +1462,13 @@ def model_section(key: str, m: dict, figs: dict[str, str]) -> str:
             for p in e["vs_downstream_nodes"]]
     L.append(_table(["downstream nodes", "batched s", "one backward per node s", "speed-up",
                      "backward calls (batched / per node)", "RSS growth MiB (batched / per node)", "load"], rows))
+    vp = e.get("vjp_part_one_chunk", {})
+    if vp.get("speedup"):
+        L += ["", f"The vector-Jacobian products alone (one chunk of {vp['examples']} examples, the cut forward "
+              f"and the downstream scalars built once): batched {vp['items']['vjp_batched']['median_wall_s']:.3g} s, "
+              f"one backward per node {vp['items']['vjp_one_backward_per_node']['median_wall_s']:.3g} s, speed-up "
+              f"**{vp['speedup']['median']:.3g}x** (per round: "
+              f"{', '.join(f'{x:.3g}' for x in vp['speedup']['per_round'])})."]
     mg = e.get("marginal_seconds_per_downstream_node")
     if mg:
         L += ["", f"Marginal cost per extra downstream node: batched {mg['batched']:.3g} s, one backward per node "
