@@ -25,11 +25,21 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--saes", default="starter")
     ap.add_argument("--model", default="gemma-3-270m-offline")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only rebuild the table from the circuit folders already under results/circuits")
     args = ap.parse_args()
     rows = []
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
             out = OUT / task / method
+            if args.table_only:
+                if not (out / "summary.json").is_file():
+                    continue
+                summary = json.loads((out / "summary.json").read_text())
+                rows.append({"task": task, "method": method, "n_nodes": summary["n_nodes"],
+                             "n_edges": summary["n_edges"], "seconds": summary["seconds"], "wall": None,
+                             "metric_clean": summary.get("metric_clean"), "metric_patch": summary.get("metric_patch")})
+                continue
             cmd = [sys.executable, "-m", "featcircuits.cli", "discover", "--model", args.model, "--saes", args.saes,
                    "--task", task, "--method", method, "--n", str(args.n), "--top-k", str(args.top_k),
                    "--out", str(out)]
@@ -42,15 +52,19 @@ def main() -> int:
                          "metric_clean": summary.get("metric_clean"), "metric_patch": summary.get("metric_patch")})
     lines = ["# Circuits on the offline default",
              "",
-             f"Made by `.venv/bin/python scripts/circuits.py --n {args.n} --top-k {args.top_k}` "
+             f"Made by `.venv/bin/python scripts/circuits.py --saes {args.saes} --n {args.n} --top-k {args.top_k}` "
              f"(model `{args.model}`, dictionaries `{args.saes}`, top {args.top_k} nodes by |effect|, "
              "edges kept above 1 % of the largest |edge|).",
              "",
-             "| task | method | nodes | edges | node effects (s) | edges (s) | total (s) | picture |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Timings were taken on a shared 2-core CPU with other jobs running; compare within a task.",
+             "",
+             "| task | method | nodes | edges | mean metric clean / patch | node effects (s) | edges (s) | total (s) | picture |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["seconds"]
-        lines.append(f"| {r['task']} | {r['method']} | {r['n_nodes']} | {r['n_edges']} | {s['nodes']:.1f} | "
+        mc, mp = r.get("metric_clean"), r.get("metric_patch")
+        metric = f"{mc:+.2f} / {mp:+.2f}" if mc is not None and mp is not None else "n/a"
+        lines.append(f"| {r['task']} | {r['method']} | {r['n_nodes']} | {r['n_edges']} | {metric} | {s['nodes']:.1f} | "
                      f"{s['edges']:.1f} | {s['total']:.1f} | [png]({r['task']}/{r['method']}/circuit.png) |")
     ratios = []
     for task in args.tasks.split(","):
