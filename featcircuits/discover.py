@@ -98,6 +98,7 @@ def discover_circuit(
         "rules": sorted(effects.params["rules"]) if method == "relp" else None,
         "thresholds": {**thresholds.as_dict(), "edge_used": edge_threshold},
         "dictionaries": sm.dictionaries.name, "dictionaries_sha256": sm.dictionaries.digest(),
+        "model_sha256": model_digest(sm.model.hf),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
         "seconds": seconds, "passes": effects.passes, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
@@ -109,6 +110,18 @@ def discover_circuit(
         if ck is not None:
             ck.clear()
     return Circuit(graph, feats, errs, prov)
+
+
+def model_digest(hf_model) -> str:
+    """A short sha256 of the model's weights (provenance: which model produced a circuit)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in hf_model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+                 else t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _prompt_tokens(sm: SplicedModel, batch: Batch) -> list[str]:
