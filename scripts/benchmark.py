@@ -5,9 +5,10 @@ Writes ``results/benchmarks/benchmarks.json``, ``results/benchmarks/README.md``,
 (PNG + SVG) and the ``## Benchmarks`` section of ``results/README.md``. Every number in
 those files comes from this script. Run it from the repository root::
 
-    .venv/bin/python scripts/benchmark.py                 # tiny model + offline Gemma (~20 min)
-    .venv/bin/python scripts/benchmark.py --quick         # smaller sizes, one repeat (~5 min)
-    .venv/bin/python scripts/benchmark.py --models tiny   # only the tiny model (keeps Gemma's rows)
+    .venv/bin/python scripts/benchmark.py --models gemma  # offline Gemma (~22 min on a loaded 2-core CPU)
+    .venv/bin/python scripts/benchmark.py --models tiny   # tiny model (~14 min; keeps Gemma's rows)
+    .venv/bin/python scripts/benchmark.py --quick         # both, smaller sizes, one repeat (~10 min)
+    .venv/bin/python scripts/benchmark.py --report-only   # README and plots again from the JSON
 
 How it measures (see the README it writes for the full story):
 
@@ -902,10 +903,10 @@ def gemma_config(args) -> dict:
         "ig_steps": [10] if q else [5, 10, 20], "subset_sites": None if args.gemma_sites == 0 else args.gemma_sites,
         "validate_subset": None, "ig_repeats": 1,
         "exact": True, "exact_repeats": 1, "exact_feature_sample": 8 if q else 16, "profile": True,
-        "top_k": 100, "edge_rounds": 1 if q else 3, "sweep_ks": [1, 4, 16, 64], "sweep_rounds": 1,
+        "top_k": 100, "edge_rounds": 1 if q else 3, "sweep_ks": [1, 4, 16, 64], "sweep_rounds": 1 if q else 3,
         "discover_n": gn, "discover_ig": (not q) if args.gemma_full_ig is None else args.gemma_full_ig, "discover_ig_steps": 10,
         "discover_rounds": 1 if q else 2, "discover_ig_repeats": 1,
-        "scaling_n": scaling_n, "scaling_ig": False, "scaling_rounds": 1 if q else 2,
+        "scaling_n": scaling_n, "scaling_ig": False, "scaling_rounds": 1 if q else 3,
         "scaling_full_rounds_up_to": 16, "scaling_cut_note": cut,
         "width_n": 16, "widths": width_sets, "width_rounds": 1 if q else 2, "cli": cli,
     }
@@ -925,8 +926,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Gemma dictionary set: auto (starter when registered, else identity), starter, identity")
     ap.add_argument("--gemma-sites", type=int, default=3,
                     help="on Gemma, time exact patching and IG node effects on this many evenly spread sites "
-                         "and extrapolate to all 55 (default 3; 0 = all sites, measured: ~25 s per site per "
-                         "IG run at n=8 here)")
+                         "and extrapolate to all 55 (default 3; 0 = all sites, measured: IG with 10 steps "
+                         "takes ~7 s per site at n=16 here)")
     ap.add_argument("--gemma-n", type=int, default=16, help="examples for Gemma's per-method, edge and discover "
                                                            "sections (default 16: one chunk)")
     ap.add_argument("--gemma-full-ig", action=argparse.BooleanOptionalAction, default=None,
@@ -1557,6 +1558,10 @@ METHOD_TEXT = """## How it is measured
 - **Time.** Wall clock (`time.perf_counter`) of the whole call, and the process's CPU time
   (`time.process_time`, all threads). On a shared machine CPU time is the steadier of the two;
   the targets are judged on wall time.
+- **Threads.** One torch thread (`--threads 1`, the default of the script). On this shared,
+  oversubscribed 2-core machine torch's default (one thread per core) makes every parallel op
+  wait for a descheduled worker thread: the floor row "torch's default thread count" measures
+  that penalty in the same run. The CLI memory run uses the CLI as a user runs it.
 - **Memory.** Before each call: `gc.collect()` and glibc `malloc_trim(0)`; during it a thread
   polls the process RSS with psutil every 5 ms. "Peak RSS" is the largest RSS seen (model and
   dictionaries included); "RSS growth" is the peak minus the RSS at the start of the call, i.e.
