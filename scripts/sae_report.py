@@ -45,24 +45,28 @@ TARGET_MEAN_FVE, TARGET_MIN_FVE, TARGET_MAX_DEAD = 0.8, 0.6, 0.10
 MIN_GAP = 1.0
 
 
-def site_metrics(spliced: SplicedModel, batch, site, dictionary, mode: str, bos: int) -> float:
-    """Mean metric (logit[patch] - logit[clean]) with ``site`` replaced at real tokens."""
+MODES = ("sae", "zero", "sae_all")
+
+
+def site_metrics(spliced: SplicedModel, batch, site, dictionary, bos: int) -> dict[str, float]:
+    """Mean metric (logit[patch] - logit[clean]) with ``site`` replaced at real tokens, for
+    every mode in one forward (the batch is tiled once per mode)."""
     ids, mask = batch.clean_ids, batch.clean_mask
-    keep = mask.bool()
-    if mode != "sae_all":
-        keep = keep & (ids != bos)
-    keep = keep.unsqueeze(-1)
+    b = ids.shape[0]
+    real = mask.bool()
+    keep = torch.cat([real & (ids != bos), real & (ids != bos), real]).unsqueeze(-1)  # sae, zero, sae_all
+    zero_rows = torch.zeros(3 * b, 1, 1, dtype=torch.bool)
+    zero_rows[b:2 * b] = True
 
     def hook(s, x):
-        if mode == "zero":
-            new = torch.zeros_like(x)
-        else:
-            new = dictionary.decode(dictionary.encode(x)).to(x.dtype)
+        new = torch.where(zero_rows, torch.zeros_like(x), dictionary.decode(dictionary.encode(x)).to(x.dtype))
         return torch.where(keep, new, x)
 
+    inputs = {"input_ids": ids.repeat(3, 1), "attention_mask": mask.repeat(3, 1)}
     with torch.no_grad():
-        logits = spliced.run(batch.inputs("clean"), hook, [site])
-    return float(metric(logits, batch.clean_answer, batch.patch_answer).mean())
+        logits = spliced.run(inputs, hook, [site])
+    m = metric(logits, batch.clean_answer.repeat(3), batch.patch_answer.repeat(3))
+    return {mode: float(m[i * b:(i + 1) * b].mean()) for i, mode in enumerate(MODES)}
 
 
 def recovered(m: float, clean: float, zero: float) -> float | None:
@@ -111,7 +115,7 @@ def main() -> int:
         per_site = {}
         for site in trained:
             d = dset[site.name]
-            r = {mode: site_metrics(spliced, batch, site, d, mode, bos) for mode in ("sae", "zero", "sae_all")}
+            r = site_metrics(spliced, batch, site, d, bos)
             r["recovered"] = recovered(r["sae"], clean, r["zero"])
             r["recovered_all"] = recovered(r["sae_all"], clean, r["zero"])
             per_site[site.name] = r
