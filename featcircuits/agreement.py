@@ -284,6 +284,8 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
                                             torch.cat([grids[m][k].flatten() for k in kinds])) for m in effects}
         result["grid"] = {"rows": "layer (embed: one row)", "columns": "position (left-padded, last = answer)",
                           "values": "prompt-averaged effect of patching the whole site vector at one position"}
+        result["cells"] = {k: {"all": grids["exact"][k].numel(), "nonzero_exact": int((grids["exact"][k] != 0).sum())}
+                           for k in kinds}
         result["grids"] = {m: {k: g.tolist() for k, g in gs.items()} for m, gs in grids.items()}
         result["points"] = {m: {k: (grids["exact"][k].flatten().tolist(), g.flatten().tolist())
                                 for k, g in gs.items()} for m, gs in grids.items() if m != "exact"}
@@ -392,6 +394,11 @@ def markdown_table(result: dict[str, Any], title: str | None = None) -> str:
         lines.append(f"Pearson r against exact patching over the prompt-averaged layer x position grid, "
                      f"n = {result['n']} pairs; seconds: median of {result['repeats']} interleaved runs for AtP "
                      "and RelP, one run for the others.")
+        few = [k for k, c in result.get("cells", {}).items() if c["nonzero_exact"] < 3]
+        if few:
+            lines.append(f"Few cells carry an effect for {', '.join(few)} (" + ", ".join(
+                f"{k}: {result['cells'][k]['nonzero_exact']} of {result['cells'][k]['all']}" for k in few)
+                + "): there r says little more than whether the signs agree.")
     else:
         s = result["sample"]
         lines.append(f"Pearson r against exact patching over a sample of nodes (aggregation {s['aggregation']}): "

@@ -38,10 +38,11 @@ commands that made it; the raw outputs sit beside this file.
 """
 
 
-def runs(n_ioi: int, n_sva: int, starter: bool, methods: str) -> dict[str, list[str]]:
-    common = ["--model", MODEL, "--methods", methods, "--quiet"]
+def runs(n_ioi: int, n_sva: int, starter: bool, methods: str, ioi_methods: str) -> dict[str, list[str]]:
+    common = ["--model", MODEL, "--quiet"]
     out = {
-        "ioi_components": ["--task", "ioi", "--n", str(n_ioi), "--granularity", "components"],
+        "ioi_components": ["--task", "ioi", "--n", str(n_ioi), "--granularity", "components",
+                           "--methods", ioi_methods],
         "sva-simple_components": ["--task", "sva-simple", "--n", str(n_sva), "--granularity", "components"],
         "sva-simple_features_identity": ["--task", "sva-simple", "--n", str(n_sva), "--granularity", "features",
                                          "--saes", "identity"],
@@ -49,6 +50,9 @@ def runs(n_ioi: int, n_sva: int, starter: bool, methods: str) -> dict[str, list[
     if starter:
         out["sva-simple_features_starter"] = ["--task", "sva-simple", "--n", str(n_sva), "--granularity",
                                               "features", "--saes", "starter"]
+    for name, args in out.items():
+        if "--methods" not in args:
+            args += ["--methods", methods]
     return {name: ["agreement", *args, *common, "--out", str((OUT / name).relative_to(ROOT))]
             for name, args in out.items()}
 
@@ -91,6 +95,11 @@ def combined_table(names: list[str], commands: dict[str, list[str]]) -> str:
         notes.append(f"- `{name}` targets{tag}: " + "; ".join(verdicts) + ".")
         if r["granularity"] == "components":
             missed += [f"`{name}`: {c['check']} ({c['value']})" for c in r["targets"] if not c["passed"]]
+        if r.get("cells"):
+            few = [k for k, c in r["cells"].items() if c["nonzero_exact"] < 3]
+            notes.append("  Grid cells with a nonzero exact effect: " + ", ".join(
+                f"{k} {c['nonzero_exact']} of {c['all']}" for k, c in r["cells"].items())
+                + (f"; for {', '.join(few)} r says little more than whether the signs agree." if few else "."))
         notes.append(f"  n = {r['n']} pairs ({r['pairs_dropped']} dropped), clean metric "
                      f"{r['metric_clean']:+.2f}, patch metric {r['metric_patch']:+.2f}; "
                      f"`featcircuits {shlex.join(commands[name])}`")
@@ -114,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-ioi", type=int, default=32)
     p.add_argument("--n-sva", type=int, default=32)
-    p.add_argument("--methods", default="atp,relp,ig")
+    p.add_argument("--methods", default="atp,relp,ig", help="methods of the sva-simple runs")
+    p.add_argument("--ioi-methods", default="atp,relp",
+                   help="methods of the IOI run (IG there costs about six times exact patching on a CPU: "
+                        "add it with atp,relp,ig when time allows)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when another job runs)")
     p.add_argument("--only", default=None, help="comma list of run names (default: all)")
     p.add_argument("--table-only", action="store_true", help="rebuild the README table from existing results")
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     starter = "starter" in registry()
-    commands = runs(args.n_ioi, args.n_sva, starter, args.methods)
+    commands = runs(args.n_ioi, args.n_sva, starter, args.methods, args.ioi_methods)
     names = list(commands) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = set(names) - set(commands)
     if unknown:

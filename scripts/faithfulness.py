@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("--ablation", default="mean")
     ap.add_argument("--errors", default="ablate")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--stack", type=int, default=2)
+    ap.add_argument("--stack", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     ap.add_argument("--effects-cache", default=None)
