@@ -18,8 +18,9 @@ What comes from sae-lens and what does not:
   parameters and initialise them; the saved SAE is a sae-lens ``TopKSAE`` written by its
   own ``save_model``. The encoder is sae-lens's (``(x - b_dec) @ W_enc + b_enc``, top-k,
   ReLU), so training and inference compute the same thing.
-- The reconstruction loss is sae-lens's ``training_forward_pass``; the auxiliary loss
-  against dead latents is ours (``_sae_loss`` says why: sae-lens's wrecked a run here).
+- The forward pass is sae-lens's ``training_forward_pass``; the loss on it is ours: an MSE
+  that down-weights tokens with massive activations, and an auxiliary loss against dead
+  latents (``_sae_loss`` says why: sae-lens's plain versions wrecked starter runs here).
 - ``MultiSAETrainer`` (fed a dict of activations per hook) would drive the same lockstep
   loop, but is not used: it checkpoints at ``n_checkpoints`` evenly spaced points into
   plain folders (a kill mid-write leaves a broken checkpoint; here every checkpoint is one
@@ -84,7 +85,8 @@ class TrainConfig:
     save_dtype: str = "bfloat16"
     eval_tokens: int = 8192
     init: str = "data"  # decoder rows from centred activations of the first batch, or "random"
-    resample_until: float = 0.6  # resample dead latents at each checkpoint up to this share of training
+    resample_until: float = 0.8  # resample dead latents at each checkpoint up to this share of training
+    outlier_norm: float = 8.0  # tokens beyond this centred norm (unit = typical) are down-weighted
 
     def width_of(self, site: str) -> int:
         return self.attn_width if site.startswith("attn_") else self.width
@@ -135,11 +137,11 @@ def _new_sae(site: Site, d_in: int, width: int, k: int, model_spec: str, seed: i
     return TopKTrainingSAE(cfg)
 
 
-def _sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef: float,
+              outlier_norm: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, reconstruction and feature activations for one site's minibatch ``x`` [N, d].
 
-    The reconstruction loss is sae-lens's own ``training_forward_pass`` (its dense decode: a
+    The forward pass is sae-lens's own ``training_forward_pass`` (its dense decode: a
     gather/``embedding_bag`` sparse decode with a hand-written backward was measured on this
     shared 2-core CPU and lost, its index_add/gather backward being memory-bound, and
     sae-lens's own sparse path fails on CPU). The auxiliary loss against dead latents is ours:
@@ -153,7 +155,16 @@ def _sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef
 
     res = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
                                                    n_training_steps=step, is_logging_step=False))
-    loss = res.loss
+    # Tokens with massive activations (Sun et al. 2024: norms 20-40x the median at Gemma's
+    # middle layers, ~1 in 10^4 tokens) get their loss down-weighted so that no token counts
+    # more than one at ``outlier_norm`` times the typical (unit) centred norm. Left at full
+    # weight, one such token in a minibatch outweighs the other 255 by 10x, jolts b_dec, and
+    # inflates Adam's second moments for a thousand steps: the first starter run collapsed
+    # at exactly those sites (resid_7-10, mlp_4/5/8: a few always-on latents, >85 % dead).
+    with torch.no_grad():
+        norm2 = (x - sae.b_dec).pow(2).sum(-1)
+        weight = (outlier_norm ** 2 / norm2.clamp(min=1e-12)).clamp(max=1.0)
+    loss = (weight * (res.sae_out - x).pow(2).sum(-1)).mean()
     n_dead = int(dead.sum())
     if n_dead and aux_coef > 0:
         cols = dead.nonzero().squeeze(-1)
@@ -163,7 +174,7 @@ def _sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef
         acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         recon = acts @ sae.W_dec[cols]
         resid = (x - res.sae_out).detach()
-        loss = loss + aux_coef * (recon - resid).pow(2).sum(-1).mean()
+        loss = loss + aux_coef * (weight * (recon - resid).pow(2).sum(-1)).mean()
     return loss, res.sae_out.detach(), res.feature_acts.detach()
 
 
@@ -451,7 +462,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
                 sae = saes[s.name]
                 x = acts[s.name][idx] / scales[s.name]
                 dead = since[s.name] >= cfg.dead_tokens
-                loss, x_hat, feats = _sae_loss(sae, x, dead, step, cfg.aux_coef)
+                loss, x_hat, feats = _sae_loss(sae, x, dead, step, cfg.aux_coef, cfg.outlier_norm)
                 total = loss if total is None else total + loss
                 with torch.no_grad():
                     hit = (feats > 0).any(0)
