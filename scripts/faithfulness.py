@@ -55,7 +55,7 @@ def main() -> int:
     out_root = Path(args.out)
     tasks = [t for t in args.tasks.split(",") if t]
     if not args.readme_only:
-        run_tasks(args, tasks, out_root)
+        run_tasks(args, tasks, out_root, after=None if args.no_readme else lambda: write_readme(out_root, tasks))
     if not args.no_readme:
         write_readme(out_root, tasks)
     return 0
@@ -67,7 +67,7 @@ def settings_key(args) -> dict:
             "ablation": args.ablation, "errors": args.errors, "seed": args.seed}
 
 
-def run_tasks(args, tasks: list[str], out_root: Path) -> None:
+def run_tasks(args, tasks: list[str], out_root: Path, after=None) -> None:
     import torch
 
     from featcircuits.commands.curves import curves_main, print_summary
@@ -110,6 +110,8 @@ def run_tasks(args, tasks: list[str], out_root: Path) -> None:
         result["command"] = cmd
         _write(result, out_root / task, task, args)
         print_summary(result, out_root / task)
+        if after is not None:
+            after()  # the README table grows task by task
 
 
 def _write(result: dict, folder: Path, task: str, args) -> None:
