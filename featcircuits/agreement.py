@@ -271,6 +271,8 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
         "method_params": {s.name: {"base": s.base, "rules": list(s.rules) if s.rules else None,
                                    "steps": steps if s.base == "ig" else None} for s in specs},
         "repeats": repeats, "batch_size": batch_size,
+        # positions (left-padded, aligned at the end) where some pair's prompts differ in a token
+        "differing_positions": torch.nonzero((batch.clean_ids != batch.patch_ids).any(0)).flatten().tolist(),
         "metric_clean": next(iter(effects.values())).metric_clean,
         "metric_patch": next(iter(effects.values())).metric_patch,
     }

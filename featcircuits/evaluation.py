@@ -32,7 +32,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -43,6 +43,9 @@ from .graph import SiteMask
 from .metric import preference
 from .tasks import Batch, Pair, make_pairs
 from .tracing import SplicedModel
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 ABLATIONS = ("mean", "zero", "resample")
 ERROR_MODES = ("ablate", "keep")
@@ -290,19 +293,34 @@ class Evaluator:
         self.setup_seconds = time.perf_counter() - t0
 
     # -- raw scores -------------------------------------------------------------------
-    def scores(self, circuits: Sequence[Masks], desc: str = "ablations") -> list[float]:
-        """F(C) (mean clean preference) for each circuit."""
+    def scores(self, circuits: Sequence[Masks], desc: str = "ablations",
+               checkpoint: "Checkpoint | None" = None) -> list[float]:
+        """F(C) (mean clean preference) for each circuit.
+
+        With a ``checkpoint`` the running sums are saved after every chunk of examples and a
+        resumed call skips the chunks done (sums are added in the same order either way)."""
         circuits = list(circuits)
         total = torch.zeros(len(circuits), dtype=torch.float64)
         groups = [list(range(i, min(i + self.stack, len(circuits)))) for i in range(0, len(circuits), self.stack)]
         chunks = self.batch.chunks(self.batch_size)
-        bar = tqdm(total=len(groups) * len(chunks), desc=desc, disable=not self.progress, leave=False)
-        start = 0
-        for chunk in chunks:
+        done = 0
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None:
+            done, state = saved
+            total = state["total"]
+            if total.shape != (len(circuits),):
+                raise UserError(f"checkpoint {checkpoint.path} holds {total.numel()} circuits, this run has "
+                                f"{len(circuits)}; delete it or match the original arguments")
+        bar = tqdm(total=len(groups) * len(chunks), initial=done * len(groups), desc=desc,
+                   disable=not self.progress, leave=False)
+        start = sum(len(c) for c in chunks[:done])
+        for i, chunk in enumerate(chunks[done:], start=done):
             for g in groups:
                 total[g] += self._run(chunk, start, [circuits[i] for i in g]).sum(1).double()
                 bar.update(1)
             start += len(chunk)
+            if checkpoint is not None:
+                checkpoint.save(i + 1, {"total": total})
         bar.close()
         return (total / len(self.batch)).tolist()
 
@@ -354,10 +372,12 @@ class Evaluator:
         denom = self.F_M - self.F_empty
         return (score - self.F_empty) / denom if abs(denom) > 1e-12 else math.nan
 
-    def evaluate(self, circuits: Sequence[Masks], desc: str = "ablations") -> list[dict]:
+    def evaluate(self, circuits: Sequence[Masks], desc: str = "ablations",
+                 checkpoint: "Checkpoint | None" = None) -> list[dict]:
         """Faithfulness and completeness of each circuit (both runs stacked)."""
         circuits = list(circuits)
-        scores = self.scores(circuits + [complement(self._restrict(c)) for c in circuits], desc=desc)
+        scores = self.scores(circuits + [complement(self._restrict(c)) for c in circuits], desc=desc,
+                             checkpoint=checkpoint)
         n = len(circuits)
         out = []
         for i, c in enumerate(circuits):
@@ -473,14 +493,19 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
                         ablation: str = "mean", errors: str = "ablate", aggregation: str = "sum",
                         start_layer: int = -1, steps: int = 10, rules=None, random_draws: int = 3,
                         seed: int = 0, batch_size: int = 16, stack: int = 4,
-                        effects: dict | None = None, progress: bool = True) -> dict:
+                        effects: dict | None = None, progress: bool = True,
+                        checkpoint_dir=None, resume: bool = False) -> dict:
     """Node effects per method on ``discovery``, top-k circuits on a shared log-spaced size
     grid, faithfulness and completeness of each on ``evaluation``; random circuits of the
     same sizes (``random_draws`` seeded draws, averaged). Returns the JSON-ready result.
 
     The size grid runs from ``n_min`` to ``n_max`` (default: the largest number of nodes with
     a non-zero effect under any method, i.e. every node any method ranks above the rest).
-    ``effects`` may hand in precomputed ``NodeEffects`` per method (tests, reuse).
+    ``effects`` may hand in precomputed ``NodeEffects`` per method (tests, reuse); the
+    methods it lacks are computed and added to it.
+    With ``checkpoint_dir``, node effects and ablation sums are checkpointed per chunk of
+    examples (one stage per method) and ``resume=True`` continues a killed run; the result
+    equals an uninterrupted run's.
     """
     from .attribution import METHODS as EFFECT_METHODS, node_effects
 
@@ -498,7 +523,21 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
                    batch_size=batch_size, stack=stack, progress=progress)
     timings["evaluation_setup_seconds"] = round(time.perf_counter() - t0, 3)
     include_errors = errors == "ablate"
-    effects = dict(effects or {})
+    checkpoints: dict[str, "Checkpoint"] = {}
+    if checkpoint_dir is not None:
+        from .checkpoint import Checkpoint
+        from .discover import _batch_digest
+
+        config = {"methods": methods, "points": points, "n_min": n_min, "n_max": n_max, "ablation": ablation,
+                  "errors": errors, "aggregation": aggregation, "start_layer": start_layer, "steps": steps,
+                  "rules": str(rules), "random_draws": random_draws, "seed": seed, "batch_size": batch_size,
+                  "stack": stack, "dictionaries": sm.dictionaries.digest(),
+                  "discovery": _batch_digest(discovery), "evaluation": _batch_digest(evaluation)}
+        for m in methods:
+            if m != "random":
+                checkpoints[f"curves-nodes-{m}"] = Checkpoint(checkpoint_dir, f"curves-nodes-{m}", config, resume)
+            checkpoints[f"curves-ablate-{m}"] = Checkpoint(checkpoint_dir, f"curves-ablate-{m}", config, resume)
+    effects = effects if effects is not None else {}
     effect_info = {}
     scored = {}
     for m in methods:
@@ -506,7 +545,7 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
             continue
         if m not in effects:
             effects[m] = node_effects(sm, discovery, m, steps=steps, rules=rules, batch_size=batch_size,
-                                      progress=progress)
+                                      progress=progress, checkpoint=checkpoints.get(f"curves-nodes-{m}"))
         ne = effects[m]
         timings[f"effects_{m}_seconds"] = round(ne.seconds, 3)
         effect_info[m] = {"seconds": round(ne.seconds, 3), "passes": ne.passes, "params": ne.params,
@@ -535,12 +574,13 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
             continue
         scores, sp = scored[m]
         circuits = [top_k_masks(scores, sp, k) for k in sizes]
-        res = ev.evaluate(circuits, desc=f"ablations ({m})")
+        res = ev.evaluate(circuits, desc=f"ablations ({m})", checkpoint=checkpoints.get(f"curves-ablate-{m}"))
         out_methods[m] = _curve(res)
     if "random" in methods:
         gen = torch.Generator().manual_seed(seed)
         draws = [[random_masks(any_scores, spans, k, gen) for k in sizes] for _ in range(random_draws)]
-        res = ev.evaluate([c for d in draws for c in d], desc="ablations (random)")
+        res = ev.evaluate([c for d in draws for c in d], desc="ablations (random)",
+                          checkpoint=checkpoints.get("curves-ablate-random"))
         per_draw = [res[i * len(sizes):(i + 1) * len(sizes)] for i in range(random_draws)]
         curve = {"n_nodes": [r["n_nodes"] for r in per_draw[0]]}
         for key in ("F_C", "F_complement", "faithfulness", "completeness"):
@@ -557,6 +597,8 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
     timings["ablation_forward_passes"] = ev.forward_passes
     timings["total_seconds"] = round(time.perf_counter() - t0, 3)
 
+    for ck in checkpoints.values():  # complete: a later run starts fresh
+        ck.clear()
     comparison = relp_vs_ig(out_methods) if "relp" in out_methods and "ig" in out_methods else None
     return {
         "methods": out_methods,

@@ -100,10 +100,31 @@ def combined_table(names: list[str], commands: dict[str, list[str]]) -> str:
             notes.append("  Grid cells with a nonzero exact effect: " + ", ".join(
                 f"{k} {c['nonzero_exact']} of {c['all']}" for k, c in r["cells"].items())
                 + (f"; for {', '.join(few)} r says little more than whether the signs agree." if few else "."))
+        if r["granularity"] == "components" and r.get("differing_positions"):
+            notes.append("  " + diagnostics(r))
         notes.append(f"  n = {r['n']} pairs ({r['pairs_dropped']} dropped), clean metric "
                      f"{r['metric_clean']:+.2f}, patch metric {r['metric_patch']:+.2f}; "
                      f"`featcircuits {shlex.join(commands[name])}`")
     return "\n".join(lines), notes, missed
+
+
+def diagnostics(r: dict) -> str:
+    """Where the exact effect sits, and how the estimates compare there, layer by layer."""
+    p = r["differing_positions"][0]
+    parts = []
+    for kind in ("resid", "mlp", "attn"):
+        ex = r["grids"]["exact"].get(kind)
+        if not ex:
+            continue
+        total = sum(abs(v) for row in ex for v in row)
+        at_p = sum(abs(row[p]) for row in ex)
+        layers = sorted({0, len(ex) // 2, len(ex) - 1})
+        cols = "; ".join(f"L{layer} " + "/".join(f"{r['grids'][m][kind][layer][p]:+.2f}"
+                                                 for m in ["exact", *[m for m in ("atp", "relp") if m in r["grids"]]])
+                         for layer in layers)
+        parts.append(f"{kind}: {100 * at_p / total:.0f}% of the exact |effect| at position {p}, "
+                     f"where exact/" + "/".join(m for m in ("atp", "relp") if m in r["grids"]) + f" give {cols}")
+    return (f"Prompts differ at positions {r['differing_positions']} (of {r['seq_len']}). " + " | ".join(parts) + ".")
 
 
 def write_readme(section: str) -> None:

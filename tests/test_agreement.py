@@ -89,6 +89,8 @@ def test_components_agreement_end_to_end(model, batch, tmp_path):
         assert all(-1.0001 <= v <= 1.0001 for v in r["pearson"][m].values() if v == v)
     assert set(r["seconds"]) == {"atp", "relp", "relp+ah", "ig", "exact"}
     assert len(r["seconds_runs"]["atp"]) == 2 and len(r["seconds_runs"]["ig"]) == 1
+    assert r["differing_positions"] and r["differing_positions"][-1] < batch.seq_len
+    assert r["cells"]["embed"]["all"] == batch.seq_len
     grid = torch.tensor(r["grids"]["exact"]["resid"])
     assert grid.shape == (model.n_layers, batch.seq_len)
     assert pearson(grid, grid) == pytest.approx(1.0)

@@ -84,3 +84,28 @@ def test_same_arguments_same_graph(setup):
     assert nx.utils.graphs_equal(a.graph, b.graph)
     assert dict(a.graph.nodes(data=True)) == dict(b.graph.nodes(data=True))
     assert [tuple(e) for e in a.graph.edges(data="weight")] == [tuple(e) for e in b.graph.edges(data="weight")]
+
+
+# saves in order: relp nodes 2, atp nodes 2, then ablations relp 2, atp 2, random 2
+@pytest.mark.parametrize("kill_after", [3, 7])  # inside atp's node effects; inside atp's ablations
+def test_curves_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, kill_after):
+    from featcircuits.commands.curves import curves_main
+
+    sm, _ = setup
+    kw = dict(task="sva-nounpp", n=8, n_eval=8, seed=0, methods=["relp", "atp", "random"], points=3,
+              batch_size=4, stack=2, random_draws=2, progress=False)
+    full = curves_main(sm.model, sm.dictionaries, out=tmp_path / "ref", **kw)
+    _kill_after(monkeypatch, kill_after)
+    with pytest.raises(Killed):
+        curves_main(sm.model, sm.dictionaries, out=tmp_path / "run", **kw)
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "curves.json").exists()
+    resumed = curves_main(sm.model, sm.dictionaries, out=tmp_path / "run", resume=True, **kw)
+    assert resumed["methods"] == full["methods"]
+    assert (resumed["F_M"], resumed["F_empty"]) == (full["F_M"], full["F_empty"])
+    assert not (tmp_path / "run" / ".checkpoint").exists()  # cleared when done
+    # the chunks done before the kill were not redone
+    if kill_after == 3:
+        assert resumed["effects"]["atp"]["passes"]["forward"] < full["effects"]["atp"]["passes"]["forward"]
+    else:
+        assert resumed["timings"]["ablation_forward_passes"] < full["timings"]["ablation_forward_passes"]

@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder to keep node effects in, reused by a rerun with the same inputs")
     add_eval_args(p)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from the checkpoints in --out (same arguments required)")
     p.set_defaults(func=run)
 
 
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                          random_draws=args.random_draws, batch_size=args.batch_size, stack=args.stack,
                          out=args.out, model_spec=args.model, saes_spec=saes,
                          effects_cache=args.effects_cache, progress=not args.no_progress,
-                         extra_timings={"load_seconds": round(load_seconds, 3)})
+                         extra_timings={"load_seconds": round(load_seconds, 3)}, resume=args.resume)
     print_summary(result, args.out)
     return 0
 
@@ -112,13 +114,16 @@ def curves_main(model, dicts, *, task: str, n: int, n_eval: int, seed: int = 0, 
                 errors: str = "ablate", aggregation: str = "sum", start_layer: int = -1, steps: int = 10,
                 rules="default", random_draws: int = 3, batch_size: int = 16, stack: int = 4, out=None,
                 model_spec: str | None = None, saes_spec: str | None = None, effects_cache=None,
-                progress: bool = True, extra_timings: dict | None = None, title: str | None = None) -> dict:
+                progress: bool = True, extra_timings: dict | None = None, title: str | None = None,
+                resume: bool = False) -> dict:
     """Everything ``featcircuits curves`` does after loading the model and dictionaries:
     discovery and evaluation pairs, node effects (cached when ``effects_cache`` is given),
-    the curves, ``curves.json`` and the plots in ``out``. Returns the result dict."""
+    the curves, ``curves.json`` and the plots in ``out``. Returns the result dict.
+
+    With ``out``, every stage checkpoints per chunk of examples into ``out/.checkpoint``;
+    ``resume=True`` continues a killed run from there."""
     import torch
 
-    from ..attribution import node_effects
     from ..evaluation import eval_pairs, faithfulness_curves, plot_curves
     from ..io import write_json
     from ..tasks import make_pairs, tokenize_pairs
@@ -139,30 +144,26 @@ def curves_main(model, dicts, *, task: str, n: int, n_eval: int, seed: int = 0, 
     sm = SplicedModel(model, dicts)
     effects = {}
     cache_info = {}
+    paths = {}
     for m in methods:
-        if m == "random":
+        if m == "random" or effects_cache is None:
             continue
-        path = None
-        if effects_cache is not None:
-            key = _effects_key(model_spec or model.spec, dicts, disc, m, steps, rules, batch_size)
-            path = Path(effects_cache) / f"{m}-{key}.pt"
-            if path.is_file():
-                effects[m] = torch.load(path, weights_only=False)
-                cache_info[m] = {"path": str(path), "reused": True}
-                continue
-        effects[m] = node_effects(sm, disc, m, steps=steps, rules=rules, batch_size=batch_size, progress=progress)
-        if getattr(effects[m], "gradients", None) is not None:
-            effects[m].gradients = None  # kept only for edges; not needed here
-        if path is not None:
-            from ..io import atomic_write
-
-            atomic_write(path, lambda p, e=effects[m]: torch.save(e, p))
-            cache_info[m] = {"path": str(path), "reused": False}
+        key = _effects_key(model_spec or model.spec, dicts, disc, m, steps, rules, batch_size)
+        paths[m] = Path(effects_cache) / f"{m}-{key}.pt"
+        if paths[m].is_file():
+            effects[m] = torch.load(paths[m], weights_only=False)
+            cache_info[m] = {"path": str(paths[m]), "reused": True}
     result = faithfulness_curves(sm, disc, evb, methods, points=points, n_min=n_min, n_max=n_max,
                                  ablation=ablation, errors=errors, aggregation=aggregation,
                                  start_layer=start_layer, steps=steps, rules=rules, random_draws=random_draws,
                                  seed=seed, batch_size=batch_size, stack=stack, effects=effects,
-                                 progress=progress)
+                                 progress=progress, checkpoint_dir=out, resume=resume)
+    for m, path in paths.items():
+        if m not in cache_info:  # computed in this run: keep for the next
+            from ..io import atomic_write
+
+            atomic_write(path, lambda p, e=effects[m]: torch.save(e, p))
+            cache_info[m] = {"path": str(path), "reused": False}
     from ..discover import versions
 
     result["provenance"] = {
