@@ -24,6 +24,14 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fault_point(stage: str, done: int) -> None:
+    """Fault injection for the reliability tests and script: with
+    ``FEATCIRCUITS_FAULT_AFTER=<stage>:<done>`` the process dies (exit 137, like kill -9)
+    right after that checkpoint is on disk."""
+    if os.environ.get("FEATCIRCUITS_FAULT_AFTER") == f"{stage}:{done}":
+        os._exit(137)
+
+
 class Checkpoint:
     """Checkpoints of one stage of one run, under ``folder/.checkpoint/<stage>.pt``."""
 
@@ -51,9 +59,7 @@ class Checkpoint:
     def save(self, done: int, state: dict[str, Any]) -> None:
         blob = {"key": self.key, "done": done, "state": state}
         atomic_write(self.path, lambda p: torch.save(blob, p))
-        if os.environ.get("FEATCIRCUITS_FAULT_AFTER") == f"{self.stage}:{done}":
-            # Fault injection for the reliability tests: die right after a checkpoint.
-            os._exit(137)
+        fault_point(self.stage, done)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

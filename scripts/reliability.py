@@ -63,6 +63,50 @@ def main() -> int:
                  "exit": killed.returncode, "left": f"checkpoint kept: {ckpt_left}; files: {files_after_kill or 'none'}",
                  "outcome": f"--resume exit {resumed.returncode}; graph identical to uninterrupted run: {same}"})
 
+    # 1b. kill -9 during curves (inside RelP's ablations), then --resume
+    cbase = ["curves", "--model", str(model_dir), "--saes", str(saes), "--task", "sva-nounpp", "--n", "8",
+             "--batch-size", "4", "--methods", "relp,atp,random", "--thresholds", "3", "--no-progress"]
+    cref = run(cbase + ["--out", str(work / "cref")])
+    ckilled = run(cbase + ["--out", str(work / "ckilled")], env={"FEATCIRCUITS_FAULT_AFTER": "curves-ablate-relp:1"})
+    c_left = sorted(p.name for p in (work / "ckilled" / ".checkpoint").glob("*.pt"))
+    cresumed = run(cbase + ["--out", str(work / "ckilled"), "--resume"])
+    csame = False
+    if cref.returncode == 0 and cresumed.returncode == 0:
+        a = json.loads((work / "cref" / "curves.json").read_text())
+        b = json.loads((work / "ckilled" / "curves.json").read_text())
+        csame = a["methods"] == b["methods"]
+    rows.append({"fault": "kill -9 during curves (after 1 of 2 ablation chunks of RelP)",
+                 "exit": ckilled.returncode, "left": f"checkpoints kept: {', '.join(c_left) or 'none'}; "
+                                                      f"curves.json written: {(work / 'ckilled' / 'curves.json').exists()}",
+                 "outcome": f"--resume exit {cresumed.returncode}; every curve point identical to uninterrupted run: "
+                            f"{csame}"})
+
+    # 1c. kill -9 during SAE training (after 2 of 4 steps), then resume (a few sentences as corpus)
+    train = ("import sys; sys.path.insert(0, %r)\n"
+             "from featcircuits.testing import tiny_model\n"
+             "from featcircuits.tasks import make_pairs\n"
+             "from featcircuits.training import corpus as C, trainer as T\n"
+             "m = tiny_model('gemma3', scale=0.1)\n"
+             "docs = {'tiny': [p.clean_prefix + p.clean_answer for p in make_pairs('sva-nounpp', 120, 0)]}\n"
+             "c = C.build_corpus(m.tokenizer, docs=docs, window=16, eval_fraction=0.1, cache=False)\n"
+             "cfg = T.TrainConfig(sites=['resid_0', 'mlp_1'], width=16, attn_width=12, k=4, tokens=480, batch_size=8,"
+             " sae_batch=60, checkpoint_every=1, eval_tokens=120, save_dtype='float32')\n"
+             "T.train_saes(m, c, sys.argv[1], cfg, resume=sys.argv[2] == 'resume', progress=False)\n") % str(ROOT)
+    py = lambda *a, env=None: subprocess.run([sys.executable, "-c", train, *a], capture_output=True, text=True,
+                                             cwd=ROOT, env={**os.environ, **(env or {})})
+    tref = py(str(work / "tref"), "fresh")
+    tkilled = py(str(work / "tkilled"), "fresh", env={"FEATCIRCUITS_FAULT_AFTER": "train:2"})
+    t_left = sorted(p.name for p in (work / "tkilled").iterdir()) if (work / "tkilled").exists() else []
+    tresumed = py(str(work / "tkilled"), "resume")
+    tsame = False
+    if tref.returncode == 0 and tresumed.returncode == 0:
+        tsame = all((work / "tref" / s / "sae_weights.safetensors").read_bytes()
+                    == (work / "tkilled" / s / "sae_weights.safetensors").read_bytes() for s in ("resid_0", "mlp_1"))
+    rows.append({"fault": "kill -9 during SAE training (after 2 of 4 forwards)", "exit": tkilled.returncode,
+                 "left": f"files: {', '.join(t_left) or 'none'}",
+                 "outcome": f"resume exit {tresumed.returncode}; saved weights byte-identical to uninterrupted run: "
+                            f"{tsame}"})
+
     # 2. kill during a write: a large file being written atomically, killed mid-way
     target = work / "atomic" / "big.json"
     target.parent.mkdir()

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import Site
+from ..checkpoint import fault_point
 from ..errors import UserError
 from .corpus import Corpus
 
@@ -426,6 +427,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
             "wall_s": wall, "saes": {k: v.state_dict() for k, v in saes.items()}, "scales": scales,
             "since": since, "optimizer": opt.state_dict(), "fve_ema": fve_ema,
         }, ckpt_path)
+        fault_point("train", fwd)
 
     t_start = time.time()
     bar = None
