@@ -944,6 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT_DEFAULT), help="output folder (default results/benchmarks)")
     ap.add_argument("--no-results-readme", action="store_true",
                     help="do not update the '## Benchmarks' section of results/README.md")
+    ap.add_argument("--cli-only", action="store_true",
+                    help="re-measure only the peak RSS of the real `featcircuits discover` on Gemma (e.g. once "
+                         "the starter set exists) and merge it into the existing benchmarks.json")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite README and plots from the existing benchmarks.json, measure nothing")
     args = ap.parse_args(argv)
@@ -968,7 +971,16 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
         log_lines.append(msg)
 
-    keys = [] if args.report_only else [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.cli_only:
+        cfg = gemma_config(args)
+        log(f"[gemma] CLI peak RSS only: {' '.join(cfg['cli'])}")
+        gemma = data["models"].setdefault("gemma", {})
+        gemma["cli_discover"] = cli_peak_rss(cfg["cli"])
+        gemma["cli_discover"]["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        gemma["cli_discover"]["command_of_this_measurement"] = command
+        log(f"    -> {gemma['cli_discover']}")
+        write_json(path, data)
+    keys = [] if args.report_only or args.cli_only else [m.strip() for m in args.models.split(",") if m.strip()]
     for key in keys:
         if key == "tiny":
             cfg = tiny_config(args)
