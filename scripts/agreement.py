@@ -104,8 +104,18 @@ def combined_table(names: list[str], commands: dict[str, list[str]]) -> str:
             notes.append("  " + diagnostics(r))
         notes.append(f"  n = {r['n']} pairs ({r['pairs_dropped']} dropped), clean metric "
                      f"{r['metric_clean']:+.2f}, patch metric {r['metric_patch']:+.2f}; "
-                     f"`featcircuits {shlex.join(commands[name])}`")
+                     f"`featcircuits {shlex.join(command_as_run(commands[name], r))}`")
     return "\n".join(lines), notes, missed
+
+
+def command_as_run(command: list[str], r: dict) -> list[str]:
+    """The command with ``--methods`` as the result records it (a later call of this script
+    with other ``--methods`` must not rewrite the provenance of a run it did not redo).
+    ``relp+ah`` is added by the CLI beside ``relp``, so it is not a flag value."""
+    cmd = list(command)
+    if "--methods" in cmd:
+        cmd[cmd.index("--methods") + 1] = ",".join(m for m in r["methods"] if m != "relp+ah")
+    return cmd
 
 
 def diagnostics(r: dict) -> str:
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "interleaved repeats. Made by `.venv/bin/python scripts/agreement.py"
         + (f" --threads {args.threads}" if args.threads else "") + "`; raw outputs, scatter plots and per-run "
         "tables in `results/agreement/<run>/`.", "",
-        table, "", verdict, "", *notes, "",
+        table, "", verdict, "", *notes, "", "",
     ])
     write_readme(section)
     print(section)
