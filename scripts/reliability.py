@@ -69,6 +69,7 @@ def main() -> int:
     cref = run(cbase + ["--out", str(work / "cref")])
     ckilled = run(cbase + ["--out", str(work / "ckilled")], env={"FEATCIRCUITS_FAULT_AFTER": "curves-ablate-relp:1"})
     c_left = sorted(p.name for p in (work / "ckilled" / ".checkpoint").glob("*.pt"))
+    c_written = (work / "ckilled" / "curves.json").exists()
     cresumed = run(cbase + ["--out", str(work / "ckilled"), "--resume"])
     csame = False
     if cref.returncode == 0 and cresumed.returncode == 0:
@@ -77,7 +78,7 @@ def main() -> int:
         csame = a["methods"] == b["methods"]
     rows.append({"fault": "kill -9 during curves (after 1 of 2 ablation chunks of RelP)",
                  "exit": ckilled.returncode, "left": f"checkpoints kept: {', '.join(c_left) or 'none'}; "
-                                                      f"curves.json written: {(work / 'ckilled' / 'curves.json').exists()}",
+                                                      f"curves.json written: {c_written}",
                  "outcome": f"--resume exit {cresumed.returncode}; every curve point identical to uninterrupted run: "
                             f"{csame}"})
 
