@@ -314,13 +314,13 @@ class Evaluator:
         bar = tqdm(total=len(groups) * len(chunks), initial=done * len(groups), desc=desc,
                    disable=not self.progress, leave=False)
         start = sum(len(c) for c in chunks[:done])
-        for i, chunk in enumerate(chunks[done:], start=done):
+        for n_done, chunk in enumerate(chunks[done:], start=done + 1):
             for g in groups:
                 total[g] += self._run(chunk, start, [circuits[i] for i in g]).sum(1).double()
                 bar.update(1)
             start += len(chunk)
             if checkpoint is not None:
-                checkpoint.save(i + 1, {"total": total})
+                checkpoint.save(n_done, {"total": total})
         bar.close()
         return (total / len(self.batch)).tolist()
 
