@@ -34,6 +34,22 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def replace_section(path: str | Path, heading: str, section: str, intro: str = "# Results\n") -> Path:
+    """Write ``section`` (starting with the line ``heading``) into the markdown file ``path``,
+    replacing the old section of that heading (up to the next ``## ``) or appending it."""
+    import re
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.is_file() else intro
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    section = section.rstrip("\n") + "\n\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    return write_text(path, text.rstrip("\n") + "\n")
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 

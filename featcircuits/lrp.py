@@ -11,8 +11,14 @@ rule       operation                                   backward
 ``ln``     LayerNorm / RMSNorm (also Gemma q/k norms)  normalising scale treated as a constant
 ``identity`` elementwise activation f (GELU, SiLU)     multiplies by f(x)/x instead of f'(x)
 ``half``   product of two live factors (gated MLP)     each factor receives half its gradient
+``half-qk`` attention scores ``q . k`` (two live        the half rule on the score product:
+           factors: both depend on the residual)       query and key each get half the gradient
 ``ah``     attention                                   softmax pattern detached
 =========  ==========================================  =======================================
+
+``half-qk`` is off by default (the RelP authors' code has no such rule); it is the half
+rule's own definition applied to the one other product of two live factors in a block.
+On Gemma 3 270M it is what closes the IOI residual gap (``results/agreement/rules``).
 
 Linear layers and embeddings keep their plain gradient (the 0-rule).
 
@@ -36,7 +42,7 @@ from torch import nn
 
 from .errors import UserError
 
-RULES = ("ln", "identity", "half", "ah")
+RULES = ("ln", "identity", "half", "half-qk", "ah")
 # The RelP authors' defaults: LN + identity + half, the AH-rule available but off.
 DEFAULT_RULES = ("ln", "identity", "half")
 ATTN_IMPLEMENTATION = "featcircuits_lrp"
@@ -191,7 +197,7 @@ def _attention(
     """Eager attention (query heads x key heads with grouped KV), pattern detached under ``ah``.
 
     Written out rather than taken from a modeling file because each family keeps its own
-    private copy; this one serves all of them and is where the AH-rule lives.
+    private copy; this one serves all of them and is where the AH- and half-qk rules live.
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -199,7 +205,11 @@ def _attention(
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    key_t = key.transpose(2, 3)
+    scores = torch.matmul(query, key_t)
+    if "half-qk" in _active:
+        scores = straight(scores, 0.5 * (torch.matmul(query, key_t.detach()) + torch.matmul(query.detach(), key_t)))
+    scores = scores * scaling
     if softcap is not None:
         capped = torch.tanh(scores / softcap) * softcap
         if "identity" in _active:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import sys
 import time
@@ -138,16 +137,9 @@ def diagnostics(r: dict) -> str:
 
 
 def write_readme(section: str) -> None:
-    from featcircuits.io import write_text
+    from featcircuits.io import replace_section
 
-    path = RESULTS / "README.md"
-    text = path.read_text() if path.is_file() else README_INTRO
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text(path, text.rstrip("\n") + "\n")
+    replace_section(RESULTS / "README.md", HEADING, section, intro=README_INTRO)
 
 
 def main(argv: list[str] | None = None) -> int:

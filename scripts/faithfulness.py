@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -234,21 +233,11 @@ def _notes(data: dict) -> list[str]:
 
 
 def write_readme(out_root: Path, tasks: list[str]) -> None:
-    from featcircuits.io import write_text
+    from featcircuits.io import replace_section
 
-    text = section_text(out_root, tasks)
-    if README.is_file():
-        old = README.read_text(encoding="utf-8")
-    else:
-        old = "# Results\n\nMeasured results of featcircuits, one section per study.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    write_text(README, new.rstrip("\n") + "\n")
+    replace_section(README, SECTION, section_text(out_root, tasks),
+                    intro="# Results\n\nMeasured results of featcircuits, one section per study.\n")
     print(f"wrote the section {SECTION!r} of {README}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

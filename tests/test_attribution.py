@@ -32,6 +32,21 @@ def test_half_rule_halves_each_factor():
     assert torch.allclose(ga, 0.5 * b) and torch.allclose(gb, 0.5 * a)
 
 
+def test_half_qk_rule_halves_query_and_key_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, requires_grad=True) for _ in range(3))  # [batch, heads, pos, d_head]
+    grads = {}
+    for rules in ((), ("half-qk",)):
+        with lrp.lrp_rules(rules):
+            out, pattern = lrp._attention(torch.nn.Module(), q, k, v, None)
+        grads[rules] = (out.detach(), torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), [q, k, v]))
+    (out_plain, (gq, gk, gv)), (out_half, (hq, hk, hv)) = grads[()], grads[("half-qk",)]
+    assert torch.equal(out_plain, out_half)
+    # query and key reach the output only through the scores q . k: both get half; values untouched
+    assert torch.allclose(hq, 0.5 * gq, atol=1e-6) and torch.allclose(hk, 0.5 * gk, atol=1e-6)
+    assert torch.equal(hv, gv) and gq.abs().sum() > 0
+
+
 @pytest.mark.parametrize("norm", ["layernorm", "gemma", "llama"])
 def test_ln_rule_treats_scale_as_constant(norm):
     import types
