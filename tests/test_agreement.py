@@ -40,6 +40,13 @@ def test_methods_add_the_ah_variant():
     assert specs["relp"].rules == ("ln", "identity") and specs["relp+ah"].rules == ("ln", "identity", "ah")
     assert [s.name for s in resolve_methods("relp", "default,ah")] == ["relp"]  # the same set: no variant
     assert [s.name for s in resolve_methods("atp,relp", add_ah=False)] == ["atp", "relp"]
+    own = resolve_methods("atp,relp:half-qk+ln+identity,relp", add_ah=False)
+    assert [s.name for s in own] == ["atp", "relp:ln+identity+half-qk", "relp"]  # canonical rule order
+    assert own[1].base == "relp" and own[1].rules == ("ln", "identity", "half-qk")
+    with pytest.raises(UserError, match="unknown LRP rule"):
+        resolve_methods("relp:ln+bogus")
+    with pytest.raises(UserError, match="names no rule"):
+        resolve_methods("relp:")
     with pytest.raises(UserError, match="reference"):
         resolve_methods("exact,atp")
     with pytest.raises(UserError):
@@ -117,9 +124,11 @@ def test_components_agree_perfectly_on_a_linear_model():
     hf.model.norm.forward = lambda x: x
     # sva-simple: the noun is the last token (attention is off, so nothing else reaches the metric)
     batch, _ = tokenize_pairs(make_pairs("sva-simple", 6), model.tokenizer)
-    r = run_agreement(SplicedModel(model), batch, "atp,relp", "components", batch_size=6, repeats=1,
-                      progress=False)
-    for m in ("atp", "relp", "relp+ah"):
+    r = run_agreement(SplicedModel(model), batch, "atp,relp,relp:ln+identity+half-qk", "components",
+                      batch_size=6, repeats=1, progress=False)
+    assert r["method_params"]["relp:ln+identity+half-qk"]["rules"] == ["ln", "identity", "half-qk"]
+    assert len(r["seconds_runs"]["relp:ln+identity+half-qk"]) == 1  # timed with the cheap estimators
+    for m in ("atp", "relp", "relp+ah", "relp:ln+identity+half-qk"):
         assert r["pearson"][m]["resid"] == pytest.approx(1.0, abs=1e-5)
         assert r["pearson"][m]["embed"] == pytest.approx(1.0, abs=1e-5)
 

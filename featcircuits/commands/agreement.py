@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_task_args(p, n_default=32)
     p.set_defaults(batch_size=8)
     p.add_argument("--methods", default="atp,relp,ig",
-                   help="comma list of atp, relp, relp+ah, ig (default atp,relp,ig; relp+ah is added next to "
-                        "relp unless --no-ah-variant)")
+                   help="comma list of atp, relp, relp+ah, relp:<rules joined by +> (e.g. relp:ln+identity+half-qk), "
+                        "ig (default atp,relp,ig; relp+ah is added next to relp unless --no-ah-variant)")
     p.add_argument("--granularity", default="components", choices=["components", "features"],
                    help="components: one node per site and position (identity dictionaries); features: one "
                         "per SAE feature and error node, exact patching on a sample")
