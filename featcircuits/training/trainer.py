@@ -42,10 +42,8 @@ What comes from sae-lens and what does not:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +56,7 @@ import torch.nn.functional as F
 from ..adapters import Site
 from ..checkpoint import fault_point
 from ..errors import UserError
+from ..io import atomic_write, write_text
 from .corpus import Corpus
 
 CHECKPOINT = "checkpoint.pt"
@@ -139,7 +138,7 @@ def _new_sae(site: Site, d_in: int, width: int, k: int, model_spec: str, seed: i
 
 
 def _sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef: float,
-              outlier_norm: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              outlier_norm: float = TrainConfig.outlier_norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, reconstruction and feature activations for one site's minibatch ``x`` [N, d].
 
     The forward pass is sae-lens's own ``training_forward_pass`` (its dense decode: a
@@ -249,20 +248,6 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints and saving
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_site(sae: Any, scale: float, out: Path, site: Site, save_dtype: str) -> None:
@@ -422,11 +407,12 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     fve_ema: dict[str, float] = dict(ckpt["fve_ema"]) if ckpt is not None else {}
 
     def save_checkpoint(fwd: int, wall: float) -> None:
-        _atomic_torch_save({
+        state = {
             "config": asdict(cfg), "corpus_sha256": corpus.recipe.get("train_sha256"), "forward": fwd,
             "wall_s": wall, "saes": {k: v.state_dict() for k, v in saes.items()}, "scales": scales,
             "since": since, "optimizer": opt.state_dict(), "fve_ema": fve_ema,
-        }, ckpt_path)
+        }
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))  # a kill mid-write keeps the old one
         fault_point("train", fwd)
 
     t_start = time.time()
@@ -528,7 +514,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "sites": metrics, "complete": True,
     }
-    _atomic_write_text(out / SET_META, json.dumps(meta, indent=1))
+    write_text(out / SET_META, json.dumps(meta, indent=1))
     ckpt_path.unlink(missing_ok=True)  # done: a later run into this folder starts fresh
     if metrics:
         fves = [m["fve"] for m in metrics.values()]
