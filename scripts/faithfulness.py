@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=16, help="discovery pairs")
     ap.add_argument("--n-eval", type=int, default=32, help="evaluation pairs (disjoint from discovery)")
     ap.add_argument("--steps", type=int, default=10, help="IG steps")
+    ap.add_argument("--rules", default="default", help="LRP rules of relp (default ln,identity,half)")
     ap.add_argument("--thresholds", type=int, default=15, help="circuit sizes on the grid")
     ap.add_argument("--random-draws", type=int, default=3)
     ap.add_argument("--ablation", default="mean")
@@ -63,7 +64,8 @@ def main() -> int:
 def settings_key(args) -> dict:
     return {"model": args.model, "saes": args.saes, "methods": args.methods, "n": args.n, "n_eval": args.n_eval,
             "steps": args.steps, "thresholds": args.thresholds, "random_draws": args.random_draws,
-            "ablation": args.ablation, "errors": args.errors, "seed": args.seed}
+            "ablation": args.ablation, "errors": args.errors, "seed": args.seed,
+            **({"rules": args.rules} if args.rules != "default" else {})}
 
 
 def run_tasks(args, tasks: list[str], out_root: Path, after=None) -> None:
@@ -99,12 +101,16 @@ def run_tasks(args, tasks: list[str], out_root: Path, after=None) -> None:
     cache = Path(args.effects_cache) if args.effects_cache else cache_dir() / "faithfulness"
     cmd = (f".venv/bin/python scripts/faithfulness.py --tasks {','.join(tasks)} --model {args.model} "
            f"--saes {args.saes} --n {args.n} --n-eval {args.n_eval} --steps {args.steps} "
-           f"--thresholds {args.thresholds} --threads {args.threads}")
+           f"--thresholds {args.thresholds} --threads {args.threads}"
+           + (f" --methods {args.methods}" if args.methods != "relp,ig,atp,random" else "")
+           + (f" --rules {args.rules}" if args.rules != "default" else "")
+           + (f" --out {Path(args.out).resolve().relative_to(ROOT)} --no-readme" if Path(args.out).resolve() != OUT else ""))
     for task in todo:
         print(f"== {task}", flush=True)
         t1 = time.perf_counter()
         result = curves_main(model, dicts, task=task, n=args.n, n_eval=args.n_eval, seed=args.seed,
                              methods=[m for m in args.methods.split(",") if m], points=args.thresholds,
+                             rules=args.rules,
                              ablation=args.ablation, errors=args.errors, steps=args.steps,
                              random_draws=args.random_draws, batch_size=args.batch_size, stack=args.stack,
                              out=None, model_spec=args.model, saes_spec=args.saes, effects_cache=cache,

@@ -134,10 +134,10 @@ def plot(result: dict, stem: Path) -> list[Path]:
     ax.set_yticks(range(len(methods)), [label(m) for m in methods], fontsize=8)
     ax.set_xticks(range(values.shape[1]), [k for _ in tasks for k in KINDS], fontsize=7)
     for j, t in enumerate(tasks):
-        ax.text(j * len(KINDS) + 1, -0.9, t + ("" if t in SELECTION else " (held out)"), ha="center", fontsize=8)
+        ax.text(j * len(KINDS) + 1, -0.75, t + ("" if t in SELECTION else " (held out)"), ha="center", fontsize=8)
         if j:
             ax.axvline(j * len(KINDS) - 0.5, color="black", lw=1)
-    ax.set_title(f"Pearson r against exact patching, {MODEL}, components, n = {result['n']}", fontsize=9, pad=18)
+    ax.set_title(f"Pearson r against exact patching, {MODEL}, components, n = {result['n']}", fontsize=9, pad=24)
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
     fig.tight_layout()
     paths = save_figure(fig, stem)
