@@ -378,7 +378,7 @@ def _fmt(v: Any) -> str:
 def markdown_table(result: dict[str, Any], title: str | None = None) -> str:
     """The Pearson table (one row per method, one column per site kind) with timings and
     the targets' verdicts."""
-    from .plotting import METHOD_LABELS
+    from .plotting import method_label
 
     kinds = result["site_kinds"]
     sec = result["seconds"]
@@ -390,7 +390,7 @@ def markdown_table(result: dict[str, Any], title: str | None = None) -> str:
     for m in result["methods"]:
         ratio = f"{sec[m] / sec['atp']:.2f}" if m in sec and sec.get("atp") else "n/a"
         rules = result["method_params"][m]["rules"]
-        label = METHOD_LABELS.get(m, m) + (f" [{','.join(rules)}]" if rules else "")
+        label = method_label(m) + (f" [{','.join(rules)}]" if rules and not m.startswith("relp:") else "")
         row = [label, *(_fmt(result["pearson"][m].get(k)) for k in kinds),
                _fmt(result["pearson_all"].get(m)), f"{sec.get(m, float('nan')):.2f}", ratio]
         lines.append("| " + " | ".join(row) + " |")
@@ -430,7 +430,7 @@ def scatter_plot(result: dict[str, Any], stem: str | Path, title: str | None = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plotting import METHOD_LABELS, method_color, save_figure
+    from .plotting import method_color, method_label, save_figure
 
     kinds = result["site_kinds"]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.6), squeeze=False)
@@ -442,7 +442,7 @@ def scatter_plot(result: dict[str, Any], stem: str | Path, title: str | None = N
                 continue
             r = result["pearson"][m][kind]
             ax.scatter(x, y, s=10, alpha=0.6, color=method_color(m), edgecolors="none",
-                       label=f"{METHOD_LABELS.get(m, m)} (r={_fmt(r)})")
+                       label=f"{method_label(m)} (r={_fmt(r)})")
             lo, hi = min(lo, *x, *y), max(hi, *x, *y)
         ax.plot([lo, hi], [lo, hi], color="#888888", lw=0.8, ls="--", zorder=0)
         ax.axhline(0, color="#dddddd", lw=0.6, zorder=0)

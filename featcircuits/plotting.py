@@ -17,8 +17,22 @@ METHOD_LABELS = {"exact": "exact patching", "atp": "AtP", "relp": "RelP", "relp+
                  "ig": "IG", "random": "random"}
 
 
+# RelP under other rule sets (``relp:<rules>``): further colours, fixed per rule set
+_VARIANT_COLORS = ("#CC79A7", "#D55E00", "#7B3294", "#1B7837", "#762A83")
+
+
 def method_color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#CC79A7")
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    # a stable pick (not hash(), which changes between processes)
+    return _VARIANT_COLORS[sum(method.encode()) % len(_VARIANT_COLORS)]
+
+
+def method_label(method: str) -> str:
+    """``AtP``, ``RelP``, ``RelP [ln,identity,half-qk]`` for ``relp:ln+identity+half-qk``, ..."""
+    if method.startswith("relp:"):
+        return f"RelP [{method[len('relp:'):].replace('+', ',')}]"
+    return METHOD_LABELS.get(method, method)
 
 
 def save_figure(fig, path_stem: str | Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
