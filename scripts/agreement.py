@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Pearson r of each estimator against exact activation patching on `{MODEL}` "
         "(components: over the prompt-averaged layer x position grid of each site kind; features: over a "
         "sample of nodes, see the notes). `relp` uses the RelP authors' default rules (LN + identity + half), "
-        "`relp+ah` adds the AH-rule. Seconds: node effects on the same batch; AtP and RelP are the median of "
+        "`relp+ah` adds the AH-rule; other rule sets, and where the IOI resid gap comes from, in `## LRP rules`. Seconds: node effects on the same batch; AtP and RelP are the median of "
         "interleaved repeats. Made by `.venv/bin/python scripts/agreement.py"
         + (f" --threads {args.threads}" if args.threads else "") + "`; raw outputs, scatter plots and per-run "
         "tables in `results/agreement/<run>/`.", "",
