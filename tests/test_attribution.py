@@ -85,6 +85,16 @@ def test_forward_unchanged_with_all_rules(any_family):
                                          [leaves["embed"].f])
     assert torch.equal(plain, ruled.detach())
     assert g_rules.abs().sum() > 0
+    # every family's attention runs through featcircuits' attention function: half-qk reaches it
+    with lrp.lrp_rules(set(lrp.RULES) - {"half-qk", "ah"}):
+        ruled, leaves = sm.run_with_leaves(batch.inputs())
+        (g_no_qk,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
+                                         [leaves["embed"].f])
+    with lrp.lrp_rules(set(lrp.RULES) - {"ah"}):
+        ruled, leaves = sm.run_with_leaves(batch.inputs())
+        (g_qk,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
+                                      [leaves["embed"].f])
+    assert not torch.allclose(g_no_qk, g_qk)
 
 
 def test_rules_change_gradients_only_inside_context(tiny):
