@@ -125,12 +125,15 @@ def node_effects(
         m_clean, m_patch = state["m_clean"], state["m_patch"]
     bar = tqdm(chunks[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
                initial=done, total=len(chunks))
+    two_point = lrp.needs_reference(rule_set)
     for i, chunk in enumerate(bar, start=done):
-        with torch.no_grad():
+        tape = lrp.ReferenceTape() if two_point else None
+        with torch.no_grad(), lrp.recording(tape):
             logits_p, patch_vals = sm.cache(chunk.inputs("patch"))
         m_patch += float(metric(logits_p, chunk.clean_answer, chunk.patch_answer).sum())
         if method in GRADIENT_METHODS:
-            sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals)
+            sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals,
+                                reference=tape)
             mc = _accumulate_effects(sg, chosen, feats, errs)
             if kept is not None:
                 kept[i] = sg
@@ -162,20 +165,26 @@ class SiteGradients:
     clean: dict[str, SiteValues]
     patch: dict[str, SiteValues]
     metric_clean: torch.Tensor  # [b]
+    reference: "lrp.ReferenceTape | None" = None  # the counterfactual values two-point rules read
 
 
 def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Site], *, steps: int = 10,
                    rules: Iterable[str] | str | None = None,
-                   patch_vals: dict[str, SiteValues] | None = None) -> SiteGradients:
+                   patch_vals: dict[str, SiteValues] | None = None,
+                   reference: "lrp.ReferenceTape | None" = None) -> SiteGradients:
     """The gradients node effects and edges are made of: AtP (plain), RelP (LRP rules, default
-    set when ``rules`` is None) or IG (mean over ``steps`` interpolation points, per site)."""
+    set when ``rules`` is None) or IG (mean over ``steps`` interpolation points, per site).
+
+    Two-point rules (``lrp.needs_reference``) read ``reference``, the tape recorded during the
+    counterfactual forward that produced ``patch_vals``; without ``patch_vals`` both are made here."""
+    rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
     if patch_vals is None:
-        with torch.no_grad():
+        reference = lrp.ReferenceTape() if lrp.needs_reference(rule_set) else None
+        with torch.no_grad(), lrp.recording(reference):
             _, patch_vals = sm.cache(chunk.inputs("patch"))
     if method == "ig":
         return _ig_gradients(sm, chunk, patch_vals, chosen, steps)
-    rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
-    with lrp.lrp_rules(rule_set):
+    with lrp.lrp_rules(rule_set), lrp.replaying(reference):
         logits, leaves = sm.run_with_leaves(chunk.inputs("clean"))
         m = metric(logits, chunk.clean_answer, chunk.patch_answer)
         _check_finite("metric", m, "metric")
@@ -189,7 +198,7 @@ def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Sit
         out[s.name] = SiteValues(torch.zeros_like(c.f) if gf is None else gf,
                                  torch.zeros_like(c.err) if ge is None else ge)
         clean[s.name] = SiteValues(c.f.detach(), c.err.detach())
-    return SiteGradients(out, clean, patch_vals, m.detach())
+    return SiteGradients(out, clean, patch_vals, m.detach(), reference)
 
 
 def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues], chosen: list[Site],

@@ -167,7 +167,7 @@ def edge_effects(
         sg = gradients[ci] if gradients is not None and ci < len(gradients) else None
         if sg is None:
             sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
-        with lrp.lrp_rules(rule_set):
+        with lrp.lrp_rules(rule_set), lrp.replaying(sg.reference):
             real, leaves = _direct_forward(sm, chunk)
             for d_site, nodes in downstream.items():
                 ups = direct_upstream(adapter, d_site)

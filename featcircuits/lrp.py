@@ -18,7 +18,27 @@ rule       operation                                   backward
 
 ``half-qk`` is off by default (the RelP authors' code has no such rule); it is the half
 rule's own definition applied to the one other product of two live factors in a block.
-On Gemma 3 270M it is what closes the IOI residual gap (``results/agreement/rules``).
+
+**Two-point rules** (ours, off by default; ``results/README.md``, "LRP rules"). The
+identity rule is the secant of ``f`` between ``x`` and 0, and the half rule is the
+product's exact split when the other factor goes to 0: LRP linearises every operation
+towards a zero reference. RelP multiplies by ``a_p - a_c``, a move towards the
+*counterfactual*; the same rules with the counterfactual run as the reference make each
+operation's linearisation exact for that move (the idea of DeepLIFT's rescale rule):
+
+=================  ==========================================  ================================
+rule               operation                                   backward
+=================  ==========================================  ================================
+``secant``         elementwise activation f                    ``(f(x_c) - f(x_p)) / (x_c - x_p)``
+``mid``            every product of two live factors (gated    each factor's gradient uses the
+                   MLP, ``q . k``, pattern x values)           other's clean/counterfactual mean
+``mid-softmax``    attention softmax                           Jacobian at the mean scores
+=================  ==========================================  ================================
+
+They read the counterfactual values from a ``ReferenceTape`` recorded during the
+counterfactual forward RelP already runs (``recording``/``replaying``), so they cost no
+extra pass. Without a tape they fall back to the zero reference: ``secant`` -> identity,
+``mid`` -> half, ``mid-softmax`` -> plain gradient. ``TWO_POINT_RULES`` is the full set.
 
 Linear layers and embeddings keep their plain gradient (the 0-rule).
 
@@ -42,9 +62,13 @@ from torch import nn
 
 from .errors import UserError
 
-RULES = ("ln", "identity", "half", "half-qk", "ah")
+RULES = ("ln", "identity", "half", "half-qk", "ah", "secant", "mid", "mid-softmax")
 # The RelP authors' defaults: LN + identity + half, the AH-rule available but off.
 DEFAULT_RULES = ("ln", "identity", "half")
+# Every operation linearised between the clean and the counterfactual run ("two-point").
+TWO_POINT_RULES = ("ln", "secant", "mid", "mid-softmax")
+REFERENCE_RULES = frozenset({"secant", "mid", "mid-softmax"})  # these read a ReferenceTape
+PRESETS = {"default": DEFAULT_RULES, "two-point": TWO_POINT_RULES}
 ATTN_IMPLEMENTATION = "featcircuits_lrp"
 
 _active: frozenset[str] = frozenset()
@@ -55,17 +79,19 @@ def active_rules() -> frozenset[str]:
 
 
 def parse_rules(rules: Iterable[str] | str | None) -> frozenset[str]:
-    """``"ln,identity,half"`` or an iterable -> a validated frozenset ("default" allowed)."""
-    if rules is None or rules == "default":
+    """``"ln,identity,half"`` or an iterable -> a validated frozenset (the presets
+    ``default`` and ``two-point`` allowed)."""
+    if rules is None:
         return frozenset(DEFAULT_RULES)
     if isinstance(rules, str):
         rules = [r.strip() for r in rules.split(",") if r.strip()]
     out = set()
     for r in rules:
-        if r == "default":
-            out |= set(DEFAULT_RULES)
+        if r in PRESETS:
+            out |= set(PRESETS[r])
         elif r not in RULES:
-            raise UserError(f"unknown LRP rule {r!r}; choose from {', '.join(RULES)}")
+            raise UserError(f"unknown LRP rule {r!r}; choose from {', '.join(RULES)} "
+                            f"(or the presets {', '.join(PRESETS)})")
         else:
             out.add(r)
     return frozenset(out)
@@ -81,6 +107,101 @@ def lrp_rules(rules: Iterable[str] | str | None = DEFAULT_RULES) -> Iterator[fro
         yield _active
     finally:
         _active = previous
+
+
+def needs_reference(rules: Iterable[str]) -> bool:
+    """Whether a rule set reads the counterfactual run (a ``ReferenceTape``)."""
+    return bool(REFERENCE_RULES & set(rules))
+
+
+class ReferenceTape:
+    """Values the rule-aware forwards saw during a counterfactual forward, in call order.
+
+    ``recording(tape)`` around the counterfactual forward fills it; ``replaying(tape)``
+    around the clean forward (same batch shape, same modules, same order) hands each call
+    the counterfactual values of its own inputs."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, tuple[torch.Tensor, ...]]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+_tape: ReferenceTape | None = None
+_tape_mode: str | None = None
+_tape_pos = 0
+
+
+@contextlib.contextmanager
+def _tape_context(tape: ReferenceTape | None, mode: str) -> Iterator[ReferenceTape | None]:
+    global _tape, _tape_mode, _tape_pos
+    saved = (_tape, _tape_mode, _tape_pos)
+    if tape is not None:
+        if mode == "record":
+            tape.items.clear()
+        _tape, _tape_mode, _tape_pos = tape, mode, 0
+    try:
+        yield tape
+    finally:
+        _tape, _tape_mode, _tape_pos = saved
+
+
+def recording(tape: ReferenceTape | None) -> contextlib.AbstractContextManager:
+    """Record the rule-aware forwards' inputs into ``tape`` (no-op for ``None``)."""
+    return _tape_context(tape, "record")
+
+
+def replaying(tape: ReferenceTape | None) -> contextlib.AbstractContextManager:
+    """Hand the recorded counterfactual values to the two-point rules (no-op for ``None``)."""
+    return _tape_context(tape, "replay")
+
+
+def _reference(owner: Any, *values: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Record ``values`` (recording), or return the counterfactual ones of this call (replaying)."""
+    global _tape_pos
+    if _tape_mode == "record":
+        _tape.items.append((id(owner), tuple(v.detach() for v in values)))
+        return None
+    if _tape_mode == "replay":
+        if _tape_pos >= len(_tape.items) or _tape.items[_tape_pos][0] != id(owner):
+            raise RuntimeError("the clean forward does not follow the recorded counterfactual forward "
+                               "(different modules or order); two-point rules need the same batch shape")
+        ref = _tape.items[_tape_pos][1]
+        _tape_pos += 1
+        if any(r.shape != v.shape for r, v in zip(ref, values)):
+            raise RuntimeError("counterfactual and clean values differ in shape; two-point rules need "
+                               "clean and counterfactual prompts padded to the same length")
+        return ref
+    return None
+
+
+def _if_active(rule: str, ref: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+    # Every rule-aware forward records (and replays) its values whenever a tape is on, so the
+    # counterfactual forward, which runs without rules, leaves the same entries in the same order.
+    return ref if rule in _active else None
+
+
+def secant_rule(x: torch.Tensor, y: torch.Tensor, x_ref: torch.Tensor, y_ref: torch.Tensor, fn: Any) -> torch.Tensor:
+    """``y = fn(x)`` whose backward multiplies by the secant slope between ``x_ref`` and ``x``.
+
+    Where the two points (nearly) coincide the slope is ``fn'`` at their mean."""
+    dx = x - x_ref
+    far = dx.abs() > 1e-4
+    with torch.enable_grad():
+        mid = (0.5 * (x + x_ref)).detach().requires_grad_(True)
+        (slope_mid,) = torch.autograd.grad(fn(mid).sum(), mid)
+    slope = torch.where(far, (y - y_ref) / torch.where(far, dx, torch.ones_like(dx)), slope_mid)
+    return straight(y, x * slope.detach())
+
+
+def mid_product(a: torch.Tensor, b: torch.Tensor, a_ref: torch.Tensor, b_ref: torch.Tensor,
+                product: Any = torch.mul) -> torch.Tensor:
+    """``product(a, b)`` (bilinear) whose backward gives each factor the gradient at the
+    other's mean of the two points: ``P(a, b) - P(a_ref, b_ref) = P(da, b_mean) + P(a_mean, db)``
+    exactly, so the product adds no linearisation error."""
+    a_mid, b_mid = (0.5 * (a + a_ref)).detach(), (0.5 * (b + b_ref)).detach()
+    return straight(product(a, b), product(a, b_mid) + product(a_mid, b))
 
 
 def straight(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -141,15 +262,24 @@ def _norm_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
 def _act_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fn = self._featcircuits_fn
     y = fn(x)
-    if "identity" not in _active:
+    ref = _if_active("secant", _reference(self, x, y))
+    if ref is not None:
+        return secant_rule(x, y, *ref, fn)
+    if "identity" not in _active and "secant" not in _active:
         return y
-    return identity_rule(x, y, fn)
+    return identity_rule(x, y, fn)  # also ``secant`` without a tape: the secant to 0
 
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate = self.act_fn(self.gate_proj(x))
     up = self.up_proj(x)
-    h = half_product(gate, up) if "half" in _active else gate * up
+    ref = _if_active("mid", _reference(self, gate, up))
+    if ref is not None:
+        h = mid_product(gate, up, *ref)
+    elif "half" in _active or "mid" in _active:  # ``mid`` without a tape: the half rule
+        h = half_product(gate, up)
+    else:
+        h = gate * up
     return self.down_proj(h)
 
 
@@ -207,13 +337,21 @@ def _attention(
         value = value.repeat_interleave(groups, dim=1)
     key_t = key.transpose(2, 3)
     scores = torch.matmul(query, key_t)
-    if "half-qk" in _active:
+    mid = "mid" in _active
+    ref = _if_active("mid", _reference(module, query, key_t, value))
+    if ref is not None:
+        scores = mid_product(query, key_t, ref[0], ref[1], torch.matmul)
+    elif "half-qk" in _active or mid:
         scores = straight(scores, 0.5 * (torch.matmul(query, key_t.detach()) + torch.matmul(query.detach(), key_t)))
     scores = scores * scaling
     if softcap is not None:
-        capped = torch.tanh(scores / softcap) * softcap
-        if "identity" in _active:
-            capped = identity_rule(scores, capped, lambda s: torch.tanh(s / softcap) * softcap)
+        cap = lambda s: torch.tanh(s / softcap) * softcap  # noqa: E731
+        capped = cap(scores)
+        cap_ref = _if_active("secant", _reference(module, scores, capped))
+        if cap_ref is not None:
+            capped = secant_rule(scores, capped, *cap_ref, cap)
+        elif "identity" in _active or "secant" in _active:
+            capped = identity_rule(scores, capped, cap)
         scores = capped
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]]
@@ -221,11 +359,36 @@ def _attention(
         q_len, k_len = scores.shape[-2:]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    score_ref = _if_active("mid-softmax", _reference(module, scores))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if score_ref is not None:
+        pattern = straight(pattern, _softmax_at_mean(scores, score_ref[0]).to(query.dtype))
+    pattern_ref = _if_active("mid", _reference(module, pattern))
     if "ah" in _active:
         pattern = pattern.detach()
-    out = torch.matmul(pattern, value).transpose(1, 2).contiguous()
-    return out, pattern
+        out = torch.matmul(pattern, value)
+    elif pattern_ref is not None:
+        out = mid_product(pattern, value, pattern_ref[0], ref[2], torch.matmul)
+    elif mid:
+        out = half_product_matmul(pattern, value)
+    else:
+        out = torch.matmul(pattern, value)
+    return out.transpose(1, 2).contiguous(), pattern
+
+
+def half_product_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``; each factor receives half its gradient (the half rule for a matmul)."""
+    return straight(torch.matmul(a, b), 0.5 * (torch.matmul(a, b.detach()) + torch.matmul(a.detach(), b)))
+
+
+def _softmax_at_mean(scores: torch.Tensor, scores_ref: torch.Tensor) -> torch.Tensor:
+    """A surrogate whose gradient is the softmax Jacobian at the mean of the two score sets
+    (the midpoint rule for the path between them). Masked (-inf / finfo.min) entries stay out."""
+    finite = torch.isfinite(scores) & (scores > torch.finfo(scores.dtype).min / 2)
+    mean = torch.where(finite, 0.5 * (scores + scores_ref), scores)
+    p = torch.softmax(mean.float(), dim=-1).detach()
+    z = torch.where(finite, scores, torch.zeros_like(scores)).float()
+    return p * (z - (p * z).sum(-1, keepdim=True))
 
 
 def _register_attention() -> None:

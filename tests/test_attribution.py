@@ -86,15 +86,26 @@ def test_forward_unchanged_with_all_rules(any_family):
     assert torch.equal(plain, ruled.detach())
     assert g_rules.abs().sum() > 0
     # every family's attention runs through featcircuits' attention function: half-qk reaches it
-    with lrp.lrp_rules(set(lrp.RULES) - {"half-qk", "ah"}):
+    with lrp.lrp_rules(lrp.DEFAULT_RULES):
         ruled, leaves = sm.run_with_leaves(batch.inputs())
         (g_no_qk,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
                                          [leaves["embed"].f])
-    with lrp.lrp_rules(set(lrp.RULES) - {"ah"}):
+    with lrp.lrp_rules((*lrp.DEFAULT_RULES, "half-qk")):
         ruled, leaves = sm.run_with_leaves(batch.inputs())
         (g_qk,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
                                       [leaves["embed"].f])
     assert not torch.allclose(g_no_qk, g_qk)
+    # two-point rules replaying the counterfactual forward: the same values, other gradients
+    tape = lrp.ReferenceTape()
+    with torch.no_grad(), lrp.recording(tape):
+        sm.cache(batch.inputs("patch"))
+    clean, _ = sm.cache(batch.inputs("clean"))
+    with lrp.lrp_rules("two-point"), lrp.replaying(tape):
+        ruled, leaves = sm.run_with_leaves(batch.inputs("clean"))
+        (g_two,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
+                                       [leaves["embed"].f])
+    assert torch.equal(clean, ruled.detach())
+    assert torch.isfinite(g_two).all() and not torch.allclose(g_two, g_rules)
 
 
 def test_rules_change_gradients_only_inside_context(tiny):
@@ -178,3 +189,69 @@ def test_sign_node_carrying_the_answer_is_positive():
     for method in ("exact", "atp", "relp", "ig"):
         effect = node_effects(sm, sub, method, sites=[site], progress=False).components()[site][-1]
         assert effect > 0, method
+
+
+def test_secant_rule_backward_is_the_secant_slope():
+    fn = torch.nn.functional.gelu
+    x = torch.tensor([-2.0, -0.5, 0.3, 1.0, 2.5], requires_grad=True)
+    x_ref = torch.tensor([1.0, -0.5 + 1e-6, -0.7, 3.0, 2.5])
+    y = lrp.secant_rule(x, fn(x), x_ref, fn(x_ref), fn)
+    assert torch.equal(y, fn(x))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    far = torch.tensor([True, False, True, True, False])
+    assert torch.allclose(g[far], ((fn(x) - fn(x_ref)) / (x - x_ref))[far].detach(), atol=1e-6)
+    # where the points coincide: the derivative there
+    xs = x.detach()[~far].requires_grad_(True)
+    (d,) = torch.autograd.grad(fn(xs).sum(), xs)
+    assert torch.allclose(g[~far], d, atol=1e-4)
+
+
+@pytest.mark.parametrize("product", [torch.mul, torch.matmul])
+def test_mid_product_linearisation_is_exact(product):
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4) if product is torch.mul else torch.randn(4, 5)
+    b.requires_grad_(True)
+    a_ref, b_ref = torch.randn_like(a), torch.randn_like(b)
+    y = lrp.mid_product(a, b, a_ref, b_ref, product)
+    assert torch.equal(y, product(a, b))
+    v = torch.randn_like(y)
+    ga, gb = torch.autograd.grad((y * v).sum(), [a, b])
+    first_order = ((a - a_ref) * ga).sum() + ((b - b_ref) * gb).sum()
+    exact = ((product(a, b) - product(a_ref, b_ref)) * v).sum()
+    assert float(first_order) == pytest.approx(float(exact), rel=1e-5)
+
+
+def test_reference_tape_must_follow_the_recorded_forward(tiny):
+    sm = SplicedModel(tiny)
+    short, _ = tokenize_pairs(make_pairs("sva-simple", 2), tiny.tokenizer)
+    long, _ = tokenize_pairs(make_pairs("ioi", 2), tiny.tokenizer)
+    tape = lrp.ReferenceTape()
+    with torch.no_grad(), lrp.recording(tape):
+        sm.cache(short.inputs("patch"))
+    assert len(tape) > 0
+    with lrp.lrp_rules("two-point"), lrp.replaying(tape), pytest.raises(RuntimeError, match="padded to the same"):
+        sm.run_with_leaves(long.inputs("clean"))
+
+
+def test_two_point_rules_make_relp_exact_without_norms_or_attention():
+    """Gated MLPs are the only nonlinearity between the embeddings and the logits: with the
+    counterfactual as reference every operation's linearisation is exact, so two-point RelP
+    equals exact patching of the embeddings, while the zero-reference rules and AtP do not."""
+    from featcircuits.agreement import run_agreement
+
+    model = tiny_model("llama", n_layers=2, scale=0.5)
+    for layer in model.hf.model.layers:
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.zero_()
+        layer.input_layernorm.forward = lambda x: x
+        layer.post_attention_layernorm.forward = lambda x: x
+    model.hf.model.norm.forward = lambda x: x
+    batch, _ = tokenize_pairs(make_pairs("sva-simple", 6), model.tokenizer)
+    r = run_agreement(SplicedModel(model), batch, "atp,relp,relp:two-point", "components", batch_size=6,
+                      repeats=1, add_ah=False, progress=False)
+    two_point = "relp:" + "+".join(lrp.TWO_POINT_RULES)
+    exact = torch.tensor(r["grids"]["exact"]["embed"])
+    assert exact.abs().max() > 1e-3
+    assert torch.allclose(torch.tensor(r["grids"][two_point]["embed"]), exact, atol=1e-4, rtol=1e-3)
+    for other in ("atp", "relp"):
+        assert not torch.allclose(torch.tensor(r["grids"][other]["embed"]), exact, atol=1e-4, rtol=1e-3)

@@ -80,3 +80,25 @@ def test_reusing_node_gradients_gives_same_edges(spliced):
         assert torch.allclose(fresh.weights[key][0], reused.weights[key][0], atol=1e-6)
     # reuse saves the metric backward of every chunk
     assert reused.passes["backward"] == fresh.passes["backward"] - len(batch.chunks(2))
+
+
+def test_two_point_edges_sum_to_node_effects_and_reuse_the_tape(spliced):
+    """Edges under the two-point rules replay the counterfactual tape of their chunk: edges into
+    a resid site still sum to its node effect, and reusing the node stage's gradients (with
+    their tapes) gives the edges a fresh run computes."""
+    sm, batch = spliced
+    effects = node_effects(sm, batch, "relp", rules="two-point", batch_size=2, keep_gradients=True,
+                           progress=False)
+    assert all(sg.reference is not None and len(sg.reference) for sg in effects.gradients)
+    feats, errs = effects.mean("sum")
+    masks = select_nodes(feats, errs, Thresholds(node=0.0))
+    fresh = edge_effects(sm, batch, masks, "relp", rules="two-point", batch_size=2, progress=False)
+    reused = edge_effects(sm, batch, masks, "relp", rules="two-point", batch_size=2,
+                          gradients=effects.gradients, progress=False)
+    for key in fresh.weights:
+        assert torch.allclose(fresh.weights[key][0], reused.weights[key][0], atol=1e-6)
+    for layer in range(sm.adapter.n_layers):
+        site = f"resid_{layer}"
+        into = sum(float(wf.sum() + we.sum()) for (u, d), (wf, we) in fresh.weights.items() if d == site)
+        total = float(feats[site][masks[site].features].sum() + errs[site][masks[site].error].sum())
+        assert into == pytest.approx(total, abs=1e-4)

@@ -42,7 +42,8 @@ def test_offline_splicing_identity_and_saelens(gemma_offline, tmp_path):
 def test_half_qk_rule_recovers_the_ioi_effect_of_the_second_subject(gemma_offline):
     """Issue 3's IOI resid gap: swapping the second subject's residual carries the whole
     effect; the RelP authors' rules recover little of it on Gemma 3, the half rule on q.k
-    more (results/README.md, "LRP rules"). Checked at two layers against exact patching."""
+    more, the two-point rules nearly all (results/README.md, "LRP rules"). Checked at two
+    layers against exact patching."""
     from featcircuits.attribution import node_effects
     from featcircuits.tasks import make_pairs
     from featcircuits.tracing import SiteValues
@@ -55,7 +56,7 @@ def test_half_qk_rule_recovers_the_ioi_effect_of_the_second_subject(gemma_offlin
     _, patch = sm.cache(batch.inputs("patch"))
     m_clean = metric(sm.run(batch.inputs("clean")), batch.clean_answer, batch.patch_answer)
     estimates = {rules: node_effects(sm, batch, "relp", rules=rules, sites=sites, progress=False).components()
-                 for rules in ("ln,identity,half", "ln,identity,half-qk")}
+                 for rules in ("ln,identity,half", "ln,identity,half-qk", "two-point")}
     for site in sites:
         x = clean[site].f + clean[site].err
         x[:, pos] = (patch[site].f + patch[site].err)[:, pos]
@@ -64,3 +65,6 @@ def test_half_qk_rule_recovers_the_ioi_effect_of_the_second_subject(gemma_offlin
         default, half_qk = (float(estimates[r][site][pos]) for r in ("ln,identity,half", "ln,identity,half-qk"))
         assert exact > 5  # the swap flips the answer
         assert abs(exact - half_qk) < abs(exact - default), (site, exact, default, half_qk)
+        # the two-point rules linearise each operation between the two runs: within a quarter
+        two_point = float(estimates["two-point"][site][pos])
+        assert abs(exact - two_point) < 0.25 * exact, (site, exact, two_point)
