@@ -23,7 +23,11 @@ A notebook session::
     fc.save_circuit(circuit, "runs/sva-simple")
 
 The metric and its sign are defined once, in ``featcircuits.metric``; the LRP rules in
-``featcircuits.lrp`` (``with fc.lrp_rules(("ln", "identity", "half")): ...``).
+``featcircuits.lrp`` (``with fc.lrp_rules(("ln", "identity", "half")): ...``). RelP's rule
+set is a parameter: ``fc.node_effects(sm, batch, "relp", rules="two-point")`` linearises
+every operation between the clean and the counterfactual run (``fc.TWO_POINT_RULES``),
+which tracks exact patching more closely on Gemma 3 than the RelP authors' default
+(``results/README.md``, "LRP rules").
 """
 
 __version__ = "0.1.0"
@@ -34,7 +38,7 @@ from .tasks import Pair, make_pairs, read_pairs, tokenize_pairs
 from .models import LoadedModel, load_model
 from .dictionaries import DictionarySet, load_dictionary, load_dictionary_set
 from .tracing import SplicedModel
-from .lrp import DEFAULT_RULES, lrp_rules
+from .lrp import DEFAULT_RULES, TWO_POINT_RULES, lrp_rules
 from .attribution import NodeEffects, exact_feature_effects, node_effects
 from .edges import EdgeEffects, edge_effects
 from .graph import Circuit, Thresholds
@@ -59,6 +63,6 @@ def load_circuit(folder):
 __all__ = [
     "UserError", "metric", "preference", "Pair", "make_pairs", "read_pairs", "tokenize_pairs",
     "LoadedModel", "load_model", "DictionarySet", "load_dictionary", "load_dictionary_set", "SplicedModel",
-    "DEFAULT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects", "EdgeEffects",
+    "DEFAULT_RULES", "TWO_POINT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects", "EdgeEffects",
     "edge_effects", "Circuit", "Thresholds", "discover_circuit", "save_circuit", "load_circuit",
 ]

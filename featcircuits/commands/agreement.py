@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="components: one node per site and position (identity dictionaries); features: one "
                         "per SAE feature and error node, exact patching on a sample")
     p.add_argument("--rules", default="default",
-                   help="LRP rules for relp: comma list of ln,identity,half,half-qk,ah (default ln,identity,half)")
+                   help="rules for relp: comma list of ln,identity,half,half-qk,ah,secant,mid,mid-softmax or a preset (default, two-point); default ln,identity,half")
     p.add_argument("--no-ah-variant", action="store_true", help="do not add relp+ah (rules plus the AH-rule)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
     p.add_argument("--repeats", type=int, default=3,

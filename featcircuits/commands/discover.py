@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="estimator for nodes and edges (default relp)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
     p.add_argument("--rules", default="default",
-                   help="LRP rules for relp: comma list of ln,identity,half,half-qk,ah (default ln,identity,half)")
+                   help="rules for relp: comma list of ln,identity,half,half-qk,ah,secant,mid,mid-softmax or a preset (default, two-point); default ln,identity,half")
     p.add_argument("--node-threshold", type=float, default=None, help="keep nodes with |effect| above this")
     p.add_argument("--edge-threshold", type=float, default=None,
                    help="keep edges with |weight| above this (default: 1%% of the largest |edge|)")
