@@ -196,6 +196,7 @@ def section_text(out_root: Path, tasks: list[str]) -> str:
                        f"(worst {worst['diff']:+.3f} at {worst['n_nodes']} nodes)")
         lines.append(f"| {t} | {d['F_M']:.3f} | {d['F_empty']:.3f} | " + " | ".join(reach) + " | "
                      + " | ".join(auc) + f" | {verdict} |")
+    lines += _other_rules(out_root, data)
     lines += ["", "Completeness AUC (lower = the circuit leaves less out):", "",
               "| task | " + " | ".join(label[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for t, d in data.items():
@@ -218,6 +219,45 @@ def section_text(out_root: Path, tasks: list[str]) -> str:
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _rules_of(run: Path) -> str:
+    """The rule set a ``rules-*`` run used, as its curves.json records it."""
+    for f in sorted(run.glob("*/curves.json")):
+        rules = json.loads(f.read_text()).get("script_settings", {}).get("rules")
+        if rules:
+            return rules
+    return run.name[len("rules-"):]
+
+
+def _other_rules(out_root: Path, data: dict) -> list[str]:
+    """RelP under other rule sets (``rules-<set>/`` runs with the same pairs and grid): AUC and
+    the largest gap to this run's IG curve at >= 50 nodes."""
+    runs = sorted(p for p in out_root.glob("rules-*") if p.is_dir())
+    rows = []
+    for t, d in data.items():
+        if "ig" not in d["methods"]:
+            continue
+        ig = d["methods"]["ig"]["faithfulness"]
+        cells = []
+        for run in runs:
+            f = run / t / "curves.json"
+            o = json.loads(f.read_text()) if f.is_file() else None
+            if o is None or o["sizes"] != d["sizes"] or o.get("split") != d.get("split"):
+                cells.append("–")
+                continue
+            curve = o["methods"]["relp"]["faithfulness"]
+            gap = max(abs(a - b) for a, b, k in zip(curve, ig, d["sizes"]) if k >= 50)
+            cells.append(f"{o['methods']['relp']['auc']:.3f} (max gap {gap:.2f})")
+        rows.append(f"| {t} | {d['methods']['ig']['auc']:.3f} | " + " | ".join(cells) + " |")
+    if not runs or not rows:
+        return []
+    names = [_rules_of(p) for p in runs]
+    return ["", "RelP under other rule sets (`featcircuits.lrp`; the same pairs and size grid, runs in "
+            + ", ".join(f"`{p.relative_to(ROOT)}`" for p in runs) + "; `## LRP rules` has the commands): "
+            "AUC, and the largest |faithfulness − IG's| at ≥ 50 nodes.", "",
+            "| task | AUC IG | " + " | ".join(f"RelP [{n}]" for n in names) + " |",
+            "|---|---|" + "---|" * len(names), *rows]
 
 
 def _notes(data: dict) -> list[str]:
