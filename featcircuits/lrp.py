@@ -32,13 +32,16 @@ rule               operation                                   backward
 ``secant``         elementwise activation f                    ``(f(x_c) - f(x_p)) / (x_c - x_p)``
 ``mid``            every product of two live factors (gated    each factor's gradient uses the
                    MLP, ``q . k``, pattern x values)           other's clean/counterfactual mean
-``mid-softmax``    attention softmax                           Jacobian at the mean scores
+``mid-softmax``    attention softmax                           Jacobian at the mean scores,
+                                                               secant-corrected (Broyden)
+``norm-secant``    LayerNorm / RMSNorm                         exact two-point split of the
+                                                               norm (scale's secant included)
 =================  ==========================================  ================================
 
 They read the counterfactual values from a ``ReferenceTape`` recorded during the
 counterfactual forward RelP already runs (``recording``/``replaying``), so they cost no
 extra pass. Without a tape they fall back to the zero reference: ``secant`` -> identity,
-``mid`` -> half, ``mid-softmax`` -> plain gradient. ``TWO_POINT_RULES`` is the full set.
+``mid`` -> half, ``mid-softmax`` -> plain gradient, ``norm-secant`` -> the LN-rule. ``TWO_POINT_RULES`` is the full set.
 
 Linear layers and embeddings keep their plain gradient (the 0-rule).
 
@@ -62,12 +65,12 @@ from torch import nn
 
 from .errors import UserError
 
-RULES = ("ln", "identity", "half", "half-qk", "ah", "secant", "mid", "mid-softmax")
+RULES = ("ln", "identity", "half", "half-qk", "ah", "secant", "mid", "mid-softmax", "norm-secant")
 # The RelP authors' defaults: LN + identity + half, the AH-rule available but off.
 DEFAULT_RULES = ("ln", "identity", "half")
 # Every operation linearised between the clean and the counterfactual run ("two-point").
-TWO_POINT_RULES = ("ln", "secant", "mid", "mid-softmax")
-REFERENCE_RULES = frozenset({"secant", "mid", "mid-softmax"})  # these read a ReferenceTape
+TWO_POINT_RULES = ("norm-secant", "secant", "mid", "mid-softmax")
+REFERENCE_RULES = frozenset({"secant", "mid", "mid-softmax", "norm-secant"})  # these read a ReferenceTape
 PRESETS = {"default": DEFAULT_RULES, "two-point": TWO_POINT_RULES}
 ATTN_IMPLEMENTATION = "featcircuits_lrp"
 
@@ -254,9 +257,47 @@ def _norm_surrogate(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _norm_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     y = type(self).forward(self, x, *args, **kwargs)
-    if "ln" not in _active:
+    ref = _if_active("norm-secant", _reference(self, x))
+    if ref is not None:
+        return straight(y, _norm_secant_surrogate(self, x, ref[0]))
+    if "ln" not in _active and "norm-secant" not in _active:
         return y
-    return straight(y, _norm_surrogate(self, x))
+    return straight(y, _norm_surrogate(self, x))  # also ``norm-secant`` without a tape
+
+
+def _norm_secant_surrogate(module: nn.Module, x: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
+    """The norm's exact two-point linearisation between ``x_ref`` and ``x``.
+
+    A norm is ``z * g(u) * w`` with ``z`` = x (RMSNorm) or x centred (LayerNorm), ``u`` =
+    mean(z^2) + eps and ``g(u) = u^-1/2``. Exactly: ``d(z g) = dz g_mid + z_mid dg`` (a
+    product), ``dg = s du`` with ``s`` the secant slope of g, and ``du = 2/d sum(z_mid dz)``
+    (a square). The surrogate's gradient is that multiplier; the bias drops out."""
+    layer_norm = isinstance(module, nn.LayerNorm)
+    eps = module.eps if layer_norm else getattr(module, "eps", None)
+    if eps is None:
+        eps = module.variance_epsilon
+
+    def parts(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = v.float()
+        if layer_norm:
+            z = z - z.mean(-1, keepdim=True)
+        return z, z.pow(2).mean(-1, keepdim=True) + eps
+
+    z, u = parts(x)
+    z_ref, u_ref = (t.detach() for t in parts(x_ref))
+    u_c = u.detach()
+    g_c, g_ref = torch.rsqrt(u_c), torch.rsqrt(u_ref)
+    du = u_c - u_ref
+    far = du.abs() > 1e-6 * u_c
+    u_mid = 0.5 * (u_c + u_ref)
+    slope = torch.where(far, (g_c - g_ref) / torch.where(far, du, torch.ones_like(du)), -0.5 * u_mid.pow(-1.5))
+    z_mid, g_mid = 0.5 * (z.detach() + z_ref), 0.5 * (g_c + g_ref)
+    surrogate = z * g_mid + z_mid * slope * (2.0 / z.shape[-1]) * (z_mid * z).sum(-1, keepdim=True)
+    if layer_norm:
+        return (surrogate * module.weight if module.weight is not None else surrogate).to(x.dtype)
+    if type(module).__name__.startswith("Gemma"):
+        return (surrogate * (1.0 + module.weight.float())).type_as(x)
+    return module.weight * surrogate.to(x.dtype)
 
 
 def _act_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -382,13 +423,23 @@ def half_product_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_at_mean(scores: torch.Tensor, scores_ref: torch.Tensor) -> torch.Tensor:
-    """A surrogate whose gradient is the softmax Jacobian at the mean of the two score sets
-    (the midpoint rule for the path between them). Masked (-inf / finfo.min) entries stay out."""
+    """A surrogate whose gradient is the softmax Jacobian at the mean of the two score sets,
+    corrected by a rank-one (Broyden) secant update so that, along the move from
+    ``scores_ref`` to ``scores``, it reproduces the change of the pattern exactly. Masked
+    (-inf / finfo.min) entries stay out."""
     finite = torch.isfinite(scores) & (scores > torch.finfo(scores.dtype).min / 2)
+    zero = torch.zeros((), dtype=torch.float32)
     mean = torch.where(finite, 0.5 * (scores + scores_ref), scores)
     p = torch.softmax(mean.float(), dim=-1).detach()
-    z = torch.where(finite, scores, torch.zeros_like(scores)).float()
-    return p * (z - (p * z).sum(-1, keepdim=True))
+    z = torch.where(finite, scores, zero).float()
+    jz = p * (z - (p * z).sum(-1, keepdim=True))  # J_mean z, linear in z
+    with torch.no_grad():
+        ds = torch.where(finite, scores - scores_ref, zero).float()
+        dp = torch.softmax(scores.float(), -1) - torch.softmax(scores_ref.float(), -1)
+        miss = dp - p * (ds - (p * ds).sum(-1, keepdim=True))  # what J_mean gets wrong along ds
+        norm2 = (ds * ds).sum(-1, keepdim=True)
+        coef = torch.where(norm2 > 1e-12, miss / norm2.clamp(min=1e-12), zero)
+    return jz + coef * (ds * z).sum(-1, keepdim=True)
 
 
 def _register_attention() -> None:
