@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from . import __version__
+from . import __version__, lrp
 from .attribution import GRADIENT_METHODS, node_effects
 from .edges import edge_effects
 from .errors import UserError
@@ -66,7 +66,7 @@ def discover_circuit(
     if checkpoint_dir is not None:
         from .checkpoint import Checkpoint
 
-        config = {"method": method, "steps": steps, "rules": str(rules), "batch_size": batch_size,
+        config = {"method": method, "steps": steps, "rules": lrp.rules_key(rules), "batch_size": batch_size,
                   "aggregation": aggregation, "dictionaries": sm.dictionaries.digest(), "n": len(batch),
                   "inputs": _batch_digest(batch), "thresholds": thresholds.as_dict()}
         ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}", config, resume)

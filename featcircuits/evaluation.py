@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import Site
+from . import lrp
 from .errors import UserError
 from .graph import SiteMask
 from .metric import preference
@@ -530,7 +531,7 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
 
         config = {"methods": methods, "points": points, "n_min": n_min, "n_max": n_max, "ablation": ablation,
                   "errors": errors, "aggregation": aggregation, "start_layer": start_layer, "steps": steps,
-                  "rules": str(rules), "random_draws": random_draws, "seed": seed, "batch_size": batch_size,
+                  "rules": lrp.rules_key(rules), "random_draws": random_draws, "seed": seed, "batch_size": batch_size,
                   "stack": stack, "dictionaries": sm.dictionaries.digest(),
                   "discovery": _batch_digest(discovery), "evaluation": _batch_digest(evaluation)}
         for m in methods:

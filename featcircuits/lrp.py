@@ -112,6 +112,12 @@ def lrp_rules(rules: Iterable[str] | str | None = DEFAULT_RULES) -> Iterator[fro
         _active = previous
 
 
+def rules_key(rules: Iterable[str] | str | None) -> str:
+    """The resolved rule set as a stable string (for cache and checkpoint keys: a preset's
+    name alone would outlive a change of the preset)."""
+    return ",".join(r for r in RULES if r in parse_rules(rules))
+
+
 def needs_reference(rules: Iterable[str]) -> bool:
     """Whether a rule set reads the counterfactual run (a ``ReferenceTape``)."""
     return bool(REFERENCE_RULES & set(rules))

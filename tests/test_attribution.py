@@ -249,7 +249,7 @@ def test_two_point_rules_make_relp_exact_without_norms_or_attention():
     batch, _ = tokenize_pairs(make_pairs("sva-simple", 6), model.tokenizer)
     r = run_agreement(SplicedModel(model), batch, "atp,relp,relp:two-point", "components", batch_size=6,
                       repeats=1, add_ah=False, progress=False)
-    two_point = "relp:" + "+".join(lrp.TWO_POINT_RULES)
+    two_point = "relp:" + lrp.rules_key("two-point").replace(",", "+")
     exact = torch.tensor(r["grids"]["exact"]["embed"])
     assert exact.abs().max() > 1e-3
     assert torch.allclose(torch.tensor(r["grids"][two_point]["embed"]), exact, atol=1e-4, rtol=1e-3)
@@ -316,3 +316,9 @@ def test_two_point_node_effects_of_every_layer_cut_sum_to_the_total_effect(any_f
         assert got == pytest.approx(total, rel=1e-3 if exact_family else 0.2, abs=1e-5), site
         lost = max(lost, abs(float(comps_default[site].sum()) - total))
     assert lost > 1e-3 * abs(total)
+
+
+def test_rules_key_resolves_presets():
+    assert lrp.rules_key("default") == lrp.rules_key(None) == "ln,identity,half"
+    assert lrp.rules_key("two-point") == ",".join(r for r in lrp.RULES if r in lrp.TWO_POINT_RULES)
+    assert lrp.rules_key("half,ln,identity") == lrp.rules_key(("ln", "identity", "half"))

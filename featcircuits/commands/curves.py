@@ -183,9 +183,11 @@ def curves_main(model, dicts, *, task: str, n: int, n_eval: int, seed: int = 0, 
 
 
 def _effects_key(model_spec: str, dicts, batch, method: str, steps: int, rules, batch_size: int) -> str:
+    from ..lrp import rules_key
+
     h = hashlib.sha256()
     for t in (batch.clean_ids, batch.patch_ids, batch.clean_answer, batch.patch_answer):
         h.update(t.numpy().tobytes())
     h.update(json.dumps([model_spec, dicts.digest(), method, steps if method == "ig" else None,
-                         str(rules) if method == "relp" else None, batch_size]).encode())
+                         rules_key(rules) if method == "relp" else None, batch_size]).encode())
     return h.hexdigest()[:16]
