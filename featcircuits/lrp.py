@@ -41,7 +41,13 @@ rule               operation                                   backward
 They read the counterfactual values from a ``ReferenceTape`` recorded during the
 counterfactual forward RelP already runs (``recording``/``replaying``), so they cost no
 extra pass. Without a tape they fall back to the zero reference: ``secant`` -> identity,
-``mid`` -> half, ``mid-softmax`` -> plain gradient, ``norm-secant`` -> the LN-rule. ``TWO_POINT_RULES`` is the full set.
+``mid`` -> half, ``mid-softmax`` -> plain gradient, ``norm-secant`` -> the LN-rule.
+With all four (the preset ``two-point``) every operation between a layer and the metric is
+linearised exactly for the move to the counterfactual, so the node effects of any full
+layer cut sum to ``m(patch) - m(clean)`` (tested on every family; Gemma 2's final logit
+softcap sits outside the modules the rules reach). Single nodes are still first-order
+estimates: a node patched alone moves the rest of the model elsewhere than the full
+counterfactual does (e.g. backup heads that compensate). ``TWO_POINT_RULES`` is the full set.
 
 Linear layers and embeddings keep their plain gradient (the 0-rule).
 
