@@ -292,7 +292,10 @@ def section(result: dict, command: str) -> str:
         f"`{MODEL}`, n = {result['n']} pairs per task; each cell is Pearson r resid / attn / mlp against exact "
         "patching over the prompt-averaged layer x position grid. The LRP rule sets were compared on IOI and "
         "sva-simple, with sva-nounpp and sva-within-rc held out; the `two-point` preset was defined afterwards "
-        "from its principle while looking at those four, and sva-rc, added then, is held out for every row. "
+        "from its principle while looking at those four, and sva-rc, added then, was held out for its first "
+        "version (LN-rule, plain midpoint softmax: sva-rc 1.00 / 0.99 / 0.91); the final preset adds the "
+        "norm's and the softmax's exact secant parts, chosen for exact conservation (below) and then "
+        "measured on all five. "
         "`half-qk` is the half rule applied to the "
         "attention scores q . k (both factors depend on the residual stream); `ah` detaches the softmax "
         f"pattern. Made by `{command}`; grids and seconds in `results/agreement/rules/rules.json`.", "",
