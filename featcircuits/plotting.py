@@ -18,7 +18,7 @@ METHOD_LABELS = {"exact": "exact patching", "atp": "AtP", "relp": "RelP", "relp+
 
 
 # RelP under other rule sets (``relp:<rules>``): further colours, fixed per rule set
-_VARIANT_COLORS = ("#CC79A7", "#D55E00", "#7B3294", "#1B7837", "#762A83")
+_VARIANT_COLORS = ("#CC79A7", "#D55E00", "#7B3294", "#882255", "#E7298A")  # no greens: IG is green
 
 
 def method_color(method: str) -> str:

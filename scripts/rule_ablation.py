@@ -51,6 +51,7 @@ RULE_SETS = (
 
 
 CANDIDATES = ("ln,identity,half-qk", "two-point")  # the rule sets the follow-ups check
+CANDIDATE_COLORS = {"ln,identity,half-qk": "#CC79A7", "two-point": "#D55E00"}  # apart from IG's green
 FAITHFULNESS = ROOT / "results" / "faithfulness"
 FEATURES = OUT / "sva-simple_features_starter"
 
@@ -252,6 +253,53 @@ def faithfulness_table() -> list[str]:
             "|---|" + "---|" * (2 * len(names) + 2), *rows, ""]
 
 
+def plot_faithfulness(stem: Path) -> list[Path]:
+    """Faithfulness vs circuit size per task: RelP under the default and each candidate rule
+    set beside IG and AtP (from the faithfulness runs; nothing when they are missing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from featcircuits.plotting import method_color, method_label, save_figure
+
+    panels = []
+    for task in TASKS:
+        main = FAITHFULNESS / task / "curves.json"
+        runs = {c: faithfulness_dir(c) / task / "curves.json" for c in CANDIDATES}
+        if main.is_file() and any(p.is_file() for p in runs.values()):
+            panels.append((task, json.loads(main.read_text()),
+                           {c: json.loads(p.read_text()) for c, p in runs.items() if p.is_file()}))
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (task, main, others) in zip(axes[0], panels):
+        for m in ("ig", "atp", "relp"):
+            c = main["methods"][m]
+            name = "RelP [default]" if m == "relp" else method_label(m)
+            ax.plot(c["n_nodes"], c["faithfulness"], marker="o", markersize=2.5, lw=1.4, color=method_color(m),
+                    label=name, ls="--" if m == "relp" else "-")
+        for rules, o in others.items():
+            if o["sizes"] != main["sizes"]:
+                continue
+            ax.plot(o["methods"]["relp"]["n_nodes"], o["methods"]["relp"]["faithfulness"], marker="o", markersize=2.5,
+                    lw=1.6, color=CANDIDATE_COLORS.get(rules, method_color("relp:" + rules)), label=f"RelP [{rules}]")
+        ax.set_xscale("log")
+        ax.axhline(0.0, color="#bbbbbb", lw=0.8, ls=":")
+        ax.axhline(1.0, color="#bbbbbb", lw=0.8, ls=":")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("nodes in circuit (log)")
+        ax.grid(alpha=0.25, which="both")
+    axes[0][0].set_ylabel("faithfulness")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"RelP circuits under other rules, {MODEL}, starter dictionaries (same pairs and sizes as IG's)",
+                 fontsize=10)
+    fig.tight_layout()
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths
+
+
 def plot(result: dict, stem: Path) -> list[Path]:
     import matplotlib
 
@@ -319,6 +367,8 @@ def section(result: dict, command: str) -> str:
         "other families). " + two_point_summary(result), "",
         *features_table(),
         *faithfulness_table(),
+        *(["![faithfulness of RelP circuits under other rules](agreement/rules/faithfulness.png)", ""]
+          if (OUT / "faithfulness.png").is_file() else []),
         "Issue 3's IOI targets (r >= 0.9 for resid and mlp, no site kind more than 0.02 below AtP) per rule set:",
         *issue_checks(result), "",
     ])
@@ -364,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --threads {args.threads}" if args.threads else "")
     OUT.mkdir(parents=True, exist_ok=True)
     plot(result, OUT / "rules")
+    plot_faithfulness(OUT / "faithfulness")
     text = section(result, command)
-    write_text(OUT / "rules.md", text.replace(HEADING, "# LRP rules").replace("agreement/rules/rules.png",
-                                                                             "rules.png"))
+    write_text(OUT / "rules.md", text.replace(HEADING, "# LRP rules").replace("](agreement/rules/", "]("))
     replace_section(README, HEADING, text)
     print(text)
     return 0
