@@ -44,8 +44,8 @@ extra pass. Without a tape they fall back to the zero reference: ``secant`` -> i
 ``mid`` -> half, ``mid-softmax`` -> plain gradient, ``norm-secant`` -> the LN-rule.
 With all four (the preset ``two-point``) every operation between a layer and the metric is
 linearised exactly for the move to the counterfactual, so the node effects of any full
-layer cut sum to ``m(patch) - m(clean)`` (tested on every family; Gemma 2's final logit
-softcap sits outside the modules the rules reach). Single nodes are still first-order
+layer cut sum to ``m(patch) - m(clean)`` (tested on every family; ``install`` moves Gemma
+2's final logit softcap into the output head so the rules reach it). Single nodes are still first-order
 estimates: a node patched alone moves the rest of the model elsewhere than the full
 counterfactual does (e.g. backup heads that compensate). ``TWO_POINT_RULES`` is the full set.
 
@@ -336,6 +336,36 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(h)
 
 
+def _move_logit_softcap(hf_model: nn.Module) -> None:
+    """Gemma 2 caps its logits (``tanh(z / c) * c``) in the model's forward, outside any
+    module; move the same computation into the output head so that the rules reach it
+    (identity rule, or the secant with a tape). Values are unchanged."""
+    cap = getattr(hf_model.config, "final_logit_softcapping", None)
+    head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+    if cap is None or head is None:
+        return
+    head._featcircuits_cap = float(cap)
+    head._featcircuits_head = head.forward  # the class's, or the one models.wrap installed
+    head.forward = types.MethodType(_capped_head_forward, head)
+    hf_model.config.final_logit_softcapping = None
+
+
+def _capped_head_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    z = self._featcircuits_head(x)
+    cap = self._featcircuits_cap
+
+    def capped(v: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(v / cap) * cap
+
+    y = capped(z)
+    ref = _if_active("secant", _reference(self, z, y))
+    if ref is not None:
+        return secant_rule(z, y, *ref, capped)
+    if "identity" in _active or "secant" in _active:
+        return identity_rule(z, y, capped)
+    return y
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
@@ -357,6 +387,7 @@ def install(hf_model: nn.Module, adapter: Any) -> None:
             act.forward = types.MethodType(_act_forward, act)
         if hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
             mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
+    _move_logit_softcap(hf_model)
     _register_attention()
     hf_model.config._attn_implementation = ATTN_IMPLEMENTATION
     for sub in hf_model.modules():

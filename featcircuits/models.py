@@ -60,8 +60,8 @@ def wrap(hf_model: Any, tokenizer: Any, spec: str = "custom", info: dict | None 
     for p in hf_model.parameters():
         p.requires_grad_(False)
     adapter = adapter_for(hf_model.config)
-    lrp.install(hf_model, adapter)
     _contiguous_unembedding(hf_model)
+    lrp.install(hf_model, adapter)  # after: the rules wrap whatever forward the head has now
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Left padding puts every prompt's last token at the same position, where the metric reads.
