@@ -53,20 +53,23 @@ RULE_SETS = (
 CANDIDATES = ("ln,identity,half-qk", "two-point")  # the rule sets the follow-ups check
 CANDIDATE_COLORS = {"ln,identity,half-qk": "#CC79A7", "two-point": "#D55E00"}  # apart from IG's green
 FAITHFULNESS = ROOT / "results" / "faithfulness"
-FEATURES = OUT / "sva-simple_features_starter"
+FEATURE_TASKS = ("sva-simple", "ioi")  # feature-level follow-ups, starter dictionaries
 
 
 def faithfulness_dir(rules: str) -> Path:
     return FAITHFULNESS / ("rules-" + rules.replace(",", "-"))
 
 
+FEATURE_METHODS = {"sva-simple": "atp,relp," + ",".join("relp:" + c.replace(",", "+") for c in CANDIDATES),
+                   "ioi": "atp,relp,relp:two-point"}
 FOLLOW_UPS = (
-    f".venv/bin/featcircuits agreement --model {MODEL} --task sva-simple --n 32 --granularity features "
-    "--saes starter --methods atp,relp," + ",".join("relp:" + c.replace(",", "+") for c in CANDIDATES)
-    + f" --quiet --out {FEATURES.relative_to(ROOT)}",
+    *(f".venv/bin/featcircuits agreement --model {MODEL} --task {t} --n 32 --granularity features "
+      f"--saes starter --methods {FEATURE_METHODS[t]} --quiet --out results/agreement/rules/{t}_features_starter"
+      for t in FEATURE_TASKS),
     *(f".venv/bin/python scripts/faithfulness.py --methods relp --rules {c} --threads 2 "
       f"--out {faithfulness_dir(c).relative_to(ROOT)} --no-readme" for c in CANDIDATES),
 )
+N_FEATURE_FOLLOW_UPS = len(FEATURE_TASKS)
 
 
 def label(method: str) -> str:
@@ -200,21 +203,24 @@ def gap_table(result: dict) -> list[str]:
 
 
 def features_table() -> list[str]:
-    """The feature-level agreement of the rule sets (starter dictionaries), if it was run."""
-    path = FEATURES / "agreement.json"
-    if not path.is_file():
-        return []
-    r = json.loads(path.read_text())
-    kinds = [k for k in r["site_kinds"]]
-    lines = [f"Feature level (`starter` dictionaries, sva-simple, n = {r['n']}; exact patching on a sample: "
-             f"{r['sample']['description']}; `{FOLLOW_UPS[0]}`):", "",
-             "| method | " + " | ".join(kinds) + " | seconds |", "|---|" + "---|" * (len(kinds) + 1)]
-    for m in r["methods"]:
-        rules = r["method_params"][m]["rules"]
-        name = "AtP" if m == "atp" else f"RelP [{','.join(rules)}]" if rules else m
-        lines.append(f"| {name} | " + " | ".join(f"{r['pearson'][m][k]:+.3f}" for k in kinds)
-                     + f" | {r['seconds'][m]:.1f} |")
-    return lines + [""]
+    """The feature-level agreement of the rule sets (starter dictionaries), where it was run."""
+    out = []
+    for task, command in zip(FEATURE_TASKS, FOLLOW_UPS):
+        path = OUT / f"{task}_features_starter" / "agreement.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        kinds = list(r["site_kinds"])
+        out += [f"Feature level (`starter` dictionaries, {task}, n = {r['n']}; exact patching on a sample: "
+                f"{r['sample']['description']}; `{command}`):", "",
+                "| method | " + " | ".join(kinds) + " | seconds |", "|---|" + "---|" * (len(kinds) + 1)]
+        for m in r["methods"]:
+            rules = r["method_params"][m]["rules"]
+            name = "AtP" if m == "atp" else f"RelP [{','.join(rules)}]" if rules else m
+            out.append(f"| {name} | " + " | ".join(f"{r['pearson'][m][k]:+.3f}" for k in kinds)
+                       + f" | {r['seconds'][m]:.1f} |")
+        out.append("")
+    return out
 
 
 def faithfulness_table() -> list[str]:
@@ -247,7 +253,7 @@ def faithfulness_table() -> list[str]:
     names = ["default", *used]
     return ["Faithfulness of RelP circuits (starter dictionaries; the same discovery and evaluation pairs and size "
             "grid as `## Faithfulness and completeness`, whose runs give the default, IG and AtP columns; "
-            + "; ".join(f"`{f}`" for f in FOLLOW_UPS[1:]) + "):", "",
+            + "; ".join(f"`{f}`" for f in FOLLOW_UPS[N_FEATURE_FOLLOW_UPS:]) + "):", "",
             "| task | " + " | ".join(f"AUC RelP [{n}]" for n in names) + " | AUC IG | AUC AtP | "
             + " | ".join(f"max gap to IG >= 50 nodes, [{n}]" for n in names) + " |",
             "|---|" + "---|" * (2 * len(names) + 2), *rows, ""]
