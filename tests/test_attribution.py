@@ -47,8 +47,9 @@ def test_half_qk_rule_halves_query_and_key_gradients():
     assert torch.equal(hv, gv) and gq.abs().sum() > 0
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "gemma", "llama"])
-def test_ln_rule_treats_scale_as_constant(norm):
+def _rule_aware_norm(norm: str) -> torch.nn.Module:
+    """A LayerNorm / Gemma RMSNorm / Llama RMSNorm of width 8, random weight, with the
+    rule-aware forward ``lrp.install`` gives norms."""
     import types
 
     import transformers.models.gemma3.modeling_gemma3 as g3
@@ -59,6 +60,12 @@ def test_ln_rule_treats_scale_as_constant(norm):
     with torch.no_grad():
         mod.weight.normal_()
     mod.forward = types.MethodType(lrp._norm_forward, mod)
+    return mod
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "gemma", "llama"])
+def test_ln_rule_treats_scale_as_constant(norm):
+    mod = _rule_aware_norm(norm)
     x = torch.randn(3, 8, requires_grad=True)
     y_plain = mod(x)
     with lrp.lrp_rules(("ln",)):
@@ -259,16 +266,7 @@ def test_two_point_rules_make_relp_exact_without_norms_or_attention():
 
 @pytest.mark.parametrize("norm", ["layernorm", "gemma", "llama"])
 def test_norm_secant_linearisation_is_exact(norm):
-    import types
-
-    import transformers.models.gemma3.modeling_gemma3 as g3
-    import transformers.models.llama.modeling_llama as ll
-
-    torch.manual_seed(0)
-    mod = {"layernorm": torch.nn.LayerNorm(8), "gemma": g3.Gemma3RMSNorm(8), "llama": ll.LlamaRMSNorm(8)}[norm]
-    with torch.no_grad():
-        mod.weight.normal_()
-    mod.forward = types.MethodType(lrp._norm_forward, mod)
+    mod = _rule_aware_norm(norm)
     x_ref, x = torch.randn(3, 8), torch.randn(3, 8, requires_grad=True)
     tape = lrp.ReferenceTape()
     with torch.no_grad(), lrp.recording(tape):
