@@ -420,13 +420,14 @@ def _attention(
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     key_t = key.transpose(2, 3)
-    scores = torch.matmul(query, key_t)
     mid = "mid" in _active
     ref = _if_active("mid", _reference(module, query, key_t, value))
     if ref is not None:
         scores = mid_product(query, key_t, ref[0], ref[1], torch.matmul)
-    elif "half-qk" in _active or mid:
-        scores = straight(scores, 0.5 * (torch.matmul(query, key_t.detach()) + torch.matmul(query.detach(), key_t)))
+    elif "half-qk" in _active or mid:  # ``mid`` without a tape: the half rule
+        scores = half_product_matmul(query, key_t)
+    else:
+        scores = torch.matmul(query, key_t)
     scores = scores * scaling
     if softcap is not None:
         cap = lambda s: torch.tanh(s / softcap) * softcap  # noqa: E731
