@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import Site
 from . import lrp
+from .adapters import Site
 from .errors import UserError
 from .graph import SiteMask
 from .metric import preference

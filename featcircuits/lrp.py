@@ -245,26 +245,32 @@ def half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # Forwards installed on the modules
 
 
+def _norm_eps(module: nn.Module) -> float:
+    eps = getattr(module, "eps", None)
+    return module.variance_epsilon if eps is None else eps
+
+
+def _norm_weighted(module: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply a norm's own elementwise weight (and bias) to its normalised ``y``, in ``x``'s dtype."""
+    if isinstance(module, nn.LayerNorm):
+        y = y.to(x.dtype)
+        if module.weight is not None:
+            y = y * module.weight
+        return y + module.bias if module.bias is not None else y
+    if type(module).__name__.startswith("Gemma"):
+        # Gemma's RMSNorm scales by (1 + weight) in fp32 before casting back.
+        return (y * (1.0 + module.weight.float())).type_as(x)
+    return module.weight * y.to(x.dtype)
+
+
 def _norm_surrogate(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The norm recomputed with its normalising scale detached (the LN-rule)."""
     if isinstance(module, nn.LayerNorm):
         mean = x.mean(-1, keepdim=True)
         var = x.var(-1, keepdim=True, unbiased=False)
-        y = (x - mean) / torch.sqrt(var + module.eps).detach()
-        if module.weight is not None:
-            y = y * module.weight
-        if module.bias is not None:
-            y = y + module.bias
-        return y
+        return _norm_weighted(module, (x - mean) / torch.sqrt(var + module.eps).detach(), x)
     xf = x.float()
-    eps = getattr(module, "eps", None)
-    if eps is None:
-        eps = module.variance_epsilon
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
-    if type(module).__name__.startswith("Gemma"):
-        # Gemma's RMSNorm scales by (1 + weight) in fp32 before casting back.
-        return (y * (1.0 + module.weight.float())).type_as(x)
-    return module.weight * y.to(x.dtype)
+    return _norm_weighted(module, xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _norm_eps(module)).detach(), x)
 
 
 def _norm_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -285,9 +291,7 @@ def _norm_secant_surrogate(module: nn.Module, x: torch.Tensor, x_ref: torch.Tens
     product), ``dg = s du`` with ``s`` the secant slope of g, and ``du = 2/d sum(z_mid dz)``
     (a square). The surrogate's gradient is that multiplier; the bias drops out."""
     layer_norm = isinstance(module, nn.LayerNorm)
-    eps = module.eps if layer_norm else getattr(module, "eps", None)
-    if eps is None:
-        eps = module.variance_epsilon
+    eps = _norm_eps(module)
 
     def parts(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = v.float()
@@ -305,22 +309,24 @@ def _norm_secant_surrogate(module: nn.Module, x: torch.Tensor, x_ref: torch.Tens
     slope = torch.where(far, (g_c - g_ref) / torch.where(far, du, torch.ones_like(du)), -0.5 * u_mid.pow(-1.5))
     z_mid, g_mid = 0.5 * (z.detach() + z_ref), 0.5 * (g_c + g_ref)
     surrogate = z * g_mid + z_mid * slope * (2.0 / z.shape[-1]) * (z_mid * z).sum(-1, keepdim=True)
-    if layer_norm:
-        return (surrogate * module.weight if module.weight is not None else surrogate).to(x.dtype)
-    if type(module).__name__.startswith("Gemma"):
-        return (surrogate * (1.0 + module.weight.float())).type_as(x)
-    return module.weight * surrogate.to(x.dtype)
+    return _norm_weighted(module, surrogate, x)
+
+
+def _elementwise(owner: Any, x: torch.Tensor, fn: Any) -> torch.Tensor:
+    """``fn(x)`` for an elementwise nonlinearity (activation, softcap) under the active rules:
+    the secant to the counterfactual (``secant`` with a tape), the secant to 0 (``identity``,
+    or ``secant`` without a tape), or the plain gradient."""
+    y = fn(x)
+    ref = _if_active("secant", _reference(owner, x, y))
+    if ref is not None:
+        return secant_rule(x, y, *ref, fn)
+    if "identity" in _active or "secant" in _active:
+        return identity_rule(x, y, fn)
+    return y
 
 
 def _act_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    fn = self._featcircuits_fn
-    y = fn(x)
-    ref = _if_active("secant", _reference(self, x, y))
-    if ref is not None:
-        return secant_rule(x, y, *ref, fn)
-    if "identity" not in _active and "secant" not in _active:
-        return y
-    return identity_rule(x, y, fn)  # also ``secant`` without a tape: the secant to 0
+    return _elementwise(self, x, self._featcircuits_fn)
 
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -351,19 +357,8 @@ def _move_logit_softcap(hf_model: nn.Module) -> None:
 
 
 def _capped_head_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    z = self._featcircuits_head(x)
     cap = self._featcircuits_cap
-
-    def capped(v: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(v / cap) * cap
-
-    y = capped(z)
-    ref = _if_active("secant", _reference(self, z, y))
-    if ref is not None:
-        return secant_rule(z, y, *ref, capped)
-    if "identity" in _active or "secant" in _active:
-        return identity_rule(z, y, capped)
-    return y
+    return _elementwise(self, self._featcircuits_head(x), lambda v: torch.tanh(v / cap) * cap)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -430,14 +425,7 @@ def _attention(
         scores = torch.matmul(query, key_t)
     scores = scores * scaling
     if softcap is not None:
-        cap = lambda s: torch.tanh(s / softcap) * softcap  # noqa: E731
-        capped = cap(scores)
-        cap_ref = _if_active("secant", _reference(module, scores, capped))
-        if cap_ref is not None:
-            capped = secant_rule(scores, capped, *cap_ref, cap)
-        elif "identity" in _active or "secant" in _active:
-            capped = identity_rule(scores, capped, cap)
-        scores = capped
+        scores = _elementwise(module, scores, lambda v: torch.tanh(v / softcap) * softcap)
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]]
     else:

@@ -17,6 +17,14 @@ def add_model_args(p: argparse.ArgumentParser, saes: bool = True) -> None:
                             "model when present, else identity")
 
 
+def add_rules_arg(p: argparse.ArgumentParser) -> None:
+    from ..lrp import DEFAULT_RULES, PRESETS, RULES
+
+    p.add_argument("--rules", default="default",
+                   help=f"rules for relp: comma list of {','.join(RULES)} or a preset ({', '.join(PRESETS)}); "
+                        f"default {','.join(DEFAULT_RULES)}")
+
+
 def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:
     p.add_argument("--task", default="sva-simple",
                    help="built-in task (sva-simple, sva-nounpp, sva-rc, sva-within-rc, ioi) or a "

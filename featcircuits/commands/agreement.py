@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_model_args, add_task_args
+from . import add_model_args, add_rules_arg, add_task_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--granularity", default="components", choices=["components", "features"],
                    help="components: one node per site and position (identity dictionaries); features: one "
                         "per SAE feature and error node, exact patching on a sample")
-    p.add_argument("--rules", default="default",
-                   help="rules for relp: comma list of ln,identity,half,half-qk,ah,secant,mid,mid-softmax or a preset (default, two-point); default ln,identity,half")
+    add_rules_arg(p)
     p.add_argument("--no-ah-variant", action="store_true", help="do not add relp+ah (rules plus the AH-rule)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
     p.add_argument("--repeats", type=int, default=3,

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import add_model_args, add_task_args, default_saes
+from . import add_model_args, add_rules_arg, add_task_args, default_saes
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregation", default="sum", choices=["sum", "none"],
                    help="sum: one node per feature; none: one per feature and position")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
-    p.add_argument("--rules", default="default", help="rules for relp: comma list of ln,identity,half,half-qk,ah,secant,mid,mid-softmax or a preset (default, two-point); default ln,identity,half")
+    add_rules_arg(p)
     p.add_argument("--random-draws", type=int, default=3, help="random circuits per size, averaged (default 3)")
     p.add_argument("--effects-cache", default=None,
                    help="folder to keep node effects in, reused by a rerun with the same inputs")

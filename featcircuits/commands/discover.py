@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import add_model_args, add_task_args, default_saes
+from . import add_model_args, add_rules_arg, add_task_args, default_saes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="relp", choices=["relp", "ig", "atp"],
                    help="estimator for nodes and edges (default relp)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
-    p.add_argument("--rules", default="default",
-                   help="rules for relp: comma list of ln,identity,half,half-qk,ah,secant,mid,mid-softmax or a preset (default, two-point); default ln,identity,half")
+    add_rules_arg(p)
     p.add_argument("--node-threshold", type=float, default=None, help="keep nodes with |effect| above this")
     p.add_argument("--edge-threshold", type=float, default=None,
                    help="keep edges with |weight| above this (default: 1%% of the largest |edge|)")
