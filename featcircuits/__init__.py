@@ -5,6 +5,8 @@ The data flow, one module per stage::
     tasks       counterfactual pairs and the metric      make_pairs, read_pairs, tokenize_pairs
     models      a model traced with nnsight + adapter     load_model
     dictionaries  SAEs at every site                       load_dictionary_set, load_dictionary
+    nodes       features + error of a site, node ids, one   Act, NodeSpace, node_id
+                flat space of all nodes with selections
     tracing     dictionaries spliced in (features + error) SplicedModel
     attribution node effects: exact, AtP, RelP, IG         node_effects
     edges       direct-path edge effects                   edge_effects
@@ -37,6 +39,7 @@ from .metric import metric, preference
 from .tasks import Pair, make_pairs, read_pairs, tokenize_pairs
 from .models import LoadedModel, load_model
 from .dictionaries import DictionarySet, load_dictionary, load_dictionary_set
+from .nodes import METRIC, Act, NodeSpace, node_id, parse_node_id
 from .tracing import SplicedModel
 from .lrp import DEFAULT_RULES, TWO_POINT_RULES, lrp_rules
 from .attribution import NodeEffects, exact_feature_effects, node_effects
@@ -61,7 +64,7 @@ def load_circuit(folder):
 
 
 __all__ = [
-    "UserError", "metric", "preference", "Pair", "make_pairs", "read_pairs", "tokenize_pairs",
+    "UserError", "METRIC", "Act", "NodeSpace", "node_id", "parse_node_id", "metric", "preference", "Pair", "make_pairs", "read_pairs", "tokenize_pairs",
     "LoadedModel", "load_model", "DictionarySet", "load_dictionary", "load_dictionary_set", "SplicedModel",
     "DEFAULT_RULES", "TWO_POINT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects", "EdgeEffects",
     "edge_effects", "Circuit", "Thresholds", "discover_circuit", "save_circuit", "load_circuit",

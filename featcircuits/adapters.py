@@ -33,7 +33,38 @@ def site_kind(name: str) -> str:
 
 
 def site_layer(name: str) -> int:
+    """``"resid_5"`` -> 5; ``"embed"`` -> -1."""
     return -1 if name == "embed" else int(name.split("_")[1])
+
+
+def site_name(kind: str, layer: int) -> str:
+    """The name of a site: ``site_name("resid", 5)`` -> ``"resid_5"``; layer -1 of resid is embed."""
+    return "embed" if kind == "embed" or (kind == "resid" and layer < 0) else f"{kind}_{layer}"
+
+
+#: Where each site kind sits inside its layer, in forward order (embed below layer 0).
+SITE_BAND = {"embed": -1, "attn": 0, "mlp": 1, "resid": 2}
+
+
+def site_band(name: str, default: int = 3) -> int:
+    """A site's band inside its layer (``SITE_BAND``); ``default`` for a name of no known kind."""
+    return SITE_BAND.get(site_kind(name), default)
+
+
+def site_row(name: str) -> int:
+    """A site's index in forward order (embed 0, attn_l 3l+1, mlp_l 3l+2, resid_l 3l+3):
+    the row of a drawing; exports sort and place sites by the same order."""
+    if name == "embed":
+        return 0
+    return 3 * site_layer(name) + site_band(name) + 1
+
+
+def site_sort_key(name: str) -> tuple[int, int]:
+    """Forward order of a site name without an adapter (files read back); unknown names last."""
+    if name == "embed":
+        return (-1, -1)
+    kind, _, layer = name.partition("_")
+    return (int(layer) if layer.isdigit() else 10**6, SITE_BAND.get(kind, 3))
 
 
 @dataclass(frozen=True)
@@ -49,6 +80,7 @@ class Adapter:
     parallel: bool  # attention and MLP both read resid_{l-1} (GPT-NeoX / Pythia)
     n_layers: int
     d_model: int
+    mlp_module: str = "mlp"  # path inside a block of the MLP itself (the site may sit after its post-norm)
 
     def sites(self) -> list[Site]:
         """All sites in forward order: embed, then attn_l, mlp_l, resid_l per layer."""
@@ -71,6 +103,42 @@ class Adapter:
 
     def block(self, model: Any, layer: int) -> Any:
         return resolve(model, f"{self.layers}.{layer}")
+
+    def upstream(self, site: str) -> list[str]:
+        """The sites with a direct path into ``site`` (intermediate sites held fixed):
+        attn_l <- resid_{l-1}; mlp_l <- resid_{l-1} (+ attn_l unless parallel);
+        resid_l <- resid_{l-1}, attn_l, mlp_l; resid_{-1} is embed."""
+        if site == "embed":
+            return []
+        kind, layer = site_kind(site), site_layer(site)
+        prev = site_name("resid", layer - 1)
+        if kind == "attn":
+            return [prev]
+        if kind == "mlp":
+            return [prev] if self.parallel else [prev, site_name("attn", layer)]
+        return [prev, site_name("attn", layer), site_name("mlp", layer)]
+
+    @property
+    def last_resid(self) -> str:
+        """The last residual site: the one that feeds the metric."""
+        return site_name("resid", self.n_layers - 1)
+
+    def mlp_parts(self, model: Any, layer: int) -> "MLPParts":
+        """The MLP module of ``layer``, its activation module (and its attribute name), and
+        whether it is gated (``act(gate_proj(x)) * up_proj(x)``): what the LRP rules patch."""
+        mlp = resolve(self.block(model, layer), self.mlp_module)
+        act_name = "act_fn" if hasattr(mlp, "act_fn") else "act"
+        gated = hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj")
+        return MLPParts(mlp, getattr(mlp, act_name), gated)
+
+
+@dataclass(frozen=True)
+class MLPParts:
+    """What the LRP rules need of one MLP (see ``Adapter.mlp_parts``)."""
+
+    mlp: Any
+    act: Any
+    gated: bool
 
 
 # model_type (from the HF config) -> module layout. One small table per family.

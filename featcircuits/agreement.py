@@ -33,8 +33,9 @@ import torch
 
 from . import lrp
 from .adapters import site_kind
-from .attribution import FeatureNode, NodeEffects, exact_feature_effects, node_effects
+from .attribution import FeatureNode, NodeEffects, check_aggregation, exact_feature_effects, node_effects
 from .errors import UserError
+from .nodes import NodeSpace
 from .tasks import Batch
 from .tracing import SplicedModel
 
@@ -158,60 +159,24 @@ def _seconds(runs: dict[str, list[float]]) -> dict[str, float]:
 # Features: a flat index over every node, and the sample exact patching covers
 
 
-class NodeIndex:
-    """Every feature and error node of a spliced model, flattened in site order.
-
-    Per site: ``d_sae + 1`` nodes (features, then the error) for aggregation ``sum``, and
-    ``T * (d_sae + 1)`` (position-major) for ``none``.
-    """
-
-    def __init__(self, sm: SplicedModel, aggregation: str, seq_len: int):
-        if aggregation not in ("sum", "none"):
-            raise UserError(f"aggregation must be 'sum' or 'none', got {aggregation!r}")
-        self.aggregation = aggregation
-        self.sites = [s.name for s in sm.sites]
-        self.width = {s: sm.dictionary(s).d_sae + 1 for s in self.sites}
-        self.per_pos = aggregation == "none"
-        self.T = seq_len
-        self.offset: dict[str, int] = {}
-        n = 0
-        for s in self.sites:
-            self.offset[s] = n
-            n += self.width[s] * (self.T if self.per_pos else 1)
-        self.size = n
-
-    def flatten(self, effects: NodeEffects) -> torch.Tensor:
-        feats, errs = effects.mean(self.aggregation)
-        parts = []
-        for s in self.sites:
-            f, e = feats[s], errs[s]
-            parts.append(torch.cat([f, e.unsqueeze(-1)], -1).flatten())
-        return torch.cat(parts)
-
-    def site_range(self, site: str) -> tuple[int, int]:
-        start = self.offset[site]
-        return start, start + self.width[site] * (self.T if self.per_pos else 1)
-
-    def kind_mask(self, kind: str) -> torch.Tensor:
-        mask = torch.zeros(self.size, dtype=torch.bool)
-        for s in self.sites:
-            if site_kind(s) == kind:
-                a, b = self.site_range(s)
-                mask[a:b] = True
-        return mask
-
-    def node(self, i: int) -> FeatureNode:
-        for s in self.sites:
-            a, b = self.site_range(s)
-            if a <= i < b:
-                local = i - a
-                w = self.width[s]
-                pos, j = (divmod(local, w) if self.per_pos else (None, local))
-                return FeatureNode(s, -1 if j == w - 1 else j, pos)
-        raise IndexError(i)
+def node_space(sm: SplicedModel, aggregation: str, seq_len: int) -> NodeSpace:
+    """Every feature and error node of a spliced model, flattened in site order with the
+    error after the features of each position (``interleaved``; the sample drawn from it
+    depends on that order, so it stays as it was)."""
+    check_aggregation(aggregation)
+    per_pos = aggregation == "none"
+    shapes = {s.name: (((seq_len,) if per_pos else ()) + (sm.dictionary(s).d_sae,), (seq_len,) if per_pos else ())
+              for s in sm.sites}
+    return NodeSpace(shapes, layout="interleaved")
 
 
-def _select_nodes(index: NodeIndex, values: dict[str, torch.Tensor], kinds: list[str], top_k: int,
+def feature_node(space: NodeSpace, i: int) -> FeatureNode:
+    """The node at flat index ``i`` of ``space``, for exact patching."""
+    site, index, position = space.locate(i)
+    return FeatureNode(site, index, None if position < 0 else position)
+
+
+def _select_nodes(index: NodeSpace, values: dict[str, torch.Tensor], kinds: list[str], top_k: int,
                   n_random: int, seed: int) -> tuple[list[int], dict[int, list[str]], dict]:
     """Per site kind: the ``top_k`` nodes of largest |effect| by each method, plus ``n_random``
     drawn uniformly from the other nodes to which some method gives a nonzero effect."""
@@ -222,7 +187,7 @@ def _select_nodes(index: NodeIndex, values: dict[str, torch.Tensor], kinds: list
     for v in values.values():
         nonzero_any |= v != 0
     for kind in kinds:
-        mask = index.kind_mask(kind)
+        mask = index.site_mask([s for s in index.sites if site_kind(s) == kind])
         idx = torch.nonzero(mask).flatten()
         tops: dict[str, int] = {}
         for method, v in values.items():
@@ -299,10 +264,10 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
         result["points"] = {m: {k: (grids["exact"][k].flatten().tolist(), g.flatten().tolist())
                                 for k, g in gs.items()} for m, gs in grids.items() if m != "exact"}
     else:
-        index = NodeIndex(sm, aggregation, batch.seq_len)
-        values = {name: index.flatten(ne) for name, ne in effects.items()}
+        index = node_space(sm, aggregation, batch.seq_len)
+        values = {name: index.flatten(ne.mean(aggregation)) for name, ne in effects.items()}
         order, sources, described = _select_nodes(index, values, kinds, top_k, n_random, seed)
-        nodes = [index.node(i) for i in order]
+        nodes = [feature_node(index, i) for i in order]
         t0 = time.perf_counter()
         exact = exact_feature_effects(sm, batch, nodes, batch_size=batch_size, nodes_per_pass=nodes_per_pass,
                                       progress=progress)
@@ -482,5 +447,5 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["GRANULARITIES", "ESTIMATORS", "MethodSpec", "NodeIndex", "markdown_table", "pearson",
+__all__ = ["GRANULARITIES", "ESTIMATORS", "MethodSpec", "node_space", "feature_node", "markdown_table", "pearson",
            "resolve_methods", "run_agreement", "scatter_plot", "target_checks", "write_agreement"]

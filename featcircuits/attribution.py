@@ -27,7 +27,8 @@ from .adapters import Site
 from .errors import UserError
 from .metric import metric
 from .tasks import Batch
-from .tracing import SiteValues, SplicedModel, check_finite, join
+from .nodes import Act, Acts, pack
+from .tracing import SplicedModel, check_finite, join
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -40,46 +41,53 @@ GRADIENT_METHODS = ("atp", "relp", "ig")
 class NodeEffects:
     """Node effects summed over examples (divide by ``n`` for the mean).
 
-    ``features[site]``: [T, d_sae]; ``errors[site]``: [T] (T = padded prompt length, aligned
-    at the last token). ``delta_*`` hold the summed ``a_p - a_c`` (used by edges and reports).
+    ``effects[site]``: ``f`` [T, d_sae], ``err`` [T] (T = padded prompt length, aligned at
+    the last token).
     """
 
     method: str
-    features: dict[str, torch.Tensor]
-    errors: dict[str, torch.Tensor]
+    effects: Acts
     n: int
     metric_clean: float  # mean discovery metric on the clean prompts
     metric_patch: float
     seconds: float = 0.0
     passes: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
-    # per chunk of examples, the gradients and values the effects were made of (kept on
-    # request so edges need not recompute them; None for chunks restored from a checkpoint)
-    gradients: list | None = None
 
-    def mean(self, aggregation: str = "sum") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Aggregate: ``sum`` (sum over positions, mean over examples -> [d_sae], error [] )
-        or ``none`` (mean over examples, keep positions -> [T, d_sae], error [T])."""
-        if aggregation not in ("sum", "none"):
-            raise UserError(f"aggregation must be 'sum' or 'none', got {aggregation!r}")
-        feats = {s: v / self.n for s, v in self.features.items()}
-        errs = {s: v / self.n for s, v in self.errors.items()}
-        if aggregation == "sum":
-            feats = {s: v.sum(0) for s, v in feats.items()}
-            errs = {s: v.sum(0) for s, v in errs.items()}
-        return feats, errs
+    def mean(self, aggregation: str = "sum") -> Acts:
+        """Aggregate: ``sum`` (sum over positions, mean over examples -> ``f`` [d_sae], ``err`` [])
+        or ``none`` (mean over examples, keep positions -> [T, d_sae], [T])."""
+        check_aggregation(aggregation)
+        out = {s: v / self.n for s, v in self.effects.items()}
+        return {s: v.sum(0) for s, v in out.items()} if aggregation == "sum" else out
 
     def components(self) -> dict[str, torch.Tensor]:
         """Per-site effect per position, summed over features and error: [T] (mean over examples).
         With identity dictionaries this is the component (layer x position) effect."""
-        return {s: (self.features[s].sum(-1) + self.errors[s]) / self.n for s in self.features}
+        return {s: (v.f.sum(-1) + v.err) / self.n for s, v in self.effects.items()}
+
+
+AGGREGATIONS = ("sum", "none")
+
+
+def check_aggregation(aggregation: str) -> None:
+    """A clear error for an aggregation other than ``sum`` or ``none``."""
+    if aggregation not in AGGREGATIONS:
+        raise UserError(f"aggregation must be 'sum' or 'none', got {aggregation!r}")
+
+
+def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> None:
+    """A clear error for a method outside ``allowed``."""
+    if method not in allowed:
+        what = "edges need a gradient method" if allowed == GRADIENT_METHODS else "unknown method"
+        raise UserError(f"{what} {method!r}; choose from {', '.join(allowed)}")
 
 
 def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
     check_finite(f"{what} of {name}" if name != "metric" else "the metric", t)
 
 
-def _add(acc: dict[str, torch.Tensor], site: str, value: torch.Tensor) -> None:
+def _add(acc: Acts, site: str, value: Act) -> None:
     acc[site] = acc[site] + value if site in acc else value.clone()
 
 
@@ -94,7 +102,7 @@ def node_effects(
     sites: Iterable[str] | None = None,
     progress: bool = True,
     checkpoint: "Checkpoint | None" = None,
-    keep_gradients: bool = False,
+    gradients: list | None = None,
 ) -> NodeEffects:
     """Node effects of every feature and error node at every site (or ``sites``), by ``method``.
 
@@ -102,26 +110,27 @@ def node_effects(
     patches every *component* position (whole site vector at one position); for exact
     effects of individual features use ``exact_feature_effects``. With a ``checkpoint``, the
     running sums are saved after every chunk and a resumed run skips the chunks done.
-    ``keep_gradients`` keeps each chunk's ``SiteGradients`` (for ``edge_effects``).
+    ``gradients``: a list this call fills with each chunk's ``SiteGradients`` (None for
+    chunks restored from a checkpoint), to hand to ``edge_effects`` so the metric's gradients
+    are not computed twice.
     """
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_method(method)
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     chosen = [s for s in sm.sites if sites is None or s.name in set(sites)]
     rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
-    feats: dict[str, torch.Tensor] = {}
-    errs: dict[str, torch.Tensor] = {}
+    acc: Acts = {}
     m_clean = m_patch = 0.0
     f0, b0 = sm.n_forward, sm.n_backward
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
-    kept: list | None = [None] * len(chunks) if keep_gradients and method in GRADIENT_METHODS else None
+    if gradients is not None:
+        gradients[:] = [None] * len(chunks)
     done = 0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         done, state = saved
-        feats, errs = state["features"], state["errors"]
+        acc = pack(state["features"], state["errors"])
         m_clean, m_patch = state["m_clean"], state["m_patch"]
     bar = tqdm(chunks[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
                initial=done, total=len(chunks))
@@ -134,23 +143,23 @@ def node_effects(
         if method in GRADIENT_METHODS:
             sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals,
                                 reference=tape)
-            mc = _accumulate_effects(sg, chosen, feats, errs)
-            if kept is not None:
-                kept[i] = sg
+            mc = _accumulate_effects(sg, chosen, acc)
+            if gradients is not None:
+                gradients[i] = sg
         else:
-            mc = _exact_component_effects(sm, chunk, patch_vals, chosen, feats, errs)
+            mc = _exact_component_effects(sm, chunk, patch_vals, chosen, acc)
         m_clean += mc
         if checkpoint is not None:
-            checkpoint.save(i + 1, {"features": feats, "errors": errs, "m_clean": m_clean, "m_patch": m_patch})
-    for s in feats:
-        _check_finite(s, feats[s].unsqueeze(0), "feature effects")
-        _check_finite(s, errs[s].unsqueeze(0), "error effects")
+            checkpoint.save(i + 1, {"features": {s: v.f for s, v in acc.items()},
+                                    "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch})
+    for s, v in acc.items():
+        _check_finite(s, v.f.unsqueeze(0), "feature effects")
+        _check_finite(s, v.err.unsqueeze(0), "error effects")
     return NodeEffects(
-        method=method, features=feats, errors=errs, n=len(batch), metric_clean=m_clean / len(batch),
+        method=method, effects=acc, n=len(batch), metric_clean=m_clean / len(batch),
         metric_patch=m_patch / len(batch), seconds=time.perf_counter() - t0,
         passes={"forward": sm.n_forward - f0, "backward": sm.n_backward - b0},
         params={"steps": steps if method == "ig" else None, "rules": sorted(rule_set) if method == "relp" else None},
-        gradients=kept,
     )
 
 
@@ -161,16 +170,16 @@ class SiteGradients:
     ``grads[site]`` holds dm/df [b, T, d_sae] and dm/derr [b, T, d_model] (for IG: the mean
     over the interpolation points); ``clean``/``patch`` the sites' features and errors."""
 
-    grads: dict[str, SiteValues]
-    clean: dict[str, SiteValues]
-    patch: dict[str, SiteValues]
+    grads: dict[str, Act]
+    clean: dict[str, Act]
+    patch: dict[str, Act]
     metric_clean: torch.Tensor  # [b]
     reference: "lrp.ReferenceTape | None" = None  # the counterfactual values two-point rules read
 
 
 def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Site], *, steps: int = 10,
                    rules: Iterable[str] | str | None = None,
-                   patch_vals: dict[str, SiteValues] | None = None,
+                   patch_vals: dict[str, Act] | None = None,
                    reference: "lrp.ReferenceTape | None" = None) -> SiteGradients:
     """The gradients node effects and edges are made of: AtP (plain), RelP (LRP rules, default
     set when ``rules`` is None) or IG (mean over ``steps`` interpolation points, per site).
@@ -189,19 +198,18 @@ def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Sit
         m = metric(logits, chunk.clean_answer, chunk.patch_answer)
         _check_finite("metric", m, "metric")
         tensors = [t for s in chosen for t in (leaves[s.name].f, leaves[s.name].err)]
-        grads = torch.autograd.grad(m.sum(), tensors, allow_unused=True)
-        sm.n_backward += 1
+        grads = sm.grad(m.sum(), tensors, allow_unused=True)
     out, clean = {}, {}
     for i, s in enumerate(chosen):
         c = leaves[s.name]
         gf, ge = grads[2 * i], grads[2 * i + 1]
-        out[s.name] = SiteValues(torch.zeros_like(c.f) if gf is None else gf,
+        out[s.name] = Act(torch.zeros_like(c.f) if gf is None else gf,
                                  torch.zeros_like(c.err) if ge is None else ge)
-        clean[s.name] = SiteValues(c.f.detach(), c.err.detach())
+        clean[s.name] = Act(c.f.detach(), c.err.detach())
     return SiteGradients(out, clean, patch_vals, m.detach(), reference)
 
 
-def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues], chosen: list[Site],
+def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], chosen: list[Site],
                   steps: int) -> SiteGradients:
     """IG per site: the ``steps`` interpolation points stacked along the batch in one forward."""
     with torch.no_grad():
@@ -216,28 +224,25 @@ def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValu
         f = (c.f.unsqueeze(0) + alphas * (p.f - c.f).unsqueeze(0)).flatten(0, 1).requires_grad_(True)
         e = (c.err.unsqueeze(0) + alphas * (p.err - c.err).unsqueeze(0)).flatten(0, 1).requires_grad_(True)
         d = sm.dictionary(s)
-        logits = sm.run(inputs, lambda site, x, d=d, f=f, e=e: join(d, SiteValues(f, e)).to(x.dtype), [s])
+        logits = sm.run(inputs, lambda site, x, d=d, f=f, e=e: join(d, Act(f, e)).to(x.dtype), [s])
         m = metric(logits, ca, pa)
-        gf, ge = torch.autograd.grad(m.sum(), [f, e], allow_unused=True)
-        sm.n_backward += 1
+        gf, ge = sm.grad(m.sum(), [f, e], allow_unused=True)
         gf = torch.zeros_like(f) if gf is None else gf
         ge = torch.zeros_like(e) if ge is None else ge
-        out[s.name] = SiteValues(gf.view(steps, b, *gf.shape[1:]).mean(0), ge.view(steps, b, *ge.shape[1:]).mean(0))
+        out[s.name] = Act(gf.view(steps, b, *gf.shape[1:]).mean(0), ge.view(steps, b, *ge.shape[1:]).mean(0))
     m_c = metric(logits_c, chunk.clean_answer, chunk.patch_answer)
     return SiteGradients(out, clean_vals, patch_vals, m_c)
 
 
-def _accumulate_effects(sg: SiteGradients, chosen: list[Site], feats: dict, errs: dict) -> float:
+def _accumulate_effects(sg: SiteGradients, chosen: list[Site], acc: Acts) -> float:
     """Node effect = (a_p - a_c) * grad, summed over the chunk's examples."""
     for s in chosen:
-        g, c, p = sg.grads[s.name], sg.clean[s.name], sg.patch[s.name]
-        _add(feats, s.name, ((p.f - c.f) * g.f).sum(0))
-        _add(errs, s.name, ((p.err - c.err) * g.err).sum(-1).sum(0))
+        _add(acc, s.name, (sg.patch[s.name] - sg.clean[s.name]).effect(sg.grads[s.name]).sum(0))
     return float(sg.metric_clean.sum())
 
 
-def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, SiteValues],
-                             chosen: list[Site], feats: dict, errs: dict) -> float:
+def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act],
+                             chosen: list[Site], acc: Acts) -> float:
     """Exact patching of each site's whole vector at one position at a time (all positions of
     a site stacked along the batch in one forward). Stored as an 'error' effect per position
     with feature effects zero: with identity dictionaries the site vector is the component.
@@ -262,8 +267,7 @@ def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[st
                 ca, pa = chunk.clean_answer.repeat(P), chunk.patch_answer.repeat(P)
                 logits = sm.run(inputs, lambda site, x, v=stacked: v.to(x.dtype), [s])
                 delta[pos] = (metric(logits, ca, pa) - m_c.repeat(P)).view(P, b)  # [position, example]
-            _add(errs, s.name, delta.sum(1))
-            _add(feats, s.name, torch.zeros(T, d.d_sae))
+            _add(acc, s.name, Act(torch.zeros(T, d.d_sae), delta.sum(1)))
     return float(m_c.sum())
 
 
@@ -313,7 +317,7 @@ def exact_feature_effects(sm: SplicedModel, batch: Batch, nodes: list[FeatureNod
                             f[:, pos, node.index] = p.f[:, pos, node.index]
                         fs.append(f)
                         es.append(e)
-                    value = join(d, SiteValues(torch.cat(fs), torch.cat(es)))
+                    value = join(d, Act(torch.cat(fs), torch.cat(es)))
                     k = len(group)
                     inputs = {key: v.repeat(k, 1) for key, v in chunk.inputs("clean").items()}
                     logits = sm.run(inputs, lambda s_, x, v=value: v.to(x.dtype), [site])

@@ -14,10 +14,9 @@ from typing import Iterable
 import torch
 
 from . import __version__, lrp
-from .attribution import GRADIENT_METHODS, node_effects
+from .attribution import GRADIENT_METHODS, check_method, node_effects
 from .edges import edge_effects
-from .errors import UserError
-from .graph import Circuit, Thresholds, build_graph, count_nodes, select_nodes
+from .graph import DEFAULT_TOP_K, Circuit, Thresholds, build_graph, count_nodes, select_nodes
 from .tasks import Batch
 from .tracing import SplicedModel
 
@@ -58,9 +57,8 @@ def discover_circuit(
     With ``checkpoint_dir``, node and edge sums are checkpointed per chunk of examples and
     ``resume=True`` continues a killed run (the result equals an uninterrupted run).
     """
-    if method not in GRADIENT_METHODS:
-        raise UserError(f"--method must be one of {', '.join(GRADIENT_METHODS)}, got {method!r}")
-    thresholds = (thresholds or Thresholds(top_k=100)).validate()
+    check_method(method, GRADIENT_METHODS)
+    thresholds = thresholds or Thresholds(top_k=DEFAULT_TOP_K)  # validated when made
     t0 = time.perf_counter()
     ckpt_nodes = ckpt_edges = None
     if checkpoint_dir is not None:
@@ -71,10 +69,11 @@ def discover_circuit(
                   "inputs": _batch_digest(batch), "thresholds": thresholds.as_dict()}
         ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}", config, resume)
         ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}", config, resume)
+    gradients: list | None = [] if edges else None  # handed to the edge stage, freed with this call
     effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
-                           checkpoint=ckpt_nodes, keep_gradients=edges)
-    feats, errs = effects.mean(aggregation)
-    masks = select_nodes(feats, errs, thresholds)
+                           checkpoint=ckpt_nodes, gradients=gradients)
+    mean = effects.mean(aggregation)
+    masks = select_nodes(mean, thresholds)
     t_nodes = time.perf_counter() - t0
     edge_list: list[tuple[str, str, float]] = []
     t_edges = 0.0
@@ -83,13 +82,12 @@ def discover_circuit(
         t1 = time.perf_counter()
         ee = edge_effects(sm, batch, masks, method, steps=steps, rules=rules, aggregation=aggregation,
                           batch_size=batch_size, batched=batched_edges, progress=progress,
-                          checkpoint=ckpt_edges, gradients=effects.gradients)
+                          checkpoint=ckpt_edges, gradients=gradients)
         edge_list = ee.edge_list(masks)
         t_edges = time.perf_counter() - t1
         if edge_threshold is None and edge_list:
             edge_threshold = 0.01 * max(abs(w) for _, _, w in edge_list)
-    last = f"resid_{sm.adapter.n_layers - 1}"
-    graph = build_graph(feats, errs, masks, edge_list, last_resid=last, edge_threshold=edge_threshold)
+    graph = build_graph(mean, masks, edge_list, last_resid=sm.adapter.last_resid, edge_threshold=edge_threshold)
     seconds = {"nodes": round(t_nodes, 3), "edges": round(t_edges, 3), "total": round(time.perf_counter() - t0, 3)}
     prov = {
         **(provenance or {}),
@@ -105,11 +103,10 @@ def discover_circuit(
         "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
         "prompt_tokens": _prompt_tokens(sm, batch),
     }
-    effects.gradients = None  # free the kept gradients
     for ck in (ckpt_nodes, ckpt_edges):
         if ck is not None:
             ck.clear()
-    return Circuit(graph, feats, errs, prov)
+    return Circuit(graph, mean, prov)
 
 
 def model_digest(hf_model) -> str:

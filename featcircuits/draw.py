@@ -14,20 +14,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .adapters import site_row
 from .graph import Circuit
 from .plotting import METHOD_LABELS, save_figure
 
 POSITIVE = "#1f5ac8"
 NEGATIVE = "#d62b2b"
-_BAND = {"attn": 1, "mlp": 2, "resid": 3}
-
-
-def site_row(site: str) -> int:
-    """Row of a site: embed 0, attn_l 3l+1, mlp_l 3l+2, resid_l 3l+3."""
-    if site == "embed":
-        return 0
-    kind, _, layer = site.partition("_")
-    return 3 * int(layer) + _BAND.get(kind, 3)
 
 
 def _short(nid: str, d: dict) -> str:

@@ -31,52 +31,37 @@ import torch
 from tqdm.auto import tqdm
 
 from . import lrp
-from .adapters import Adapter, Site
-from .attribution import GRADIENT_METHODS, site_gradients
-from .errors import UserError
-from .graph import SiteMask, mask_nodes, node_id
+from .adapters import Site
+from .attribution import GRADIENT_METHODS, check_aggregation, check_method, site_gradients
+from .nodes import Act, Acts, node_id
 from .tasks import Batch
-from .tracing import SiteValues, SplicedModel, grad_leaves
+from .tracing import SplicedModel, grad_leaves
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
-
-
-def direct_upstream(adapter: Adapter, site: str) -> list[str]:
-    """The sites with a direct path into ``site`` (intermediate sites held fixed)."""
-    if site == "embed":
-        return []
-    kind, layer = site.split("_")
-    layer = int(layer)
-    prev = "embed" if layer == 0 else f"resid_{layer - 1}"
-    if kind == "attn":
-        return [prev]
-    if kind == "mlp":
-        return [prev] if adapter.parallel else [prev, f"attn_{layer}"]
-    return [prev, f"attn_{layer}", f"mlp_{layer}"]
 
 
 @dataclass
 class EdgeEffects:
     """Dense edge weights into selected downstream nodes, mean over examples.
 
-    ``weights[(U, D)]``: a pair ``(features, error)`` with shapes [K_D, d_U] and [K_D] (aggregation
+    ``weights[(U, D)]``: an ``Act`` (features, error) with shapes [K_D, d_U] and [K_D] (aggregation
     ``sum``) or [K_D, T, d_U] and [K_D, T] (``none``), K_D = the selected nodes of D in the
     order of ``downstream[D]`` (``(index, position)`` pairs, index -1 = error)."""
 
     downstream: dict[str, list[tuple[int, int]]]
-    weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
+    weights: dict[tuple[str, str], Act]
     aggregation: str
     n: int
     seconds: float = 0.0
     passes: dict = field(default_factory=dict)
 
-    def edge_list(self, upstream_masks: dict[str, SiteMask] | None = None) -> list[tuple[str, str, float]]:
+    def edge_list(self, upstream_masks: Acts | None = None) -> list[tuple[str, str, float]]:
         """(u_id, d_id, weight) for every upstream node (or those in ``upstream_masks``)."""
         out = []
         for (u, d), (wf, we) in self.weights.items():
             keep = upstream_masks.get(u) if upstream_masks is not None else None
-            ups = mask_nodes(keep) if keep is not None else None
+            ups = keep.nodes() if keep is not None else None
             for k, (index, position) in enumerate(self.downstream[d]):
                 did = node_id(d, index, position)
                 if ups is None:
@@ -96,7 +81,7 @@ class EdgeEffects:
         return out
 
 
-def _node_scalars(d, x: torch.Tensor, g: SiteValues, nodes: list[tuple[int, int]]) -> torch.Tensor:
+def node_scalars(d, x: torch.Tensor, g: Act, nodes: list[tuple[int, int]]) -> torch.Tensor:
     """s_k = sum over examples (and positions, for summed nodes) of g * node value: [K]."""
     f = d.encode(x)
     out = []
@@ -123,7 +108,7 @@ def _node_scalars(d, x: torch.Tensor, g: SiteValues, nodes: list[tuple[int, int]
 def edge_effects(
     sm: SplicedModel,
     batch: Batch,
-    masks: dict[str, SiteMask],
+    masks: Acts,
     method: str = "relp",
     *,
     steps: int = 10,
@@ -141,15 +126,13 @@ def edge_effects(
     With a ``checkpoint`` the running sums are saved after every chunk of examples.
     ``gradients``: the ``NodeEffects.gradients`` of the same method, batch and batch size, so
     the metric's gradients are not computed twice (a chunk whose entry is None recomputes)."""
-    if method not in GRADIENT_METHODS:
-        raise UserError(f"edges need a gradient method ({', '.join(GRADIENT_METHODS)}), got {method!r}")
-    if aggregation not in ("sum", "none"):
-        raise UserError(f"aggregation must be 'sum' or 'none', got {aggregation!r}")
+    check_method(method, GRADIENT_METHODS)
+    check_aggregation(aggregation)
     adapter = sm.adapter
-    downstream = {s.name: mask_nodes(masks[s.name]) for s in sm.sites if s.name in masks}
-    downstream = {s: nodes for s, nodes in downstream.items() if nodes and direct_upstream(adapter, s)}
+    downstream = {s.name: masks[s.name].nodes() for s in sm.sites if s.name in masks}
+    downstream = {s: nodes for s, nodes in downstream.items() if nodes and adapter.upstream(s)}
     rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
-    weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    weights: dict[tuple[str, str], Act] = {}
     f0, b0 = sm.n_forward, sm.n_backward
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
@@ -159,7 +142,7 @@ def edge_effects(
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         done, state = saved
-        weights = {tuple(k.split("|")): (v["f"], v["e"]) for k, v in state.items()}
+        weights = {tuple(k.split("|")): Act(v["f"], v["e"]) for k, v in state.items()}
     per_chunk = total // max(len(chunks), 1)
     bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
                disable=not progress, leave=False, initial=done * per_chunk)
@@ -168,62 +151,55 @@ def edge_effects(
         if sg is None:
             sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
         with lrp.lrp_rules(rule_set), lrp.replaying(sg.reference):
-            real, leaves = _direct_forward(sm, chunk)
+            real, leaves = cut_forward(sm, chunk)
             for d_site, nodes in downstream.items():
-                ups = direct_upstream(adapter, d_site)
-                inputs = [t for u in ups for t in (leaves[u].f, leaves[u].err)]
-                deltas = [(sg.patch[u].f - sg.clean[u].f, sg.patch[u].err - sg.clean[u].err) for u in ups]
+                ups = adapter.upstream(d_site)
+                inputs = [t for u in ups for t in leaves[u]]
+                deltas = [(sg.patch[u] - sg.clean[u]).map(lambda t: t.unsqueeze(0)) for u in ups]
                 for start in range(0, len(nodes), chunk_nodes):
                     part = nodes[start:start + chunk_nodes]
-                    s = _node_scalars(sm.dictionary(d_site), real[d_site], sg.grads[d_site], part)
-                    grads = _vjps(s, inputs, batched, sm)
+                    s = node_scalars(sm.dictionary(d_site), real[d_site], sg.grads[d_site], part)
+                    grads = vjps(sm, s, inputs, batched)
                     for ui, u in enumerate(ups):
-                        gf, ge = grads[2 * ui], grads[2 * ui + 1]  # [K, b, T, d_U], [K, b, T, d_model]
-                        df, de = deltas[ui]
-                        wf = gf * df.unsqueeze(0)
-                        we = (ge * de.unsqueeze(0)).sum(-1)
-                        if aggregation == "sum":
-                            wf, we = wf.sum((1, 2)), we.sum((1, 2))
-                        else:
-                            wf, we = wf.sum(1), we.sum(1)
+                        # [K, b, T, d_U], [K, b, T, d_model] -> edge weights [K, b, T, d_U], [K, b, T]
+                        w = Act(grads[2 * ui], grads[2 * ui + 1]).effect(deltas[ui])
+                        w = w.sum((1, 2)) if aggregation == "sum" else w.sum(1)
                         key = (u, d_site)
                         if key not in weights:
-                            shape_f = (len(nodes), *wf.shape[1:])
-                            weights[key] = (torch.zeros(shape_f), torch.zeros(len(nodes), *we.shape[1:]))
-                        weights[key][0][start:start + len(part)] += wf.detach()
-                        weights[key][1][start:start + len(part)] += we.detach()
+                            weights[key] = Act(torch.zeros(len(nodes), *w.f.shape[1:]),
+                                               torch.zeros(len(nodes), *w.err.shape[1:]))
+                        weights[key].f[start:start + len(part)] += w.f.detach()
+                        weights[key].err[start:start + len(part)] += w.err.detach()
                     bar.update(1 if batched else len(part))
         if checkpoint is not None:
-            checkpoint.save(ci + 1, {f"{u}|{d}": {"f": wf, "e": we} for (u, d), (wf, we) in weights.items()})
+            checkpoint.save(ci + 1, {f"{u}|{d}": {"f": w.f, "e": w.err} for (u, d), w in weights.items()})
     bar.close()
     n = len(batch)
-    weights = {k: (wf / n, we / n) for k, (wf, we) in weights.items()}
+    weights = {k: w / n for k, w in weights.items()}
     return EdgeEffects(downstream, weights, aggregation, n, time.perf_counter() - t0,
                        {"forward": sm.n_forward - f0, "backward": sm.n_backward - b0})
 
 
-def _vjps(s: torch.Tensor, inputs: list[torch.Tensor], batched: bool, sm: SplicedModel) -> list[torch.Tensor]:
-    """d s_k / d inputs for every k: [K, *input.shape] per input (zeros where unused)."""
+def vjps(sm: SplicedModel, s: torch.Tensor, inputs: list[torch.Tensor], batched: bool = True) -> list[torch.Tensor]:
+    """d s_k / d inputs for every k: [K, *input.shape] per input (zeros where unused); one
+    batched backward (``batched``) or one backward per k (the reference)."""
     K = s.shape[0]
     if batched:
         eye = torch.eye(K, dtype=s.dtype)
-        grads = torch.autograd.grad(s, inputs, grad_outputs=eye, is_grads_batched=True,
-                                    retain_graph=True, allow_unused=True)
-        sm.n_backward += 1
+        grads = sm.grad(s, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True)
         return [torch.zeros(K, *x.shape) if g is None else g for g, x in zip(grads, inputs)]
     per_k = []
     for k in range(K):
-        g = torch.autograd.grad(s[k], inputs, retain_graph=True, allow_unused=True)
-        sm.n_backward += 1
+        g = sm.grad(s[k], inputs, retain_graph=True, allow_unused=True)
         per_k.append([torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)])
     return [torch.stack([row[i] for row in per_k]) for i in range(len(inputs))]
 
 
-def _direct_forward(sm: SplicedModel, chunk: Batch) -> tuple[dict[str, torch.Tensor], dict[str, SiteValues]]:
+def cut_forward(sm: SplicedModel, chunk: Batch) -> tuple[dict[str, torch.Tensor], Acts]:
     """One clean forward where each site's real output is recorded and then replaced by
     fresh leaves (value unchanged), cutting every path that goes through another site."""
     real: dict[str, torch.Tensor] = {}
-    leaves: dict[str, SiteValues] = {}
+    leaves: Acts = {}
 
     def cut(site: Site, x: torch.Tensor) -> torch.Tensor:
         real[site.name] = x

@@ -1,6 +1,6 @@
 """Evaluation: faithfulness and completeness of a circuit by ablating everything outside it.
 
-Definitions (DESIGN.md, "Evaluation"). For a circuit ``C`` (``dict[site, SiteMask]``):
+Definitions (DESIGN.md, "Evaluation"). For a circuit ``C`` (``dict[site, Act]``, bool masks):
 
 - ``F(C)``: mean *clean preference* ``logit[clean] - logit[patch]`` (``metric.preference``)
   over the evaluation examples when every node at the evaluated sites (those with
@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
@@ -40,8 +39,8 @@ from tqdm.auto import tqdm
 from . import lrp
 from .adapters import Site
 from .errors import UserError
-from .graph import SiteMask
 from .metric import preference
+from .nodes import Act, Acts, NodeSpace
 from .tasks import Batch, Pair, make_pairs
 from .tracing import SplicedModel
 
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
 
 ABLATIONS = ("mean", "zero", "resample")
 ERROR_MODES = ("ablate", "keep")
-Masks = dict[str, SiteMask]
+Masks = Acts  # per site, which nodes are in the circuit (a bool ``Act``)
 
 
 # --------------------------------------------------------------------------------------
@@ -126,39 +125,39 @@ def full_masks(sm: SplicedModel, sites: Iterable[Site], positions: int | None = 
     for s in sites:
         d = sm.dictionary(s).d_sae
         if positions is None:
-            out[s.name] = SiteMask(torch.ones(d, dtype=torch.bool), torch.tensor(True))
+            out[s.name] = Act(torch.ones(d, dtype=torch.bool), torch.tensor(True))
         else:
-            out[s.name] = SiteMask(torch.ones(positions, d, dtype=torch.bool), torch.ones(positions, dtype=torch.bool))
+            out[s.name] = Act(torch.ones(positions, d, dtype=torch.bool), torch.ones(positions, dtype=torch.bool))
     return out
 
 
 def empty_masks(sm: SplicedModel, sites: Iterable[Site], positions: int | None = None) -> Masks:
-    return {k: SiteMask(~m.features, ~m.error) for k, m in full_masks(sm, sites, positions).items()}
+    return {k: ~m for k, m in full_masks(sm, sites, positions).items()}
 
 
 def complement(masks: Masks) -> Masks:
     """M \\ C: every node not in C (at the sites the masks name)."""
-    return {s: SiteMask(~m.features, ~m.error) for s, m in masks.items()}
+    return {s: ~m for s, m in masks.items()}
 
 
 def mask_size(masks: Masks, include_errors: bool = True) -> int:
-    return sum(int(m.features.sum()) + (int(m.error.sum()) if include_errors else 0) for m in masks.values())
+    return sum(int(m.f.sum()) + (int(m.err.sum()) if include_errors else 0) for m in masks.values())
 
 
-def align_positions(mask: SiteMask, seq_len: int) -> SiteMask:
+def align_positions(mask: Act, seq_len: int) -> Act:
     """A per-position mask ([T, d_sae] + [T]) aligned at the last token to ``seq_len``
     positions (prompts are left-padded): positions the mask does not cover are not in the
     circuit; a per-feature mask ([d_sae] + []) is returned unchanged."""
-    f, e = mask.features, mask.error
+    f, e = mask.f, mask.err
     if f.ndim == 1:
         return mask
     t = f.shape[0]
     if t == seq_len:
         return mask
     if t > seq_len:
-        return SiteMask(f[t - seq_len:], e[t - seq_len:])
+        return Act(f[t - seq_len:], e[t - seq_len:])
     pad = seq_len - t
-    return SiteMask(torch.cat([torch.zeros(pad, f.shape[1], dtype=torch.bool), f]),
+    return Act(torch.cat([torch.zeros(pad, f.shape[1], dtype=torch.bool), f]),
                     torch.cat([torch.zeros(pad, dtype=torch.bool), e]))
 
 
@@ -166,38 +165,21 @@ def align_positions(mask: SiteMask, seq_len: int) -> SiteMask:
 # Ablation values
 
 
-@dataclass
-class AblationValue:
-    """What an ablated node becomes at one site: ``f`` and ``err`` broadcastable to
-    [b, T, ·] ([1, T, ·] for mean, [1, 1, ·] zeros, [n, T, ·] per example for resample)."""
-
-    f: torch.Tensor
-    err: torch.Tensor
-    per_example: bool = False
-    x: torch.Tensor | None = None  # decode(f) + err: the site's value when all of it is ablated
-
-
 def ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation: str = "mean", *,
-                    seed: int = 0, batch_size: int = 16) -> dict[str, AblationValue]:
-    """Ablation values at ``sites`` from unablated runs of ``batch``'s counterfactual prompts."""
-    values = _ablation_values(sm, batch, sites, ablation, seed=seed, batch_size=batch_size)
-    with torch.no_grad():
-        for s, v in values.items():
-            d = sm.dictionary(s)
-            v.x = d.decode(v.f) + v.err
-    return values
-
-
-def _ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation: str, *,
-                     seed: int, batch_size: int) -> dict[str, AblationValue]:
+                    seed: int = 0, batch_size: int = 16) -> Acts:
+    """What an ablated node becomes at each of ``sites``, from unablated runs of ``batch``'s
+    counterfactual prompts: ``f`` and ``err`` broadcastable to [b, T, .] ([1, T, .] for mean,
+    [1, 1, .] zeros, [n, T, .] per example for resample)."""
     if ablation not in ABLATIONS:
         raise UserError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
     if ablation == "zero":
-        out = {}
-        for s in sites:
-            d = sm.dictionary(s)
-            out[s.name] = AblationValue(torch.zeros(1, 1, d.d_sae), torch.zeros(1, 1, sm.adapter.d_model))
-        return out
+        return {s.name: Act(torch.zeros(1, 1, sm.dictionary(s).d_sae), torch.zeros(1, 1, sm.adapter.d_model))
+                for s in sites}
+    return _ablation_values(sm, batch, sites, ablation, seed=seed, batch_size=batch_size)
+
+
+def _ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation: str, *,
+                     seed: int, batch_size: int) -> Acts:
     names = {s.name for s in sites}
     sums_f: dict[str, torch.Tensor] = {}
     sums_e: dict[str, torch.Tensor] = {}
@@ -222,14 +204,14 @@ def _ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation
     if ablation == "mean":
         denom = weight.clamp(min=1.0).view(-1, 1)  # positions where every prompt is padding: zero
         for s in names:
-            out[s] = AblationValue((sums_f[s] / denom).unsqueeze(0), (sums_e[s] / denom).unsqueeze(0))
+            out[s] = Act((sums_f[s] / denom).unsqueeze(0), (sums_e[s] / denom).unsqueeze(0))
         return out
     rng = random.Random(f"resample:{seed}")
     n = len(batch)
     donor = torch.tensor([rng.randrange(n) for _ in range(n)], dtype=torch.long)
     for s in names:
         f, e = torch.cat(per_f[s]), torch.cat(per_e[s])
-        out[s] = AblationValue(f[donor], e[donor], per_example=True)
+        out[s] = Act(f[donor], e[donor])
     return out
 
 
@@ -242,7 +224,7 @@ def _stack_site(masks_list: list[Masks], site: str, d_sae: int, seq_len: int,
     """Stack one site's masks of K circuits: features [K, 1, 1|T, d_sae], error [K, 1, 1|T, 1],
     which rows keep the whole site [K] and which ablate all of it [K]. A site a circuit does not name is fully ablated."""
     fs, es = [], []
-    per_position = any(site in m and m[site].features.ndim == 2 for m in masks_list)
+    per_position = any(site in m and m[site].f.ndim == 2 for m in masks_list)
     for masks in masks_list:
         m = masks.get(site)
         if m is None:
@@ -250,11 +232,11 @@ def _stack_site(masks_list: list[Masks], site: str, d_sae: int, seq_len: int,
             e = torch.zeros(seq_len if per_position else 1, dtype=torch.bool)
         else:
             m = align_positions(m, seq_len)
-            if m.features.shape[-1] != d_sae:
-                raise UserError(f"circuit mask for {site} has {m.features.shape[-1]} features but the "
+            if m.f.shape[-1] != d_sae:
+                raise UserError(f"circuit mask for {site} has {m.f.shape[-1]} features but the "
                                 f"dictionary has {d_sae}: the circuit was found with other dictionaries")
-            f = m.features.bool().reshape(-1, d_sae)
-            e = m.error.bool().reshape(-1)
+            f = m.f.bool().reshape(-1, d_sae)
+            e = m.err.bool().reshape(-1)
             if per_position and f.shape[0] == 1:
                 f, e = f.expand(seq_len, d_sae), e.expand(seq_len)
         if errors == "keep":
@@ -289,6 +271,9 @@ class Evaluator:
         self.sites = evaluated_sites(sm, start_layer)
         t0 = time.perf_counter()
         self.values = ablation_values(sm, batch, self.sites, ablation, seed=seed, batch_size=batch_size)
+        self.per_example = ablation == "resample"  # values per evaluation example, not broadcast
+        with torch.no_grad():  # a site's value when all of it is ablated: decode(a_f) + a_err
+            self.ablated = {s: sm.dictionary(s).decode(v.f) + v.err for s, v in self.values.items()}
         self.forward_passes = 0
         self.F_M, self.F_empty = self.scores([full_masks(sm, self.sites), empty_masks(sm, self.sites)])
         self.setup_seconds = time.perf_counter() - t0
@@ -340,11 +325,11 @@ class Evaluator:
                 return None  # nothing ablated here: the site stays exactly x
             d = sm.dictionary(site)
             a = self.values[site.name]
-            sl = slice(start, start + b) if a.per_example else slice(None)
+            sl = slice(start, start + b) if self.per_example else slice(None)
             with torch.no_grad():
                 xs = x.reshape(K, b, T, -1)
                 # rows with the whole site ablated take the precomputed decode(a_f) + a_err
-                out = torch.where(empty.view(K, 1, 1, 1), a.x[sl].to(x.dtype), xs)
+                out = torch.where(empty.view(K, 1, 1, 1), self.ablated[site.name][sl].to(x.dtype), xs)
                 part = torch.nonzero(~full & ~empty).flatten()
                 if part.numel():
                     P = part.numel()
@@ -396,7 +381,7 @@ class Evaluator:
                 out[s.name] = masks[s.name]
             else:
                 d = self.sm.dictionary(s).d_sae
-                out[s.name] = SiteMask(torch.zeros(d, dtype=torch.bool), torch.tensor(False))
+                out[s.name] = Act(torch.zeros(d, dtype=torch.bool), torch.tensor(False))
         return out
 
     def settings(self) -> dict:
@@ -412,46 +397,15 @@ class Evaluator:
 # Circuits from node effects: top-k and random
 
 
-def candidate_effects(feats: dict[str, torch.Tensor], errs: dict[str, torch.Tensor], sites: Iterable[Site],
-                      include_errors: bool = True) -> tuple[torch.Tensor, list[tuple[str, str, tuple]]]:
-    """All candidate node scores |effect| at ``sites`` in one vector, with spans to map back.
-    Error nodes get score -inf (never chosen) when ``include_errors`` is False."""
-    parts, spans = [], []
-    for s in sites:
-        f, e = feats[s.name].abs().flatten(), errs[s.name].abs().flatten()
-        if not include_errors:
-            e = torch.full_like(e, -math.inf)
-        parts += [f, e]
-        spans += [(s.name, "f", tuple(feats[s.name].shape)), (s.name, "e", tuple(errs[s.name].shape))]
-    return torch.cat(parts).float(), spans
-
-
-def masks_from_flat(keep: torch.Tensor, spans: list[tuple[str, str, tuple]]) -> Masks:
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    offset = 0
-    for site, part, shape in spans:
-        size = math.prod(shape)
-        pending.setdefault(site, {})[part] = keep[offset:offset + size].view(shape)
-        offset += size
-    return {s: SiteMask(p["f"], p["e"]) for s, p in pending.items()}
-
-
-def top_k_masks(scores: torch.Tensor, spans, k: int) -> Masks:
-    """The k candidates of largest score (ties broken by torch.topk, deterministic)."""
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    k = min(k, int(torch.isfinite(scores).sum()))
-    if k > 0:
-        keep[scores.topk(k).indices] = True
-    return masks_from_flat(keep, spans)
-
-
-def random_masks(scores: torch.Tensor, spans, k: int, generator: torch.Generator) -> Masks:
-    """k candidates drawn uniformly without replacement (error nodes only if candidates)."""
-    cand = torch.nonzero(torch.isfinite(scores)).flatten()
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    k = min(k, cand.numel())
-    keep[cand[torch.randperm(cand.numel(), generator=generator)[:k]]] = True
-    return masks_from_flat(keep, spans)
+def candidate_effects(effects: Acts, sites: Iterable[Site], include_errors: bool = True) -> tuple[torch.Tensor, NodeSpace]:
+    """All candidate node scores |effect| at ``sites`` in one vector, with the node space to map
+    back (``space.unflatten(NodeSpace.top_k(scores, k))``). Error nodes get score -inf (never
+    chosen) when ``include_errors`` is False."""
+    chosen = {s.name: effects[s.name].abs() for s in sites}
+    if not include_errors:
+        chosen = {s: Act(v.f, torch.full_like(v.err, -math.inf)) for s, v in chosen.items()}
+    space = NodeSpace.of(chosen)
+    return space.flatten(chosen).float(), space
 
 
 def size_grid(n_max: int, points: int = 15, n_min: int = 1) -> list[int]:
@@ -551,18 +505,17 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
         timings[f"effects_{m}_seconds"] = round(ne.seconds, 3)
         effect_info[m] = {"seconds": round(ne.seconds, 3), "passes": ne.passes, "params": ne.params,
                           "metric_clean": ne.metric_clean, "metric_patch": ne.metric_patch}
-        feats, errs = ne.mean(aggregation)
-        scored[m] = candidate_effects(feats, errs, ev.sites, include_errors)
+        scored[m] = candidate_effects(ne.mean(aggregation), ev.sites, include_errors)
     # the node universe (for random circuits and the default grid end)
     if scored:
         any_scores, spans = next(iter(scored.values()))
         nonzero = max(int((s > 0).sum()) for s, _ in scored.values())
     else:
         T = discovery.seq_len
-        feats = {s.name: torch.zeros((T, sm.dictionary(s).d_sae) if aggregation == "none" else
-                                     (sm.dictionary(s).d_sae,)) for s in ev.sites}
-        errs = {s.name: torch.zeros((T,) if aggregation == "none" else ()) for s in ev.sites}
-        any_scores, spans = candidate_effects(feats, errs, ev.sites, include_errors)
+        zeros = {s.name: Act(torch.zeros((T, sm.dictionary(s).d_sae) if aggregation == "none" else
+                                         (sm.dictionary(s).d_sae,)), torch.zeros((T,) if aggregation == "none" else ()))
+                 for s in ev.sites}
+        any_scores, spans = candidate_effects(zeros, ev.sites, include_errors)
         nonzero = int(torch.isfinite(any_scores).sum())
     total_nodes = int(torch.isfinite(any_scores).sum())
     upper = min(n_max if n_max is not None else max(nonzero, 1), total_nodes)
@@ -574,12 +527,12 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
         if m == "random":
             continue
         scores, sp = scored[m]
-        circuits = [top_k_masks(scores, sp, k) for k in sizes]
+        circuits = [sp.unflatten(NodeSpace.top_k(scores, k)) for k in sizes]
         res = ev.evaluate(circuits, desc=f"ablations ({m})", checkpoint=checkpoints.get(f"curves-ablate-{m}"))
         out_methods[m] = _curve(res)
     if "random" in methods:
         gen = torch.Generator().manual_seed(seed)
-        draws = [[random_masks(any_scores, spans, k, gen) for k in sizes] for _ in range(random_draws)]
+        draws = [[spans.unflatten(NodeSpace.random(any_scores, k, gen)) for k in sizes] for _ in range(random_draws)]
         res = ev.evaluate([c for d in draws for c in d], desc="ablations (random)",
                           checkpoint=checkpoints.get("curves-ablate-random"))
         per_draw = [res[i * len(sizes):(i + 1) * len(sizes)] for i in range(random_draws)]

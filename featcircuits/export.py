@@ -40,8 +40,10 @@ from typing import Any, Iterable
 import networkx as nx
 import torch
 
+from .adapters import site_band, site_row, site_sort_key
 from .errors import UserError
 from .graph import METRIC, Circuit
+from .nodes import Act, Acts
 from .io import atomic_write, write_json, write_tensors, write_text
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,6 @@ JSON_FORMAT_VERSION = "featcircuits.circuit/1"
 _INT_ATTRS = ("layer", "feature", "position")
 _FLOAT_ATTRS = ("effect",)
 _STR_ATTRS = ("site", "kind", "label")
-_SITE_BAND = {"embed": -1, "attn": 0, "mlp": 1, "resid": 2}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -205,7 +206,7 @@ def _node_sort_key(n: str, d: dict) -> tuple:
     if kind == "metric":
         return (10**9, 0, 0, 0)
     site = str(d.get("site", ""))
-    band = _SITE_BAND.get(site.split("_")[0], 3)
+    band = site_band(site)
     return (int(d.get("layer", -1)), band, int(d.get("position", -1)), int(d.get("feature", -1)))
 
 
@@ -336,7 +337,7 @@ def to_node_link(circuit: Circuit) -> dict:
         "provenance": _jsonable(circuit.provenance),
         "n_nodes": circuit.n_nodes,
         "n_edges": circuit.n_edges,
-        "sites": list(circuit.features),
+        "sites": list(circuit.effects),
     }
     return _jsonable(data)
 
@@ -357,10 +358,7 @@ def _ct_row(site: str) -> str:
     """The front end's ``layer`` (a row of its plot): ``E`` for the embed site, then one row
     per site, attn_l = 3l, mlp_l = 3l+1, resid_l = 3l+2 (so attn/mlp/resid of one model
     layer get three rows instead of overlapping in one)."""
-    if site == "embed":
-        return "E"
-    kind, _, layer = site.partition("_")
-    return str(3 * int(layer) + _SITE_BAND.get(kind, 2))
+    return "E" if site == "embed" else str(site_row(site) - 1)
 
 
 def _ct_prompt_tokens(circuit: Circuit) -> tuple[list[str], bool]:
@@ -439,7 +437,7 @@ def to_circuit_tracer(circuit: Circuit, slug: str = "graph.circuit-tracer") -> d
             "jsNodeId": f"{row}_{'err' if is_err else feat}-{ctx}", "clerp": clerp,
             "influence": influence[n], "activation": None,
             # extras (not in circuit-tracer's Node model; its front end passes them through)
-            "probe_location_idx": _SITE_BAND.get(site.split("_")[0], 0),
+            "probe_location_idx": site_band(site, 0),
             "site": site, "model_layer": int(d.get("layer", -1)), "position": pos,
             "effect": float(d.get("effect", 0.0)), "our_id": str(n),
         })
@@ -503,18 +501,18 @@ def write_circuit_tracer(circuit: Circuit, path: str | Path, index: bool = True)
 
 def write_effects(circuit: Circuit, path: str | Path) -> Path:
     tensors = {}
-    for site, t in circuit.features.items():
-        tensors[f"features/{site}"] = t
-    for site, t in circuit.errors.items():
-        tensors[f"errors/{site}"] = t
+    for site, v in circuit.effects.items():
+        tensors[f"features/{site}"] = v.f
+    for site, v in circuit.effects.items():
+        tensors[f"errors/{site}"] = v.err
     meta = {"format": "featcircuits.node_effects/1",
-            "sites": json.dumps(list(circuit.features)),
+            "sites": json.dumps(list(circuit.effects)),
             "provenance": json.dumps(_jsonable(circuit.provenance))}
     return write_tensors(path, tensors, metadata=meta)
 
 
-def read_effects(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """``(features, errors, metadata)`` from a ``node_effects.safetensors``, in site order."""
+def read_effects(path: str | Path) -> tuple[Acts, dict]:
+    """``(effects, metadata)`` from a ``node_effects.safetensors``, in site order."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -522,17 +520,12 @@ def read_effects(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, t
         keys = list(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
     sites = json.loads(meta["sites"]) if "sites" in meta else \
-        sorted({k.split("/", 1)[1] for k in keys}, key=_site_order)
-    feats = {s: tensors[f"features/{s}"] for s in sites if f"features/{s}" in tensors}
-    errs = {s: tensors[f"errors/{s}"] for s in sites if f"errors/{s}" in tensors}
-    return feats, errs, meta
+        sorted({k.split("/", 1)[1] for k in keys}, key=site_sort_key)
+    effects = {s: Act(tensors[f"features/{s}"], tensors[f"errors/{s}"]) for s in sites
+               if f"features/{s}" in tensors and f"errors/{s}" in tensors}
+    return effects, meta
 
 
-def _site_order(site: str) -> tuple:
-    if site == "embed":
-        return (-1, -1)
-    kind, _, layer = site.partition("_")
-    return (int(layer) if layer.isdigit() else 10**6, _SITE_BAND.get(kind, 3))
 
 
 # --------------------------------------------------------------------------- summary
@@ -555,7 +548,7 @@ def summary_dict(circuit: Circuit, extra: dict | None = None, files: Iterable[st
         "n_nodes": circuit.n_nodes,
         "n_edges": circuit.n_edges,
         "n_nodes_by_kind": by_kind,
-        "n_nodes_by_site": dict(sorted(by_site.items(), key=lambda t: _site_order(t[0]))),
+        "n_nodes_by_site": dict(sorted(by_site.items(), key=lambda t: site_sort_key(t[0]))),
         "seconds": _seconds(prov),
         "top_nodes": [{"id": n, "effect": float(e)} for n, e in circuit.top_nodes(10)],
     })
@@ -655,13 +648,12 @@ def load_circuit(path: str | Path) -> Circuit:
         computed = {"n_nodes", "n_edges", "n_nodes_by_kind", "n_nodes_by_site", "files", "notes",
                     "top_nodes", "export_seconds"}
         prov = {k: v for k, v in summary.items() if k not in computed}
-    feats: dict[str, torch.Tensor] = {}
-    errs: dict[str, torch.Tensor] = {}
+    effects: Acts = {}
     if (d / EFFECTS).exists():
-        feats, errs, emeta = read_effects(d / EFFECTS)
+        effects, emeta = read_effects(d / EFFECTS)
         if prov is None and "provenance" in emeta:
             prov = json.loads(emeta["provenance"])
-    return Circuit(graph=graph, features=feats, errors=errs, provenance=prov or {})
+    return Circuit(graph=graph, effects=effects, provenance=prov or {})
 
 
 def circuits_equal(a: Circuit, b: Circuit, atol: float = 0.0) -> bool:
@@ -683,7 +675,9 @@ def circuit_diff(a: Circuit, b: Circuit, atol: float = 0.0) -> list[str]:
     for e in set(ga.edges) & set(gb.edges):
         if not _attrs_close(ga.edges[e], gb.edges[e], atol):
             diffs.append(f"edge {e}: {ga.edges[e]} != {gb.edges[e]}")
-    for name, da, db in (("features", a.features, b.features), ("errors", a.errors, b.errors)):
+    for name, part in (("features", "f"), ("errors", "err")):
+        da = {s: getattr(v, part) for s, v in a.effects.items()}
+        db = {s: getattr(v, part) for s, v in b.effects.items()}
         if list(da) != list(db):
             diffs.append(f"{name} sites differ: {list(da)} != {list(db)}")
         for s in set(da) & set(db):

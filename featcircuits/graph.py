@@ -10,34 +10,17 @@ optional ``label``. Edge attribute: ``weight``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import networkx as nx
 import torch
 
 from .adapters import site_kind, site_layer
 from .errors import UserError
-
-METRIC = "metric"
-
-
-class SiteMask(NamedTuple):
-    """Which nodes of one site are in a circuit: features [d_sae] or [T, d_sae], error [] or [T]."""
-
-    features: torch.Tensor
-    error: torch.Tensor
+from .nodes import METRIC, Acts, NodeSpace, count_nodes, node_id, parse_node_id  # noqa: F401  (re-exported)
 
 
-def node_id(site: str, index: int, position: int | None = None) -> str:
-    base = f"{site}/{'err' if index < 0 else index}"
-    return base if position is None or position < 0 else f"{base}@{position}"
-
-
-def parse_node_id(nid: str) -> tuple[str, int, int]:
-    """``"resid_5/12@3"`` -> ("resid_5", 12, 3); error index -1; no position -1."""
-    site, _, rest = nid.partition("/")
-    idx, _, pos = rest.partition("@")
-    return site, (-1 if idx == "err" else int(idx)), (int(pos) if pos else -1)
+DEFAULT_TOP_K = 100  # nodes kept when no threshold is given
 
 
 @dataclass
@@ -53,7 +36,19 @@ class Thresholds:
     top_k: int | None = None
     share: float | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def with_default(cls, node: float | None = None, edge: float | None = None, top_k: int | None = None,
+                     share: float | None = None) -> "Thresholds":
+        """The thresholds given, with ``top_k=DEFAULT_TOP_K`` when no node rule is given (the CLI's way)."""
+        if node is None and top_k is None and share is None:
+            top_k = DEFAULT_TOP_K
+        return cls(node=node, edge=edge, top_k=top_k, share=share)
+
     def validate(self) -> "Thresholds":
+        """Checked once, when the thresholds are made (a clear error naming the flag)."""
         for name in ("node", "edge"):
             v = getattr(self, name)
             if v is not None and (v < 0 or v != v):
@@ -68,81 +63,26 @@ class Thresholds:
         return {"node": self.node, "edge": self.edge, "top_k": self.top_k, "share": self.share}
 
 
-def _flat(feats: dict[str, torch.Tensor], errs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
-    """All node effects in one vector, with (site, 'f'|'e', offset) spans to map back."""
-    parts, spans = [], []
-    for site in feats:
-        parts += [feats[site].flatten(), errs[site].flatten()]
-        spans += [(site, "f", feats[site].numel()), (site, "e", errs[site].numel())]
-    return torch.cat(parts), spans
-
-
-def select_nodes(feats: dict[str, torch.Tensor], errs: dict[str, torch.Tensor],
-                 thresholds: Thresholds) -> dict[str, SiteMask]:
-    """Masks of the nodes that pass the node thresholds (absolute, top-k, cumulative share)."""
-    thresholds.validate()
-    values, spans = _flat(feats, errs)
-    score = values.abs()
+def select_nodes(effects: Acts, thresholds: Thresholds) -> Acts:
+    """Masks of the nodes that pass the node thresholds (absolute, top-k, cumulative share);
+    ``thresholds`` must be validated (``Thresholds.validate``) by the caller."""
+    space = NodeSpace.of(effects)
+    score = space.flatten(effects).abs()
     keep = torch.ones_like(score, dtype=torch.bool)
     if thresholds.node is not None:
-        keep &= score > thresholds.node
+        keep &= NodeSpace.absolute(score, thresholds.node)
     if thresholds.top_k is not None:
-        k = min(thresholds.top_k, score.numel())
-        top = torch.zeros_like(keep)
-        top[score.topk(k).indices] = True
-        keep &= top
+        keep &= NodeSpace.top_k(score, thresholds.top_k)
     if thresholds.share is not None:
-        order = score.argsort(descending=True)
-        cum = score[order].cumsum(0)
-        total = cum[-1] if cum.numel() else torch.tensor(0.0)
-        n_keep = int((cum < thresholds.share * total).sum()) + 1
-        share = torch.zeros_like(keep)
-        share[order[:n_keep]] = True
-        keep &= share
+        keep &= NodeSpace.share(score, thresholds.share)
     if thresholds.node is None and thresholds.top_k is None and thresholds.share is None:
         keep &= score > 0
-    masks: dict[str, SiteMask] = {}
-    offset = 0
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    for site, part, size in spans:
-        shape = feats[site].shape if part == "f" else errs[site].shape
-        pending.setdefault(site, {})[part] = keep[offset:offset + size].view(shape)
-        offset += size
-    for site, parts in pending.items():
-        masks[site] = SiteMask(parts["f"], parts["e"])
-    return masks
-
-
-def mask_nodes(mask: SiteMask) -> list[tuple[int, int]]:
-    """The (index, position) pairs a site mask selects; index -1 = error, position -1 = summed."""
-    out = []
-    f, e = mask.features, mask.error
-    if f.ndim == 1:
-        out += [(int(i), -1) for i in torch.nonzero(f).flatten()]
-        if bool(e):
-            out.append((-1, -1))
-    else:
-        out += [(int(i), int(t)) for t, i in torch.nonzero(f).tolist()]
-        out += [(-1, int(t)) for t in torch.nonzero(e).flatten()]
-    return out
-
-
-def count_nodes(masks: dict[str, SiteMask]) -> int:
-    return sum(int(m.features.sum()) + int(m.error.sum()) for m in masks.values())
-
-
-def _effect(feats: dict, errs: dict, site: str, index: int, position: int) -> float:
-    if index < 0:
-        v = errs[site] if position < 0 else errs[site][position]
-    else:
-        v = feats[site][index] if position < 0 else feats[site][position, index]
-    return float(v)
+    return space.unflatten(keep)
 
 
 def build_graph(
-    feats: dict[str, torch.Tensor],
-    errs: dict[str, torch.Tensor],
-    masks: dict[str, SiteMask],
+    effects: Acts,
+    masks: Acts,
     edges: Iterable[tuple[str, str, float]] = (),
     last_resid: str | None = None,
     edge_threshold: float | None = None,
@@ -153,14 +93,15 @@ def build_graph(
     ``edge_threshold``, and the sink ``metric`` fed by the nodes of ``last_resid`` (edge
     weight = their node effect). With ``prune``, nodes without a path to the metric go."""
     g = nx.DiGraph()
-    g.add_node(METRIC, site=METRIC, layer=_metric_layer(masks), kind="metric", feature=-1, position=-1, effect=0.0, label="metric")
+    g.add_node(METRIC, site=METRIC, layer=_metric_layer(masks), kind="metric", feature=-1, position=-1, effect=0.0,
+               label="metric")
     for site, mask in masks.items():
         kind_site = site_kind(site)
-        for index, position in mask_nodes(mask):
+        for index, position in mask.nodes():
             nid = node_id(site, index, position)
             kind = "error" if index < 0 else ("embed" if kind_site == "embed" else "feature")
             attrs = dict(site=site, layer=site_layer(site), kind=kind, feature=index, position=position,
-                         effect=_effect(feats, errs, site, index, position))
+                         effect=effects[site].value(index, position))
             if labels and nid in labels:
                 attrs["label"] = labels[nid]
             g.add_node(nid, **attrs)
@@ -174,7 +115,7 @@ def build_graph(
     return g
 
 
-def _metric_layer(masks: dict[str, SiteMask]) -> int:
+def _metric_layer(masks: Acts) -> int:
     """The metric sits one layer above the last layer of the sites."""
     return max((site_layer(s) for s in masks), default=-1) + 1
 
@@ -188,39 +129,23 @@ def prune_graph(g: nx.DiGraph) -> nx.DiGraph:
     return g
 
 
-def graph_masks(g: nx.DiGraph, feats: dict[str, torch.Tensor], errs: dict[str, torch.Tensor]) -> dict[str, SiteMask]:
-    """Site masks (same shapes as the effects) of the nodes present in ``g``."""
-    masks = {s: SiteMask(torch.zeros_like(feats[s], dtype=torch.bool), torch.zeros_like(errs[s], dtype=torch.bool))
-             for s in feats}
-    for nid, data in g.nodes(data=True):
-        if data.get("kind") == "metric":
-            continue
-        site, index, position = data["site"], int(data["feature"]), int(data["position"])
-        m = masks[site]
-        if index < 0:
-            if position < 0:
-                m.error.fill_(True)
-            else:
-                m.error[position] = True
-        elif position < 0:
-            m.features[index] = True
-        else:
-            m.features[position, index] = True
-    return masks
+def graph_nodes(g: nx.DiGraph) -> list[tuple[str, int, int]]:
+    """(site, index, position) of every node of ``g`` but the metric."""
+    return [(d["site"], int(d["feature"]), int(d["position"])) for _, d in g.nodes(data=True)
+            if d.get("kind") != "metric"]
 
 
 @dataclass
 class Circuit:
     """A circuit graph with the dense node effects it was cut from and its provenance.
 
-    ``features[site]`` / ``errors[site]``: aggregated node effects ([d_sae] and [] for
-    aggregation ``sum``; [T, d_sae] and [T] for ``none``). ``provenance``: model,
-    dictionaries, task, method, thresholds, aggregation, seed, versions, timings.
+    ``effects[site]``: aggregated node effects (``f`` [d_sae] and ``err`` [] for aggregation
+    ``sum``; [T, d_sae] and [T] for ``none``). ``provenance``: model, dictionaries, task,
+    method, thresholds, aggregation, seed, versions, timings.
     """
 
     graph: nx.DiGraph
-    features: dict[str, torch.Tensor]
-    errors: dict[str, torch.Tensor]
+    effects: Acts
     provenance: dict = field(default_factory=dict)
 
     @property
@@ -231,9 +156,9 @@ class Circuit:
     def n_edges(self) -> int:
         return self.graph.number_of_edges()
 
-    def masks(self) -> dict[str, SiteMask]:
+    def masks(self) -> Acts:
         """Which nodes of each site are in the circuit (for evaluation / ablation)."""
-        return graph_masks(self.graph, self.features, self.errors)
+        return NodeSpace.of(self.effects).from_nodes(graph_nodes(self.graph))
 
     def top_nodes(self, k: int = 10) -> list[tuple[str, float]]:
         nodes = [(n, d["effect"]) for n, d in self.graph.nodes(data=True) if d.get("kind") != "metric"]

@@ -373,15 +373,14 @@ def install(hf_model: nn.Module, adapter: Any) -> None:
         if _is_norm(module):
             module.forward = types.MethodType(_norm_forward, module)
     for layer in range(adapter.n_layers):
-        mlp = adapter.block(hf_model, layer).mlp
-        act_name = "act_fn" if hasattr(mlp, "act_fn") else "act"
-        act = getattr(mlp, act_name)
+        parts = adapter.mlp_parts(hf_model, layer)
+        act = parts.act
         if not getattr(act, "_featcircuits_fn", None):
             # Keep the class's own forward as the activation, then route through the rule.
             act._featcircuits_fn = types.MethodType(type(act).forward, act)
             act.forward = types.MethodType(_act_forward, act)
-        if hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
-            mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
+        if parts.gated:
+            parts.mlp.forward = types.MethodType(_gated_mlp_forward, parts.mlp)
     _move_logit_softcap(hf_model)
     _register_attention()
     hf_model.config._attn_implementation = ATTN_IMPLEMENTATION

@@ -10,7 +10,6 @@ has a 262k vocabulary and the metric reads only that position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import nnsight
@@ -20,17 +19,10 @@ from .adapters import Site, resolve
 from .dictionaries import Dictionary, DictionarySet, identity_set
 from .errors import UserError
 from .models import LoadedModel
+from .nodes import Act
 
 # hook(site, x) -> replacement for x, or None to leave the site as it is
 SiteHook = Callable[[Site, torch.Tensor], "torch.Tensor | None"]
-
-
-@dataclass
-class SiteValues:
-    """Features and error term of one site: f [b, T, d_sae], err [b, T, d_model]."""
-
-    f: torch.Tensor
-    err: torch.Tensor
 
 
 class NonFiniteError(UserError):
@@ -46,20 +38,20 @@ def check_finite(where: str, x: torch.Tensor) -> None:
                              "check the model's dtype and weights and the dictionaries")
 
 
-def split(d: Dictionary, x: torch.Tensor) -> SiteValues:
+def split(d: Dictionary, x: torch.Tensor) -> Act:
     """Encode a site activation into features and the exact error term (no gradients)."""
     with torch.no_grad():
         f = d.encode(x)
         err = x - d.decode(f)
-    return SiteValues(f, err)
+    return Act(f, err)
 
 
-def join(d: Dictionary, v: SiteValues) -> torch.Tensor:
+def join(d: Dictionary, v: Act) -> torch.Tensor:
     """The site value the model continues with: ``decode(f) + err``."""
     return d.decode(v.f) + v.err
 
 
-def grad_leaves(d: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, SiteValues]:
+def grad_leaves(d: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, Act]:
     """Splice with features and error as gradient leaves, leaving the value exactly ``x``.
 
     Returns the site's new value and the leaves. The value is ``x`` plus exact zeros, so
@@ -72,7 +64,7 @@ def grad_leaves(d: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, SiteValue
     x_hat = d.decode(f)
     err = (x.detach() - x_hat.detach()).requires_grad_(True)
     out = x + (x_hat - x_hat.detach()) + (err - err.detach())
-    return out, SiteValues(f, err)
+    return out, Act(f, err)
 
 
 class SplicedModel:
@@ -86,8 +78,23 @@ class SplicedModel:
         missing = [s.name for s in self.sites if s.name not in self.dictionaries]
         if missing:
             raise UserError(f"dictionary set {self.dictionaries.name!r} lacks sites {', '.join(missing[:5])}")
-        self.n_forward = 0  # passes counted for benchmarks
+        self.n_forward = 0  # passes counted for provenance and benchmarks
         self.n_backward = 0
+        self.rows_forward = 0  # example rows through the model (a stacked batch counts every row)
+        self.rows_backward = 0
+        self._grad_rows = 0
+
+    def grad(self, outputs: torch.Tensor, inputs: list[torch.Tensor], **kwargs) -> tuple:
+        """``torch.autograd.grad`` counted as one backward pass (``n_backward``, also when it
+        batches many vector-Jacobian products); ``rows_backward`` adds the example rows of the
+        last forward that built a graph."""
+        self.n_backward += 1
+        self.rows_backward += self._grad_rows
+        return torch.autograd.grad(outputs, inputs, **kwargs)
+
+    def counters(self) -> tuple[int, int, int, int]:
+        """(forward passes, backward passes, forward rows, backward rows) so far."""
+        return self.n_forward, self.n_backward, self.rows_forward, self.rows_backward
 
     def site(self, name: str) -> Site:
         return self.adapter.site(name)
@@ -103,7 +110,11 @@ class SplicedModel:
         """
         visit = list(self.sites if sites is None else sites)
         lm = self.model.lm
+        rows = int(next(iter(inputs.values())).shape[0])
         self.n_forward += 1
+        self.rows_forward += rows
+        if torch.is_grad_enabled():
+            self._grad_rows = rows
         with lm.trace(dict(inputs), logits_to_keep=1):
             if hook is not None:
                 for site in visit:
@@ -116,9 +127,9 @@ class SplicedModel:
             logits = nnsight.save(lm.output.logits[:, -1, :])
         return logits
 
-    def cache(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, SiteValues]]:
+    def cache(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Act]]:
         """Forward pass without gradients; returns logits and each site's features and error."""
-        values: dict[str, SiteValues] = {}
+        values: dict[str, Act] = {}
 
         def record(site: Site, x: torch.Tensor) -> None:
             check_finite(f"site {site.name}", x)
@@ -130,9 +141,9 @@ class SplicedModel:
         return logits, values
 
     def run_with_leaves(self, inputs: dict[str, torch.Tensor],
-                        sites: Iterable[Site] | None = None) -> tuple[torch.Tensor, dict[str, SiteValues]]:
+                        sites: Iterable[Site] | None = None) -> tuple[torch.Tensor, dict[str, Act]]:
         """Forward pass with every site's features and error as gradient leaves."""
-        leaves: dict[str, SiteValues] = {}
+        leaves: dict[str, Act] = {}
 
         def splice(site: Site, x: torch.Tensor) -> torch.Tensor:
             check_finite(f"site {site.name}", x)
@@ -142,7 +153,7 @@ class SplicedModel:
         logits = self.run(inputs, splice, sites)
         return logits, leaves
 
-    def run_patched(self, inputs: dict[str, torch.Tensor], values: dict[str, SiteValues]) -> torch.Tensor:
+    def run_patched(self, inputs: dict[str, torch.Tensor], values: dict[str, Act]) -> torch.Tensor:
         """Forward pass in which the named sites take the given features and errors."""
         def patch(site: Site, x: torch.Tensor) -> torch.Tensor | None:
             v = values.get(site.name)

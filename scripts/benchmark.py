@@ -58,8 +58,9 @@ from featcircuits import lrp  # noqa: E402
 from featcircuits.attribution import FeatureNode, exact_feature_effects, node_effects  # noqa: E402
 from featcircuits.dictionaries import identity_set, load_dictionary_set, registry  # noqa: E402
 from featcircuits.discover import discover_circuit, versions  # noqa: E402
-from featcircuits.edges import direct_upstream, edge_effects  # noqa: E402
-from featcircuits.graph import SiteMask, Thresholds, count_nodes, select_nodes  # noqa: E402
+from featcircuits.edges import cut_forward, edge_effects, node_scalars, vjps  # noqa: E402
+from featcircuits.graph import Thresholds, select_nodes  # noqa: E402
+from featcircuits.nodes import Acts, NodeSpace, count_nodes  # noqa: E402
 from featcircuits.io import write_json, write_text  # noqa: E402
 from featcircuits.metric import metric  # noqa: E402
 from featcircuits.models import OFFLINE_ALIAS, load_model  # noqa: E402
@@ -121,37 +122,7 @@ def measure(fn: Callable[[], Any]) -> tuple[dict, Any]:
     return rec, out
 
 
-class CountingModel(SplicedModel):
-    """``SplicedModel`` that also counts the example rows of every forward and backward."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self.rows_forward = 0
-        self.rows_backward = 0
-        self._grad_rows = 0
-        self._nb = 0
-        super().__init__(*args, **kwargs)
-
-    @property
-    def n_backward(self) -> int:  # attribution/edges do ``sm.n_backward += 1`` after each backward
-        return self._nb
-
-    @n_backward.setter
-    def n_backward(self, value: int) -> None:
-        self.rows_backward += max(value - self._nb, 0) * self._grad_rows
-        self._nb = value
-
-    def run(self, inputs, hook=None, sites=None):  # type: ignore[override]
-        rows = int(next(iter(inputs.values())).shape[0])
-        self.rows_forward += rows
-        if torch.is_grad_enabled():
-            self._grad_rows = rows
-        return super().run(inputs, hook, sites)
-
-    def counters(self) -> tuple[int, int, int, int]:
-        return self.n_forward, self.n_backward, self.rows_forward, self.rows_backward
-
-
-def counted(sm: CountingModel, n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+def counted(sm: SplicedModel, n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     """Wrap ``fn`` so that its result carries the passes it made (calls and rows per example)."""
 
     def run():
@@ -226,7 +197,7 @@ def strip_results(res: dict[str, dict]) -> dict[str, dict]:
 # What is measured
 
 
-def floor_items(sm: CountingModel, batch, batch_size: int) -> dict[str, Callable[[], Any]]:
+def floor_items(sm: SplicedModel, batch, batch_size: int) -> dict[str, Callable[[], Any]]:
     """The floor and its parts: the HF body alone, the HF model with last-position logits,
     an nnsight trace without hooks, one spliced forward, one spliced forward+backward."""
     hf, lm = sm.model.hf, sm.model.lm
@@ -259,9 +230,8 @@ def floor_items(sm: CountingModel, batch, batch_size: int) -> dict[str, Callable
         for c in chunks:
             logits, leaves = sm.run_with_leaves(c.inputs("clean"))
             m = metric(logits, c.clean_answer, c.patch_answer)
-            tensors = [t for s in sm.sites for t in (leaves[s.name].f, leaves[s.name].err)]
-            torch.autograd.grad(m.sum(), tensors, allow_unused=True)
-            sm.n_backward += 1
+            tensors = [t for s in sm.sites for t in leaves[s.name]]
+            sm.grad(m.sum(), tensors, allow_unused=True)
 
     def spliced_forward_default_threads():
         chosen = torch.get_num_threads()
@@ -279,7 +249,7 @@ def floor_items(sm: CountingModel, batch, batch_size: int) -> dict[str, Callable
     return items
 
 
-def method_items(sm: CountingModel, batch, batch_size: int, ig_steps: list[int], subset: list[str] | None,
+def method_items(sm: SplicedModel, batch, batch_size: int, ig_steps: list[int], subset: list[str] | None,
                  exact: bool, validate_subset: list[str] | None = None) -> dict[str, Callable[[], Any]]:
     """Node effects per method. With ``subset``, exact and IG run on those sites only (to be
     extrapolated); ``validate_subset`` adds IG (10 steps) on a subset beside the full IG, to
@@ -301,7 +271,7 @@ def method_items(sm: CountingModel, batch, batch_size: int, ig_steps: list[int],
     return items
 
 
-def unembedding_items(sm: CountingModel, batch, batch_size: int) -> dict[str, Callable[[], Any]]:
+def unembedding_items(sm: SplicedModel, batch, batch_size: int) -> dict[str, Callable[[], Any]]:
     """The last-position unembedding alone (forward, and forward + backward of the metric), on
     random hidden states of the right shape: what computing every vocabulary logit costs when the
     metric reads two of them."""
@@ -331,7 +301,7 @@ def unembedding_items(sm: CountingModel, batch, batch_size: int) -> dict[str, Ca
             "unembed_fwd_bwd_strided": lambda: fwd_bwd(True)}
 
 
-def exact_feature_sample(sm: CountingModel, batch, batch_size: int, k: int, seed: int = 0):
+def exact_feature_sample(sm: SplicedModel, batch, batch_size: int, k: int, seed: int = 0):
     """Exact patching of ``k`` sampled features (all positions): cost per node, to extrapolate."""
     g = torch.Generator().manual_seed(seed)
     nodes = []
@@ -347,38 +317,33 @@ def edges_fixed_part(sm: SplicedModel, batch, bs: int) -> None:
     """What ``edge_effects`` does per chunk before any vector-Jacobian product when it is given
     the node stage's gradients (as in discover): the cut forward that records every direct
     Jacobian, under the LRP rules."""
-    from featcircuits.edges import _direct_forward
-
     for c in batch.chunks(bs):
         with lrp.lrp_rules(lrp.DEFAULT_RULES):
-            _direct_forward(sm, c)
+            cut_forward(sm, c)
 
 
-def vjp_part_items(sm: SplicedModel, chunk, masks: dict[str, SiteMask], sg, chunk_nodes: int = 64) -> dict:
+def vjp_part_items(sm: SplicedModel, chunk, masks: Acts, sg, chunk_nodes: int = 64) -> dict:
     """The vector-Jacobian products of ``edge_effects`` alone, on one chunk: the cut forward and
     the downstream scalars are built once (as ``edge_effects`` builds them), then the VJPs run
     batched (one backward per site and part) or one backward per downstream node. Uses the
-    private helpers of ``featcircuits.edges`` so the products are exactly the library's."""
-    from featcircuits.edges import _direct_forward, _node_scalars, _vjps
-    from featcircuits.graph import mask_nodes
-
+    edge stage's public steps (``featcircuits.edges``) so the products are exactly the library's."""
     prepared = []
     with lrp.lrp_rules(lrp.DEFAULT_RULES):
-        real, leaves = _direct_forward(sm, chunk)
+        real, leaves = cut_forward(sm, chunk)
         for site, m in masks.items():
-            nodes = mask_nodes(m)
-            ups = direct_upstream(sm.adapter, site)
+            nodes = m.nodes()
+            ups = sm.adapter.upstream(site)
             if not nodes or not ups:
                 continue
-            inputs = [t for u in ups for t in (leaves[u].f, leaves[u].err)]
+            inputs = [t for u in ups for t in leaves[u]]
             for start in range(0, len(nodes), chunk_nodes):
                 part = nodes[start:start + chunk_nodes]
-                prepared.append((_node_scalars(sm.dictionary(site), real[site], sg.grads[site], part), inputs))
+                prepared.append((node_scalars(sm.dictionary(site), real[site], sg.grads[site], part), inputs))
 
     def run(batched: bool):
         with lrp.lrp_rules(lrp.DEFAULT_RULES):
             for s_, inputs in prepared:
-                _vjps(s_, inputs, batched, sm)
+                vjps(sm, s_, inputs, batched)
 
     return {"vjp_batched": lambda: run(True), "vjp_one_backward_per_node": lambda: run(False)}
 
@@ -407,34 +372,26 @@ def spread_sites(sm: SplicedModel, k: int) -> list[str]:
     return [names[i] for i in idx]
 
 
-def downstream_order(sm: SplicedModel, feats, errs, masks) -> list[tuple[str, int, float]]:
+def downstream_order(sm: SplicedModel, mean: Acts, masks: Acts) -> list[tuple[str, int, float]]:
     """Selected nodes that can have edges (a site with direct upstream), by |effect|, largest first."""
     out = []
     for site, m in masks.items():
-        if not direct_upstream(sm.adapter, site):
+        if not sm.adapter.upstream(site):
             continue
-        for i in torch.nonzero(m.features).flatten().tolist():
-            out.append((site, int(i), abs(float(feats[site][i]))))
-        if bool(m.error):
-            out.append((site, -1, abs(float(errs[site]))))
+        out += [(site, i, abs(mean[site].value(i, t))) for i, t in m.nodes()]
     return sorted(out, key=lambda t: -t[2])
 
 
-def masks_of(nodes: list[tuple[str, int, float]], masks: dict[str, SiteMask]) -> dict[str, SiteMask]:
-    out = {s: SiteMask(torch.zeros_like(m.features), torch.zeros_like(m.error)) for s, m in masks.items()}
-    for site, i, _ in nodes:
-        if i < 0:
-            out[site].error.fill_(True)
-        else:
-            out[site].features[i] = True
-    return out
+def masks_of(nodes: list[tuple[str, int, float]], masks: Acts) -> Acts:
+    """The masks (shaped like ``masks``) of the given (site, index, |effect|) nodes."""
+    return NodeSpace.of(masks).from_nodes((site, i, -1) for site, i, _ in nodes)
 
 
 def edge_diff(a, b) -> dict:
     """Largest absolute and relative (to the largest |weight|) difference between two EdgeEffects."""
     diff, scale = 0.0, 0.0
     for key, (wf, we) in a.weights.items():
-        vf, ve = b.weights[key]
+        vf, ve = b.weights[key].f, b.weights[key].err
         diff = max(diff, float((wf - vf).abs().max()) if wf.numel() else 0.0, float((we - ve).abs().max()))
         scale = max(scale, float(wf.abs().max()) if wf.numel() else 0.0, float(we.abs().max()))
     return {"max_abs_diff": diff, "max_abs_weight": scale, "max_rel_diff": diff / scale if scale else 0.0,
@@ -493,7 +450,7 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
     res["busy_processes_at_start"] = other_processes()
     log(f"[{key}] load model and dictionaries")
     model, dicts, dict_note = cfg["load"]()
-    sm = CountingModel(model, dicts)
+    sm = SplicedModel(model, dicts)
     res["model"] = model.spec
     res["dictionaries"] = {"name": dicts.name, "note": dict_note, "widths": sorted(set(dicts.widths().values())),
                            "n_sites": len(sm.sites), "total_nodes_sum_aggregation": total_nodes(sm)}
@@ -598,12 +555,10 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
     log(f"[{key}] edges (circuit top-k {cfg['top_k']})")
     # As discover does: the node stage keeps its per-chunk RelP gradients and the edge stage reuses them.
     del relp_effects
-    kept = node_effects(sm, batch, "relp", batch_size=bs, progress=False, keep_gradients=True)
-    grads = kept.gradients
-    feats, errs = kept.mean("sum")
-    del kept
-    masks = select_nodes(feats, errs, Thresholds(top_k=cfg["top_k"]))
-    order = downstream_order(sm, feats, errs, masks)
+    grads: list = []
+    mean = node_effects(sm, batch, "relp", batch_size=bs, progress=False, gradients=grads).mean("sum")
+    masks = select_nodes(mean, Thresholds(top_k=cfg["top_k"]))
+    order = downstream_order(sm, mean, masks)
     full = len(order)
 
     def edge_call(mk, batched):
@@ -721,7 +676,7 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
     wbatch = tokenize_pairs(make_pairs(TASK, wn, 0), model.tokenizer)[0]
     for label, make in cfg["widths"](model):
         d_set = make()
-        smw = CountingModel(model, d_set)
+        smw = SplicedModel(model, d_set)
         width = sorted(set(d_set.widths().values()))
         log(f"[{key}] width {label} ({width})")
         node_effects(smw, wbatch.slice(0, min(bs, len(wbatch))), "relp", batch_size=bs, progress=False)
@@ -746,7 +701,7 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
     return res
 
 
-def profile_relp(sm: CountingModel, chunk, bs: int) -> dict:
+def profile_relp(sm: SplicedModel, chunk, bs: int) -> dict:
     """torch.profiler over one RelP node-effects chunk: the ops that take the time."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from featcircuits.agreement import NodeIndex, pearson, resolve_methods, run_agreement, write_agreement
+from featcircuits.agreement import feature_node, node_space, pearson, resolve_methods, run_agreement, write_agreement
 from featcircuits.attribution import FeatureNode, exact_feature_effects, node_effects
 from featcircuits.dictionaries import load_dictionary_set
 from featcircuits.errors import UserError
@@ -67,7 +67,7 @@ def test_exact_components_match_a_manual_patch_and_skip_unchanged_positions(mode
     """The reference itself: each cell is m(clean | site at one position := patch value) - m(clean);
     positions where no prompt differs (before the names swap in IOI) are exactly 0."""
     from featcircuits.metric import metric
-    from featcircuits.tracing import SiteValues
+    from featcircuits.nodes import Act
 
     sm = SplicedModel(model)
     comp = node_effects(sm, batch, "exact", batch_size=6, progress=False).components()
@@ -81,7 +81,7 @@ def test_exact_components_match_a_manual_patch_and_skip_unchanged_positions(mode
         for pos in (first_diff, batch.seq_len - 1):
             x = clean[site].err.clone() + clean[site].f
             x[:, pos] = patch[site].f[:, pos]
-            logits = sm.run_patched(batch.inputs("clean"), {site: SiteValues(x, torch.zeros_like(x))})
+            logits = sm.run_patched(batch.inputs("clean"), {site: Act(x, torch.zeros_like(x))})
             want = (metric(logits, batch.clean_answer, batch.patch_answer) - m_c).mean()
             assert comp[site][pos] == pytest.approx(float(want), abs=1e-5)
 
@@ -138,12 +138,13 @@ def test_node_index_round_trip(model, batch, tmp_path):
     sm = SplicedModel(model, load_dictionary_set(str(tmp_path), model.adapter))
     ne = node_effects(sm, batch, "atp", batch_size=6, progress=False)
     for agg in ("sum", "none"):
-        index = NodeIndex(sm, agg, batch.seq_len)
-        flat = index.flatten(ne)
+        index = node_space(sm, agg, batch.seq_len)
+        flat = index.flatten(ne.mean(agg))
         assert flat.numel() == index.size
-        feats, errs = ne.mean(agg)
+        mean = ne.mean(agg)
+        feats, errs = {s: v.f for s, v in mean.items()}, {s: v.err for s, v in mean.items()}
         for i in (0, 5, 12, index.size // 2, index.size - 1):
-            node = index.node(i)
+            node = feature_node(index, i)
             if node.position is None:
                 want = errs[node.site] if node.index < 0 else feats[node.site][node.index]
             else:

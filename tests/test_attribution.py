@@ -160,9 +160,9 @@ def test_ig_one_step_equals_atp_and_many_steps_approach_exact(tmp_path):
     batch, _ = tokenize_pairs(make_pairs("ioi", 4), model.tokenizer)
     atp = node_effects(sm, batch, "atp", progress=False)
     ig1 = node_effects(sm, batch, "ig", steps=1, progress=False)
-    for s in atp.features:
-        assert torch.allclose(atp.features[s], ig1.features[s], atol=1e-5)
-        assert torch.allclose(atp.errors[s], ig1.errors[s], atol=1e-5)
+    for s in atp.effects:
+        assert torch.allclose(atp.effects[s].f, ig1.effects[s].f, atol=1e-5)
+        assert torch.allclose(atp.effects[s].err, ig1.effects[s].err, atol=1e-5)
     # one node = the whole resid_0 site (every feature, error and position patched together):
     # IG's effects summed over it approach exact patching of it as steps grow
     with torch.no_grad():
@@ -173,8 +173,8 @@ def test_ig_one_step_equals_atp_and_many_steps_approach_exact(tmp_path):
                    - metric(clean_logits, batch.clean_answer, batch.patch_answer)).mean())
     errors = []
     for steps in (1, 4, 64):
-        f, e = node_effects(sm, batch, "ig", steps=steps, sites=["resid_0"], progress=False).mean("sum")
-        errors.append(abs(float(f["resid_0"].sum() + e["resid_0"]) - exact))
+        f, e = node_effects(sm, batch, "ig", steps=steps, sites=["resid_0"], progress=False).mean("sum")["resid_0"]
+        errors.append(abs(float(f.sum() + e) - exact))
     assert errors[-1] < errors[0] and errors[-1] < 0.05 * abs(exact) + 1e-4
 
 

@@ -9,7 +9,7 @@ from featcircuits import evaluation as E
 from featcircuits.adapters import resolve
 from featcircuits.attribution import FeatureNode, exact_feature_effects, node_effects
 from featcircuits.dictionaries import load_dictionary_set
-from featcircuits.graph import SiteMask
+from featcircuits.nodes import Act, NodeSpace, pack
 from featcircuits.metric import preference
 from featcircuits.tasks import make_pairs, tokenize_pairs
 from featcircuits.testing import random_saelens_set, tiny_model
@@ -49,7 +49,7 @@ def random_circuit(sm, sites, p=0.5, seed=0, positions=None):
         d = sm.dictionary(s).d_sae
         shape_f = (d,) if positions is None else (positions, d)
         shape_e = () if positions is None else (positions,)
-        out[s.name] = SiteMask(torch.rand(shape_f, generator=gen) < p, torch.rand(shape_e, generator=gen) < p)
+        out[s.name] = Act(torch.rand(shape_f, generator=gen) < p, torch.rand(shape_e, generator=gen) < p)
     return out
 
 
@@ -159,8 +159,8 @@ def test_mean_ablation_equals_hand_computed(spliced, batches, errors):
     ev = E.Evaluator(spliced, ev_batch, ablation="mean", errors=errors, batch_size=3)
     for seed, p in enumerate((0.3, 0.7)):
         masks = random_circuit(spliced, ev.sites, p, seed)
-        masks["resid_0"] = SiteMask(torch.zeros_like(masks["resid_0"].features), torch.tensor(False))
-        masks["attn_1"] = SiteMask(torch.ones_like(masks["attn_1"].features), torch.tensor(True))
+        masks["resid_0"] = Act(torch.zeros_like(masks["resid_0"].f), torch.tensor(False))
+        masks["attn_1"] = Act(torch.ones_like(masks["attn_1"].f), torch.tensor(True))
         ours = ev.scores([masks])[0]
         hand = _hand_ablated_preference(spliced, ev_batch, masks, errors)
         assert ours == pytest.approx(hand, abs=1e-5)
@@ -189,14 +189,14 @@ def test_per_position_masks(spliced, batches):
     ev = E.Evaluator(spliced, ev_batch, batch_size=8)
     T = ev_batch.seq_len
     per_feature = random_circuit(spliced, ev.sites, 0.5, seed=1)
-    per_position = {s: SiteMask(m.features.expand(T, -1).clone(), m.error.expand(T).clone())
+    per_position = {s: Act(m.f.expand(T, -1).clone(), m.err.expand(T).clone())
                     for s, m in per_feature.items()}
     a, b = ev.scores([per_feature, per_position])
     assert a == pytest.approx(b, abs=1e-6)
-    m = SiteMask(torch.ones(2, 5, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    m = Act(torch.ones(2, 5, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
     al = E.align_positions(m, 4)
-    assert al.features.shape == (4, 5) and not al.features[:2].any() and al.features[2:].all()
-    assert E.align_positions(m, 1).features.shape == (1, 5)
+    assert al.f.shape == (4, 5) and not al.f[:2].any() and al.f[2:].all()
+    assert E.align_positions(m, 1).f.shape == (1, 5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,12 +239,12 @@ def test_exact_effect_circuit_beats_random_on_a_known_mechanism():
     for node, v in zip(nodes, effects):
         feats[node.site][node.index] = v
     errs = {s.name: torch.tensor(0.0) for s in ev.sites}
-    scores, spans = E.candidate_effects(feats, errs, ev.sites)
-    exact = E.top_k_masks(scores, spans, 3)
-    chosen = {(s, int(i)) for s, m in exact.items() for i in torch.nonzero(m.features).flatten()}
+    scores, spans = E.candidate_effects(pack(feats, errs), ev.sites)
+    exact = spans.unflatten(NodeSpace.top_k(scores, 3))
+    chosen = {(s, int(i)) for s, m in exact.items() for i in torch.nonzero(m.f).flatten()}
     assert chosen == {("embed", 0), ("resid_0", 0), ("resid_1", 0)}
     gen = torch.Generator().manual_seed(0)
-    random = [E.random_masks(scores, spans, 3, gen) for _ in range(5)]
+    random = [spans.unflatten(NodeSpace.random(scores, 3, gen)) for _ in range(5)]
     res = ev.evaluate([exact] + random)
     assert res[0]["faithfulness"] > 0.9
     assert max(r["faithfulness"] for r in res[1:]) < res[0]["faithfulness"] - 0.5
@@ -252,8 +252,8 @@ def test_exact_effect_circuit_beats_random_on_a_known_mechanism():
     assert res[0]["completeness"] < 0.1
     # the gradient estimators find the same mechanism
     relp = node_effects(sm, disc, "relp", progress=False).mean("sum")
-    r_scores, r_spans = E.candidate_effects(*relp, ev.sites)
-    assert ev.evaluate([E.top_k_masks(r_scores, r_spans, 3)])[0]["faithfulness"] > 0.9
+    r_scores, r_spans = E.candidate_effects(relp, ev.sites)
+    assert ev.evaluate([r_spans.unflatten(NodeSpace.top_k(r_scores, 3))])[0]["faithfulness"] > 0.9
 
 
 # ------------------------------------------------------------------------------------------
@@ -294,13 +294,13 @@ def test_random_masks_have_the_requested_size(spliced):
     errs = {s.name: torch.tensor(0.5) for s in sites}
     gen = torch.Generator().manual_seed(0)
     for include in (True, False):
-        scores, spans = E.candidate_effects(feats, errs, sites, include_errors=include)
+        scores, spans = E.candidate_effects(pack(feats, errs), sites, include_errors=include)
         for k in (1, 7, 40):
-            m = E.random_masks(scores, spans, k, gen)
+            m = spans.unflatten(NodeSpace.random(scores, k, gen))
             assert E.mask_size(m) == k
             if not include:
-                assert not any(bool(x.error) for x in m.values())
-        top = E.top_k_masks(scores, spans, 5)
+                assert not any(bool(x.err) for x in m.values())
+        top = spans.unflatten(NodeSpace.top_k(scores, 5))
         assert E.mask_size(top) == 5
 
 

@@ -17,7 +17,8 @@ from featcircuits import export
 from featcircuits.cli import main
 from featcircuits.draw import _title, circuit_layout, draw_circuit
 from featcircuits.errors import UserError
-from featcircuits.graph import METRIC, Circuit, Thresholds, build_graph, mask_nodes, node_id, select_nodes
+from featcircuits.graph import METRIC, Circuit, Thresholds, build_graph, node_id, select_nodes
+from featcircuits.nodes import pack
 
 SITES = ["embed"] + [f"{k}_{layer}" for layer in range(2) for k in ("attn", "mlp", "resid")]
 
@@ -32,19 +33,19 @@ def make_circuit(aggregation: str = "sum", d_sae: int = 6, n_pos: int = 3, seed:
     else:
         feats = {s: torch.randn(n_pos, d_sae, generator=gen) for s in SITES}
         errs = {s: torch.randn(n_pos, generator=gen) + 3.0 for s in SITES}
-    masks = select_nodes(feats, errs, Thresholds(node=0.7))
-    ids = {s: [node_id(s, i, p) for i, p in mask_nodes(masks[s])] for s in SITES}
+    masks = select_nodes(pack(feats, errs), Thresholds(node=0.7))
+    ids = {s: [node_id(s, i, p) for i, p in masks[s].nodes()] for s in SITES}
     edges = [(u, v, float(torch.randn((), generator=gen)))  # a sparse random subset: pydot parses slowly
              for a, b in zip(SITES, SITES[1:]) for u in ids[a] for v in ids[b]
              if float(torch.rand((), generator=gen)) < (0.5 if aggregation == "sum" else 0.15)]
     labels = {ids["resid_1"][0]: 'plural "noun" <&> \\ detector', ids["embed"][0]: "the token ' keys'"}
-    graph = build_graph(feats, errs, masks, edges, last_resid="resid_1", labels=labels)
+    graph = build_graph(pack(feats, errs), masks, edges, last_resid="resid_1", labels=labels)
     prov = {"model": "tiny-gemma3", "dictionaries": "identity", "task": "sva-simple", "method": "relp",
             "aggregation": aggregation, "seed": seed,
             "thresholds": {"node": 0.7, "edge": None, "top_k": None, "share": None},
             "seconds": {"nodes": 1.25, "edges": 2.5, "total": 4.0},
             "versions": {"torch": torch.__version__, "networkx": nx.__version__}}
-    return Circuit(graph=graph, features=feats, errors=errs, provenance=prov)
+    return Circuit(graph=graph, effects=pack(feats, errs), provenance=prov)
 
 
 @pytest.fixture(params=["sum", "none"])
@@ -139,10 +140,10 @@ def test_effects_safetensors(circuit, tmp_path):
     path = export.write_effects(circuit, tmp_path / "node_effects.safetensors")
     flat = load_file(str(path))
     assert set(flat) == {f"features/{s}" for s in SITES} | {f"errors/{s}" for s in SITES}
-    feats, errs, meta = export.read_effects(path)
-    assert list(feats) == SITES  # site order kept, not alphabetical
+    effects, meta = export.read_effects(path)
+    assert list(effects) == SITES  # site order kept, not alphabetical
     for s in SITES:
-        assert torch.equal(feats[s], circuit.features[s]) and torch.equal(errs[s], circuit.errors[s])
+        assert torch.equal(effects[s].f, circuit.effects[s].f) and torch.equal(effects[s].err, circuit.effects[s].err)
     assert json.loads(meta["provenance"])["task"] == "sva-simple"
 
 
@@ -155,8 +156,8 @@ def test_save_load_round_trip(circuit, tmp_path):
     assert loaded.n_nodes == summary["n_nodes"] and loaded.n_edges == summary["n_edges"]
     # masks (what evaluation ablates) agree too
     for s, m in circuit.masks().items():
-        assert torch.equal(loaded.masks()[s].features, m.features)
-        assert torch.equal(loaded.masks()[s].error, m.error)
+        assert torch.equal(loaded.masks()[s].f, m.f)
+        assert torch.equal(loaded.masks()[s].err, m.err)
     # nothing half-written left behind
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 

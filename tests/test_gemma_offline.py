@@ -46,7 +46,7 @@ def test_half_qk_rule_recovers_the_ioi_effect_of_the_second_subject(gemma_offlin
     layers against exact patching."""
     from featcircuits.attribution import node_effects
     from featcircuits.tasks import make_pairs
-    from featcircuits.tracing import SiteValues
+    from featcircuits.nodes import Act
 
     batch, _ = tokenize_pairs(make_pairs("ioi", 4), gemma_offline.tokenizer)
     sm = SplicedModel(gemma_offline)
@@ -60,7 +60,7 @@ def test_half_qk_rule_recovers_the_ioi_effect_of_the_second_subject(gemma_offlin
     for site in sites:
         x = clean[site].f + clean[site].err
         x[:, pos] = (patch[site].f + patch[site].err)[:, pos]
-        logits = sm.run_patched(batch.inputs("clean"), {site: SiteValues(x, torch.zeros_like(x))})
+        logits = sm.run_patched(batch.inputs("clean"), {site: Act(x, torch.zeros_like(x))})
         exact = float((metric(logits, batch.clean_answer, batch.patch_answer) - m_clean).mean())
         default, half_qk = (float(estimates[r][site][pos]) for r in ("ln,identity,half", "ln,identity,half-qk"))
         assert exact > 5  # the swap flips the answer

@@ -49,9 +49,9 @@ def test_node_effects_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     ck = Checkpoint(tmp_path, "n", config, resume=True)
     assert ck.load()[0] == 2
     resumed = node_effects(sm, batch, "relp", batch_size=2, progress=False, checkpoint=ck)
-    for s in full.features:
-        assert torch.equal(full.features[s], resumed.features[s])
-        assert torch.equal(full.errors[s], resumed.errors[s])
+    for s in full.effects:
+        assert torch.equal(full.effects[s].f, resumed.effects[s].f)
+        assert torch.equal(full.effects[s].err, resumed.effects[s].err)
     assert full.metric_clean == resumed.metric_clean
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..graph import DEFAULT_TOP_K
 from . import add_model_args, add_rules_arg, add_task_args, default_saes
 
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-threshold", type=float, default=None,
                    help="keep edges with |weight| above this (default: 1%% of the largest |edge|)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="keep the k nodes of largest |effect| (default 100 when no other node rule is given)")
+                   help=f"keep the k nodes of largest |effect| (default {DEFAULT_TOP_K} when no other node rule is given)")
     p.add_argument("--share", type=float, default=None,
                    help="keep the fewest nodes whose |effect| adds up to this share of the total")
     p.add_argument("--aggregation", default="sum", choices=["sum", "none"],
@@ -60,11 +61,8 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import UserError
 
         raise UserError("--n, --batch-size and --steps must be positive")
-    thresholds = Thresholds(node=args.node_threshold, edge=args.edge_threshold, top_k=args.top_k,
-                            share=args.share)
-    if thresholds.node is None and thresholds.top_k is None and thresholds.share is None:
-        thresholds.top_k = 100
-    thresholds.validate()
+    thresholds = Thresholds.with_default(node=args.node_threshold, edge=args.edge_threshold, top_k=args.top_k,
+                                         share=args.share)
     pairs = make_pairs(args.task, args.n, args.seed)
     t_load = time.perf_counter()
     model = load_model(args.model)

@@ -84,7 +84,7 @@ def evaluate_circuit(model, dicts, circuit, *, task: str, n_eval: int | None = N
     from ..tracing import SplicedModel
 
     prov = circuit.provenance or {}
-    if not circuit.features:
+    if not circuit.effects:
         raise UserError("the circuit folder has no node_effects.safetensors: cannot rebuild the site masks")
     digest = prov.get("dictionaries_sha256")
     if digest and digest != dicts.digest():
