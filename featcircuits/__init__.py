@@ -12,7 +12,7 @@ The data flow, one module per stage::
     edges       direct-path edge effects                   edge_effects
     graph       thresholds -> networkx circuit             Thresholds, Circuit
     discover    the stages above in one call               discover_circuit
-    evaluation  faithfulness and completeness              (featcircuits.evaluation)
+    evaluation  faithfulness and completeness              evaluate_circuit, run_curves, Evaluator
     export      GraphML / DOT / JSON / circuit-tracer      save_circuit, load_circuit
 
 A notebook session::
@@ -46,6 +46,7 @@ from .attribution import NodeEffects, exact_feature_effects, node_effects
 from .edges import EdgeEffects, edge_effects
 from .graph import Circuit, Thresholds
 from .discover import discover_circuit
+from .evaluation import Evaluator, evaluate_circuit, faithfulness_curves, run_curves
 
 
 def save_circuit(circuit, out_dir, **kwargs):
@@ -67,5 +68,6 @@ __all__ = [
     "UserError", "METRIC", "Act", "NodeSpace", "node_id", "parse_node_id", "metric", "preference", "Pair", "make_pairs", "read_pairs", "tokenize_pairs",
     "LoadedModel", "load_model", "DictionarySet", "load_dictionary", "load_dictionary_set", "SplicedModel",
     "DEFAULT_RULES", "TWO_POINT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects", "EdgeEffects",
-    "edge_effects", "Circuit", "Thresholds", "discover_circuit", "save_circuit", "load_circuit",
+    "edge_effects", "Circuit", "Thresholds", "discover_circuit", "Evaluator", "evaluate_circuit", "faithfulness_curves", "run_curves",
+    "save_circuit", "load_circuit",
 ]

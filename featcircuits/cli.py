@@ -12,7 +12,7 @@ import sys
 from .errors import UserError
 
 # One module per subcommand, in the order --help lists them.
-COMMANDS = ["info", "discover", "export", "evaluate", "curves", "agreement", "train_saes"]
+COMMANDS = ["info", "discover", "export", "evaluate", "curves", "agreement"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"featcircuits.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"featcircuits.commands.{name}":
-                continue  # a subcommand not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"featcircuits.commands.{name}").register(sub)
     return parser
 
 

@@ -71,7 +71,7 @@ def settings_key(args) -> dict:
 def run_tasks(args, tasks: list[str], out_root: Path, after=None) -> None:
     import torch
 
-    from featcircuits.commands.curves import curves_main, print_summary
+    from featcircuits.evaluation import curves_summary, run_curves
     from featcircuits.dictionaries import load_dictionary_set
     from featcircuits.models import cache_dir, load_model
 
@@ -108,7 +108,7 @@ def run_tasks(args, tasks: list[str], out_root: Path, after=None) -> None:
     for task in todo:
         print(f"== {task}", flush=True)
         t1 = time.perf_counter()
-        result = curves_main(model, dicts, task=task, n=args.n, n_eval=args.n_eval, seed=args.seed,
+        result = run_curves(model, dicts, task=task, n=args.n, n_eval=args.n_eval, seed=args.seed,
                              methods=[m for m in args.methods.split(",") if m], points=args.thresholds,
                              rules=args.rules,
                              ablation=args.ablation, errors=args.errors, steps=args.steps,
@@ -120,7 +120,7 @@ def run_tasks(args, tasks: list[str], out_root: Path, after=None) -> None:
         result["script_settings"] = key
         result["command"] = cmd
         _write(result, out_root / task, task, args)
-        print_summary(result, out_root / task)
+        print(curves_summary(result, out_root / task))
         if after is not None:
             after()  # the README table grows task by task
 

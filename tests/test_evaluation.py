@@ -309,10 +309,10 @@ def test_random_masks_have_the_requested_size(spliced):
 
 
 def test_curves_end_to_end(tmp_path, spliced):
-    from featcircuits.commands.curves import curves_main
+    from featcircuits.evaluation import run_curves
 
     out = tmp_path / "curves"
-    result = curves_main(spliced.model, spliced.dictionaries, task="sva-nounpp", n=8, n_eval=8, seed=0,
+    result = run_curves(spliced.model, spliced.dictionaries, task="sva-nounpp", n=8, n_eval=8, seed=0,
                          methods=["relp", "atp", "ig", "random"], points=6, steps=2, random_draws=2,
                          batch_size=4, out=out, model_spec="tiny-gemma3", progress=False)
     data = json.loads((out / "curves.json").read_text())
@@ -385,7 +385,7 @@ def test_evaluate_cli_on_a_discovered_circuit(tiny_folder, tmp_path, capsys):
     assert data["split"]["n_eval"] == 8 and data["n_nodes"] > 0
     assert data["faithfulness"] == pytest.approx((data["F_C"] - data["F_empty"]) / (data["F_M"] - data["F_empty"]))
     # the same numbers from the function underneath, and the full/empty sanity limits
-    from featcircuits.commands.evaluate import evaluate_circuit
+    from featcircuits.evaluation import evaluate_circuit
     from featcircuits.export import load_circuit
 
     circuit = load_circuit(circ)

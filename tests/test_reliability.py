@@ -89,18 +89,18 @@ def test_same_arguments_same_graph(setup):
 # saves in order: relp nodes 2, atp nodes 2, then ablations relp 2, atp 2, random 2
 @pytest.mark.parametrize("kill_after", [3, 7])  # inside atp's node effects; inside atp's ablations
 def test_curves_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, kill_after):
-    from featcircuits.commands.curves import curves_main
+    from featcircuits.evaluation import run_curves
 
     sm, _ = setup
     kw = dict(task="sva-nounpp", n=8, n_eval=8, seed=0, methods=["relp", "atp", "random"], points=3,
               batch_size=4, stack=2, random_draws=2, progress=False)
-    full = curves_main(sm.model, sm.dictionaries, out=tmp_path / "ref", **kw)
+    full = run_curves(sm.model, sm.dictionaries, out=tmp_path / "ref", **kw)
     _kill_after(monkeypatch, kill_after)
     with pytest.raises(Killed):
-        curves_main(sm.model, sm.dictionaries, out=tmp_path / "run", **kw)
+        run_curves(sm.model, sm.dictionaries, out=tmp_path / "run", **kw)
     monkeypatch.undo()
     assert not (tmp_path / "run" / "curves.json").exists()
-    resumed = curves_main(sm.model, sm.dictionaries, out=tmp_path / "run", resume=True, **kw)
+    resumed = run_curves(sm.model, sm.dictionaries, out=tmp_path / "run", resume=True, **kw)
     assert resumed["methods"] == full["methods"]
     assert (resumed["F_M"], resumed["F_empty"]) == (full["F_M"], full["F_empty"])
     assert not (tmp_path / "run" / ".checkpoint").exists()  # cleared when done

@@ -10,11 +10,7 @@ timings, definitions) and ``curves.png`` / ``curves.svg``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import sys
 import time
-from pathlib import Path
 
 from . import add_model_args, add_rules_arg, add_task_args, default_saes
 
@@ -68,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..dictionaries import load_dictionary_set
     from ..errors import UserError
+    from ..evaluation import curves_summary, run_curves
     from ..models import load_model
     from ..validation import check_output_folder
 
@@ -83,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     saes = default_saes(args.model, args.saes)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     load_seconds = time.perf_counter() - t0
-    result = curves_main(model, dicts, task=args.task, n=args.n, n_eval=args.n_eval or args.n, seed=args.seed,
+    result = run_curves(model, dicts, task=args.task, n=args.n, n_eval=args.n_eval or args.n, seed=args.seed,
                          methods=methods, points=args.thresholds, n_min=args.min_nodes, n_max=args.max_nodes,
                          ablation=args.ablation, errors=args.errors, aggregation=args.aggregation,
                          start_layer=args.start_layer, steps=args.steps, rules=args.rules,
@@ -91,103 +88,5 @@ def run(args: argparse.Namespace) -> int:
                          out=args.out, model_spec=args.model, saes_spec=saes,
                          effects_cache=args.effects_cache, progress=not args.no_progress,
                          extra_timings={"load_seconds": round(load_seconds, 3)}, resume=args.resume)
-    print_summary(result, args.out)
+    print(curves_summary(result, args.out))
     return 0
-
-
-def print_summary(result: dict, out) -> None:
-    print(f"F(M) {result['F_M']:+.4f}   F(empty) {result['F_empty']:+.4f}   sizes {result['sizes']}")
-    for m, c in result["methods"].items():
-        auc = c["auc"]
-        reach = c["nodes_to_0.8"]
-        print(f"  {m:<7} AUC {auc if auc is None else f'{auc:.3f}'}   nodes to faithfulness 0.8: "
-              f"{reach if reach is not None else 'not reached'}")
-    cmp_ = result.get("relp_vs_ig")
-    if cmp_:
-        print(f"  RelP vs IG at >= {cmp_['min_nodes']} nodes: max |diff| {cmp_['max_abs_diff']}, "
-              f"{'within' if cmp_['within'] else 'NOT within'} {cmp_['tolerance']}")
-    print(f"-> {out}")
-
-
-def curves_main(model, dicts, *, task: str, n: int, n_eval: int, seed: int = 0, methods=("relp", "ig", "atp", "random"),
-                points: int = 15, n_min: int = 1, n_max: int | None = None, ablation: str = "mean",
-                errors: str = "ablate", aggregation: str = "sum", start_layer: int = -1, steps: int = 10,
-                rules="default", random_draws: int = 3, batch_size: int = 16, stack: int = 4, out=None,
-                model_spec: str | None = None, saes_spec: str | None = None, effects_cache=None,
-                progress: bool = True, extra_timings: dict | None = None, title: str | None = None,
-                resume: bool = False) -> dict:
-    """Everything ``featcircuits curves`` does after loading the model and dictionaries:
-    discovery and evaluation pairs, node effects (cached when ``effects_cache`` is given),
-    the curves, ``curves.json`` and the plots in ``out``. Returns the result dict.
-
-    With ``out``, every stage checkpoints per chunk of examples into ``out/.checkpoint``;
-    ``resume=True`` continues a killed run from there."""
-    import torch
-
-    from ..evaluation import eval_pairs, faithfulness_curves, plot_curves
-    from ..io import write_json
-    from ..tasks import make_pairs, tokenize_pairs
-    from ..tracing import SplicedModel
-
-    torch.manual_seed(seed)
-    disc_pairs = make_pairs(task, n, seed)
-    ev_pairs, split = eval_pairs(task, n_eval, disc_pairs, seed)
-    disc, dropped_d = tokenize_pairs(disc_pairs, model.tokenizer)
-    evb, dropped_e = tokenize_pairs(ev_pairs, model.tokenizer)
-    for what, dropped, pairs in (("discovery", dropped_d, disc_pairs), ("evaluation", dropped_e, ev_pairs)):
-        if dropped:
-            print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} {what} pairs ({dropped[0][1]}, ...)",
-                  file=sys.stderr)
-    split.update({"discovery_seed": seed, "n_discovery_requested": n, "n_discovery": len(disc),
-                  "discovery_dropped": len(dropped_d), "n_eval_requested": n_eval, "n_eval": len(evb),
-                  "eval_dropped": len(dropped_e)})
-    sm = SplicedModel(model, dicts)
-    effects = {}
-    cache_info = {}
-    paths = {}
-    for m in methods:
-        if m == "random" or effects_cache is None:
-            continue
-        key = _effects_key(model_spec or model.spec, dicts, disc, m, steps, rules, batch_size)
-        paths[m] = Path(effects_cache) / f"{m}-{key}.pt"
-        if paths[m].is_file():
-            effects[m] = torch.load(paths[m], weights_only=False)
-            cache_info[m] = {"path": str(paths[m]), "reused": True}
-    result = faithfulness_curves(sm, disc, evb, methods, points=points, n_min=n_min, n_max=n_max,
-                                 ablation=ablation, errors=errors, aggregation=aggregation,
-                                 start_layer=start_layer, steps=steps, rules=rules, random_draws=random_draws,
-                                 seed=seed, batch_size=batch_size, stack=stack, effects=effects,
-                                 progress=progress, checkpoint_dir=out, resume=resume)
-    for m, path in paths.items():
-        if m not in cache_info:  # computed in this run: keep for the next
-            from ..io import atomic_write
-
-            atomic_write(path, lambda p, e=effects[m]: torch.save(e, p))
-            cache_info[m] = {"path": str(path), "reused": False}
-    from ..discover import versions
-
-    result["provenance"] = {
-        "model": model_spec or model.spec, "saes": saes_spec or dicts.name,
-        "dictionaries_sha256": dicts.digest(), "identity_sites": dicts.meta.get("identity_sites", []),
-        "task": task, "seed": seed, "versions": versions(), "effects_cache": cache_info or None,
-    }
-    result["split"] = split
-    result["timings"].update(extra_timings or {})
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "curves.json", result)
-        plot_curves(result, out / "curves", title=title or f"{task} — {model_spec or model.spec}, "
-                                                           f"dictionaries {saes_spec or dicts.name}")
-    return result
-
-
-def _effects_key(model_spec: str, dicts, batch, method: str, steps: int, rules, batch_size: int) -> str:
-    from ..lrp import rules_key
-
-    h = hashlib.sha256()
-    for t in (batch.clean_ids, batch.patch_ids, batch.clean_answer, batch.patch_answer):
-        h.update(t.numpy().tobytes())
-    h.update(json.dumps([model_spec, dicts.digest(), method, steps if method == "ig" else None,
-                         rules_key(rules) if method == "relp" else None, batch_size]).encode())
-    return h.hexdigest()[:16]

@@ -9,8 +9,6 @@ the circuit itself). Writes ``evaluation.json`` into the circuit folder (or ``--
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 from .curves import add_eval_args
@@ -40,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..dictionaries import load_dictionary_set
     from ..errors import UserError
+    from ..evaluation import evaluate_circuit
     from ..export import load_circuit
     from ..models import load_model
 
@@ -70,49 +69,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"  F(C) {r['F_C']:+.4f}   F(M) {r['F_M']:+.4f}   F(empty) {r['F_empty']:+.4f}   F(M\\C) {r['F_complement']:+.4f}")
     print(f"  faithfulness {r['faithfulness']:.4f}   completeness {r['completeness']:.4f}   -> {out}")
     return 0
-
-
-def evaluate_circuit(model, dicts, circuit, *, task: str, n_eval: int | None = None, seed: int | None = None,
-                     ablation: str = "mean", errors: str = "ablate", start_layer: int = -1,
-                     batch_size: int = 16, stack: int = 4, progress: bool = False) -> dict:
-    """Faithfulness and completeness of ``circuit`` (a ``graph.Circuit``) on evaluation pairs
-    disjoint from its discovery pairs (regenerated from ``task``, the provenance's seed and
-    pair count)."""
-    from ..errors import UserError
-    from ..evaluation import DEFINITIONS, Evaluator, eval_pairs
-    from ..tasks import make_pairs, tokenize_pairs
-    from ..tracing import SplicedModel
-
-    prov = circuit.provenance or {}
-    if not circuit.effects:
-        raise UserError("the circuit folder has no node_effects.safetensors: cannot rebuild the site masks")
-    digest = prov.get("dictionaries_sha256")
-    if digest and digest != dicts.digest():
-        print("featcircuits: warning: these dictionaries differ from the ones the circuit was found with "
-              f"(sha256 {dicts.digest()} vs {digest})", file=sys.stderr)
-    seed = int(prov.get("seed", 0) if seed is None else seed)
-    n_disc = int(prov.get("pairs_requested") or prov.get("n") or 0)
-    if n_disc < 1:
-        raise UserError("the circuit's provenance does not say how many discovery pairs it used ('n')")
-    n_eval = int(n_eval or prov.get("n") or n_disc)
-    disc_pairs = make_pairs(task, n_disc, seed)
-    ev_pairs, split = eval_pairs(task, n_eval, disc_pairs, seed)
-    batch, dropped = tokenize_pairs(ev_pairs, model.tokenizer)
-    split.update({"n_eval_requested": n_eval, "n_eval": len(batch), "eval_dropped": len(dropped),
-                  "discovery_pairs_regenerated": n_disc, "discovery_seed": seed})
-    sm = SplicedModel(model, dicts)
-    t0 = time.perf_counter()
-    ev = Evaluator(sm, batch, ablation=ablation, errors=errors, start_layer=start_layer, seed=seed,
-                   batch_size=batch_size, stack=stack, progress=progress)
-    masks = circuit.masks()
-    (res,) = ev.evaluate([masks])
-    seconds = time.perf_counter() - t0
-    return {**res, "F_M": ev.F_M, "F_empty": ev.F_empty,
-            "n_nodes_in_graph": circuit.n_nodes,
-            "settings": {**ev.settings(), "aggregation": prov.get("aggregation", "sum"), "seed": seed,
-                         "batch_size": batch_size},
-            "split": split, "seconds": round(seconds, 3), "forward_passes": ev.forward_passes,
-            "provenance": {"circuit_method": prov.get("method"), "task": task,
-                           "circuit_thresholds": prov.get("thresholds"),
-                           "dictionaries_sha256": dicts.digest()},
-            "definitions": {k: DEFINITIONS[k] for k in ("F", "faithfulness", "completeness", "n_nodes")}}
