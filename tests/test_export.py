@@ -175,7 +175,7 @@ def test_circuit_diff_sees_changes(tmp_path):
 
 def test_summary(tmp_path, monkeypatch):
     c = make_circuit("sum")
-    monkeypatch.setattr(export, "graphviz_available", lambda: False)
+    monkeypatch.setattr(export.dot, "graphviz_available", lambda: False)
     summary = export.save_circuit(c, tmp_path, extra={"faithfulness": 0.9, "method": "relp"})
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary
