@@ -4,13 +4,16 @@ Every dictionary has ``encode(x) -> f``, ``decode(f) -> x_hat``, ``d_in`` and ``
 Formats: sae-lens hub releases (``SAE.from_pretrained``), sae-lens folders (``cfg.json`` +
 ``sae_weights.safetensors``, ``SAE.load_from_disk``), dictionary_learning ``ae.pt`` state
 dicts, and the identity dictionary (neurons as features). A ``DictionarySet`` maps site
-names to dictionaries; ``saes/registry.json`` names sets users can ask for by name.
+names to dictionaries; ``featcircuits/data/registry.json`` (package data) names sets users can
+ask for by name. A ``local`` set's folder (e.g. ``starter``) is looked up in the folder named
+by the environment variable ``FEATCIRCUITS_SAES``, then in ``saes/`` of the source tree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,23 @@ from torch import nn
 from .adapters import Adapter
 from .errors import UserError
 
-REGISTRY_DIR = Path(__file__).resolve().parent.parent / "saes"
+REGISTRY = Path(__file__).resolve().parent / "data" / "registry.json"
+SAES_ENV = "FEATCIRCUITS_SAES"  # a folder holding local dictionary sets, searched first
+SOURCE_SAES = Path(__file__).resolve().parent.parent / "saes"  # the source tree's sets (editable installs)
+
+
+def local_set_dirs() -> list[Path]:
+    """Where local dictionary sets are looked for, in order: ``$FEATCIRCUITS_SAES``, the source tree."""
+    env = os.environ.get(SAES_ENV)
+    return [*([Path(env).expanduser()] if env else []), SOURCE_SAES]
+
+
+def local_set_folder(name: str) -> Path | None:
+    """The folder of the local set ``name`` (first of ``local_set_dirs``), or None."""
+    for root in local_set_dirs():
+        if (root / name).is_dir():
+            return root / name
+    return None
 
 
 class Dictionary(nn.Module):
@@ -184,10 +203,8 @@ def identity_set(adapter: Adapter) -> DictionarySet:
 
 
 def registry() -> dict[str, Any]:
-    path = REGISTRY_DIR / "registry.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
+    """The named dictionary sets (package data)."""
+    return json.loads(REGISTRY.read_text())
 
 
 def load_dictionary_set(spec: str | None, adapter: Adapter, model_spec: str = "") -> DictionarySet:
@@ -203,9 +220,11 @@ def load_dictionary_set(spec: str | None, adapter: Adapter, model_spec: str = ""
     if spec in reg:
         entry = reg[spec]
         if entry.get("kind") == "local":
-            folder = REGISTRY_DIR / entry["path"]
-            if not folder.is_dir():
-                raise UserError(f"dictionary set {spec!r} is registered but {folder} is missing")
+            folder = local_set_folder(entry["path"])
+            if folder is None:
+                where = " or ".join(str(d) for d in local_set_dirs())
+                raise UserError(f"dictionary set {spec!r} is registered as the local folder {entry['path']!r}, "
+                                f"which is not in {where}; set {SAES_ENV} to the folder that holds it")
             return _folder_set(spec, folder, adapter, entry)
         if entry.get("kind") == "saelens":
             return _hub_set(spec, entry, adapter)

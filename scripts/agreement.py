@@ -7,7 +7,7 @@ Runs ``featcircuits agreement`` for
 - sva-simple, components granularity,
 - sva-simple, features granularity with identity dictionaries,
 - sva-simple, features granularity with the ``starter`` dictionaries when
-  ``saes/registry.json`` registers them,
+  the dictionary registry (``featcircuits/data/registry.json``) registers them,
 
 writing each into ``results/agreement/<task>_<granularity>[_<saes>]/``, then puts the
 combined table (with the commands that made it) into ``results/README.md`` under the

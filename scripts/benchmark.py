@@ -805,18 +805,18 @@ def tiny_config(args) -> dict:
 
 
 def starter_ready() -> tuple[bool, str]:
-    """Whether saes/registry.json has a ``starter`` entry whose folder holds dictionaries."""
-    from featcircuits.dictionaries import REGISTRY_DIR
+    """Whether the registry has a ``starter`` entry whose folder holds dictionaries."""
+    from featcircuits.dictionaries import local_set_folder
 
     entry = registry().get("starter")
     if entry is None:
-        return False, "no 'starter' entry in saes/registry.json"
-    folder = REGISTRY_DIR / entry.get("path", "starter")
+        return False, "no 'starter' entry in the dictionary registry"
+    folder = local_set_folder(entry.get("path", "starter"))
     n = sum(1 for sub in folder.iterdir() if (sub / "cfg.json").is_file() or (sub / "ae.pt").is_file()) \
-        if folder.is_dir() else 0
+        if folder is not None else 0
     if not n:
-        return False, f"'starter' is registered but {folder.relative_to(ROOT)} holds no dictionaries yet"
-    return True, f"'starter' from saes/registry.json ({n} site dictionaries)"
+        return False, f"'starter' is registered but its folder ({entry.get('path', 'starter')}) holds no dictionaries"
+    return True, f"'starter' from the dictionary registry ({n} site dictionaries)"
 
 
 def gemma_config(args) -> dict:

@@ -90,12 +90,12 @@ def run_tasks(args, tasks: list[str], out_root: Path, after=None) -> None:
         return
     t0 = time.perf_counter()
     model = load_model(args.model)
-    from featcircuits.dictionaries import REGISTRY_DIR, registry
+    from featcircuits.dictionaries import local_set_folder, registry
 
     spec = args.saes
-    if spec not in registry() and (REGISTRY_DIR / spec).is_dir():
-        spec = str(REGISTRY_DIR / spec)  # trained but not (yet) registered: the same folder by path
-        print(f"dictionary set {args.saes!r} is not in saes/registry.json; loading {spec}", flush=True)
+    if spec not in registry() and local_set_folder(spec) is not None:
+        spec = str(local_set_folder(spec))  # trained but not (yet) registered: the same folder by path
+        print(f"dictionary set {args.saes!r} is not in the registry; loading {spec}", flush=True)
     dicts = load_dictionary_set(spec, model.adapter, args.model)
     load_seconds = round(time.perf_counter() - t0, 2)
     cache = Path(args.effects_cache) if args.effects_cache else cache_dir() / "faithfulness"

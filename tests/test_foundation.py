@@ -192,3 +192,23 @@ def test_hub_set_resolves_release_ids_through_saelens(monkeypatch, tmp_path):
     assert ("pythia-70m-deduped-att-sm", "blocks.1.hook_attn_out") in asked
     assert ("pythia-70m-deduped-mlp-sm", "blocks.0.hook_mlp_out") in asked
     assert len(asked) == len(model.adapter.sites()) and dicts.widths()["mlp_1"] == 24
+
+
+def test_registry_is_package_data_and_local_sets_are_found(tiny, tmp_path, monkeypatch):
+    """The registry ships inside the package; a registered local set is found in
+    $FEATCIRCUITS_SAES before the source tree, and a clear UserError names both otherwise."""
+    from featcircuits import dictionaries as D
+    from featcircuits.dictionaries import load_dictionary_set, registry
+
+    assert D.REGISTRY.is_file() and "featcircuits" in D.REGISTRY.parts and "starter" in registry()
+    reg = tmp_path / "registry.json"
+    reg.write_text(json.dumps({"mine": {"kind": "local", "path": "mine"}}))
+    monkeypatch.setattr(D, "REGISTRY", reg)
+    monkeypatch.setattr(D, "SOURCE_SAES", tmp_path / "source")
+    monkeypatch.delenv(D.SAES_ENV, raising=False)
+    with pytest.raises(UserError, match="FEATCIRCUITS_SAES"):
+        load_dictionary_set("mine", tiny.adapter)
+    random_saelens_set(tiny, tmp_path / "elsewhere" / "mine", width=8)
+    monkeypatch.setenv(D.SAES_ENV, str(tmp_path / "elsewhere"))
+    ds = load_dictionary_set("mine", tiny.adapter)
+    assert ds.name == "mine" and ds.meta["path"] == str(tmp_path / "elsewhere" / "mine")

@@ -35,11 +35,11 @@ def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:
 
 
 def default_saes(model_spec: str, saes: str | None) -> str:
-    """``starter`` for the offline model when that set is registered, else identity."""
+    """``starter`` for the offline model when that set is registered and its folder found, else identity."""
     if saes is not None:
         return saes
-    from ..dictionaries import registry
+    from ..dictionaries import local_set_folder, registry
 
-    if model_spec == OFFLINE_ALIAS and "starter" in registry():
+    if model_spec == OFFLINE_ALIAS and "starter" in registry() and local_set_folder(registry()["starter"]["path"]):
         return "starter"
     return "identity"
