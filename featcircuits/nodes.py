@@ -28,6 +28,15 @@ ERROR = -1  # the ``index`` of a site's error node
 SUMMED = -1  # the ``position`` of a node summed over positions
 
 
+def _binary(op: Callable) -> Callable:
+    """An operator of ``Act``: ``op`` on both parts, the other operand an ``Act`` or a scalar/tensor."""
+    def method(self: "Act", other: Any) -> "Act":
+        if isinstance(other, Act):
+            return Act(op(self.f, other.f), op(self.err, other.err))
+        return Act(op(self.f, other), op(self.err, other))
+    return method
+
+
 @dataclass
 class Act:
     """Features ``f`` and error ``err`` of one site (see the module docstring for shapes)."""
@@ -35,29 +44,13 @@ class Act:
     f: torch.Tensor
     err: torch.Tensor
 
-    # -- arithmetic: elementwise on both parts; the other operand an Act or a scalar/tensor
-    def _zip(self, other: Any, op: Callable) -> "Act":
-        if isinstance(other, Act):
-            return Act(op(self.f, other.f), op(self.err, other.err))
-        return Act(op(self.f, other), op(self.err, other))
-
-    def __add__(self, other: Any) -> "Act":
-        return self._zip(other, torch.add)
-
-    def __sub__(self, other: Any) -> "Act":
-        return self._zip(other, torch.sub)
-
-    def __mul__(self, other: Any) -> "Act":
-        return self._zip(other, torch.mul)
-
-    def __truediv__(self, other: Any) -> "Act":
-        return self._zip(other, torch.div)
-
-    def __and__(self, other: Any) -> "Act":
-        return self._zip(other, torch.logical_and)
-
-    def __or__(self, other: Any) -> "Act":
-        return self._zip(other, torch.logical_or)
+    # arithmetic: elementwise on both parts
+    __add__ = _binary(torch.add)
+    __sub__ = _binary(torch.sub)
+    __mul__ = _binary(torch.mul)
+    __truediv__ = _binary(torch.div)
+    __and__ = _binary(torch.logical_and)
+    __or__ = _binary(torch.logical_or)
 
     def __invert__(self) -> "Act":
         return Act(~self.f, ~self.err)
