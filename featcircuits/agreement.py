@@ -1,5 +1,8 @@
 """How well each node-effect estimator agrees with exact activation patching.
 
+(Over ~400 lines: the sampling, the computation and its markdown/plots are one report whose
+parts read the same result dict; the node space itself is ``featcircuits.nodes``.)
+
 Two granularities (issue 3):
 
 - ``components``: identity dictionaries, one node per site and position (the whole site

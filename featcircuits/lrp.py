@@ -1,5 +1,9 @@
 """LRP propagation rules for RelP, switched on by a context manager around a trace.
 
+(Longer than ~400 lines on purpose: the rule-aware forwards of norms, activations, gated MLPs
+and attention share one switch, one tape and one ``straight`` trick; split apart they would
+each need the others' state.)
+
 Every rule keeps the forward value *bit for bit* and only changes the backward pass. The
 trick used throughout is ``straight(value, surrogate) = value.detach() + (surrogate -
 surrogate.detach())``: its value is ``value`` (plus an exact zero) and its gradient is the
