@@ -16,6 +16,15 @@ def _plt():
     return plt
 
 
+def _save(fig, stem: Path) -> str:
+    """Write the figure as PNG + SVG, close it, and return the file stem's name."""
+    from featcircuits.plotting import save_figure
+
+    save_figure(fig, stem)
+    _plt().close(fig)
+    return stem.name
+
+
 def _color(name: str) -> str:
     from featcircuits.plotting import METHOD_COLORS
 
@@ -27,8 +36,6 @@ def _color(name: str) -> str:
 
 
 def plot_nodes(key: str, m: dict, out: Path) -> str:
-    from featcircuits.plotting import save_figure
-
     plt = _plt()
     items = m["nodes"]["items"]
     order = ["hf_body", "hf_forward", "unembed_forward", "unembed_fwd_bwd", "unembed_fwd_bwd_strided",
@@ -59,15 +66,10 @@ def plot_nodes(key: str, m: dict, out: Path) -> str:
     ax.set_xlabel(f"wall seconds for n={m['nodes']['n']} examples (median of rounds, log scale)")
     ax.set_title(f"Node effects and the floor: {MODEL_NAMES.get(key, key)}")
     ax.set_xlim(right=max(vals) * 30)
-    stem = out / f"nodes_{key}"
-    save_figure(fig, stem)
-    plt.close(fig)
-    return stem.name
+    return _save(fig, out / f"nodes_{key}")
 
 
 def plot_edges(key: str, m: dict, out: Path) -> str:
-    from featcircuits.plotting import save_figure
-
     plt = _plt()
     sw = m["edges"]["vs_downstream_nodes"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -82,15 +84,10 @@ def plot_edges(key: str, m: dict, out: Path) -> str:
     ax.set_title(f"Edges: {MODEL_NAMES.get(key, key)}, n={m['nodes']['n']}")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    stem = out / f"edges_{key}"
-    save_figure(fig, stem)
-    plt.close(fig)
-    return stem.name
+    return _save(fig, out / f"edges_{key}")
 
 
 def plot_scaling(key: str, m: dict, out: Path, which: str) -> str:
-    from featcircuits.plotting import save_figure
-
     plt = _plt()
     pts = m[which]["points"]
     special = []  # identity dictionaries: drawn as separate markers, not on the width line
@@ -125,15 +122,10 @@ def plot_scaling(key: str, m: dict, out: Path, which: str) -> str:
     a1.legend(fontsize=8)
     title = "examples" if which == "scaling_n" else "dictionary width"
     fig.suptitle(f"Scaling with {title}: {MODEL_NAMES.get(key, key)}")
-    stem = out / f"{which}_{key}"
-    save_figure(fig, stem)
-    plt.close(fig)
-    return stem.name
+    return _save(fig, out / f"{which}_{key}")
 
 
 def plot_discover(key: str, m: dict, out: Path) -> str:
-    from featcircuits.plotting import save_figure
-
     plt = _plt()
     d = m["discover"]["items"]
     names = list(d)
@@ -155,7 +147,4 @@ def plot_discover(key: str, m: dict, out: Path) -> str:
     ax.set_xlabel(f"wall seconds (first run), n={m['discover']['n']}; dark = nodes, light = edges")
     ax.set_title(f"Full discover: {MODEL_NAMES.get(key, key)}")
     ax.set_xlim(right=max(a + b for a, b in zip(nodes, edges)) * (3 if ax.get_xscale() == "log" else 1.25))
-    stem = out / f"discover_{key}"
-    save_figure(fig, stem)
-    plt.close(fig)
-    return stem.name
+    return _save(fig, out / f"discover_{key}")
