@@ -19,7 +19,11 @@ import torch
 from .errors import UserError
 
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
-BUILTIN_TASKS = ("sva-simple", "sva-nounpp", "sva-rc", "sva-within-rc", "ioi")
+BUILTIN_TASKS = ("sva-simple", "sva-nounpp", "sva-rc", "sva-within-rc", "ioi", "ioi-io-first", "ioi-s-first")
+# IOI word orders: "When A and B ..., B gave ... to" -> A names the indirect object first
+# (io-first); "When B and A ..., B gave ... to" -> A names the subject first (s-first).
+# ``ioi`` mixes both at random; each pair's ``case`` says which order it has.
+IOI_ORDERS = {"ioi": None, "ioi-io-first": "io-first", "ioi-s-first": "s-first"}
 
 
 @dataclass(frozen=True)
@@ -125,16 +129,18 @@ def _sva(rng: random.Random, n: int, kind: str) -> list[Pair]:
     return pairs
 
 
-def _ioi(rng: random.Random, n: int) -> list[Pair]:
+def _ioi(rng: random.Random, n: int, order: str | None = None) -> list[Pair]:
+    """IOI pairs; ``order`` forces one word order (``io-first`` | ``s-first``), None mixes them."""
     pairs = []
     for _ in range(n):
         a, b = rng.sample(NAMES, 2)
         place, thing = rng.choice(PLACES), rng.choice(THINGS)
-        order = (a, b) if rng.random() < 0.5 else (b, a)
-        start = f"When {order[0]} and {order[1]} went to the {place}, "
+        io_first = rng.random() < 0.5 if order is None else order == "io-first"
+        first, second = (a, b) if io_first else (b, a)
+        start = f"When {first} and {second} went to the {place}, "
         # Clean: B gives to A (answer A). Counterfactual: A gives, so the answer is B.
         pairs.append(Pair(f"{start}{b} gave a {thing} to", f"{start}{a} gave a {thing} to",
-                          f" {a}", f" {b}", case="ioi"))
+                          f" {a}", f" {b}", case="io-first" if io_first else "s-first"))
     return pairs
 
 
@@ -144,8 +150,8 @@ def make_pairs(task: str, n: int, seed: int = 0) -> list[Pair]:
         raise UserError(f"--n must be positive, got {n}")
     if task in BUILTIN_TASKS:
         rng = random.Random(f"{task}:{seed}")
-        if task == "ioi":
-            return _ioi(rng, n)
+        if task in IOI_ORDERS:
+            return _ioi(rng, n, IOI_ORDERS[task])
         return _sva(rng, n, task[len("sva-"):])
     path = Path(task)
     if path.suffix in (".json", ".jsonl") or path.exists():

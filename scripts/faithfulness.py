@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=16, help="discovery pairs")
     ap.add_argument("--n-eval", type=int, default=32, help="evaluation pairs (disjoint from discovery)")
     ap.add_argument("--steps", type=int, default=10, help="IG steps")
-    ap.add_argument("--rules", default="default", help="LRP rules of relp (default ln,identity,half)")
+    ap.add_argument("--rules", default="default", help="LRP rules of relp (default: two-point; paper = ln,identity,half)")
     ap.add_argument("--thresholds", type=int, default=15, help="circuit sizes on the grid")
     ap.add_argument("--random-draws", type=int, default=3)
     ap.add_argument("--ablation", default="mean")
