@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,6 +33,12 @@ class Pair:
     clean_answer: str
     patch_answer: str
     case: str = ""
+    # where the pair came from ("file.jsonl:12"), for messages; not part of its identity
+    source: str = field(default="", compare=False)
+
+    def where(self, index: int) -> str:
+        """``file.jsonl:12`` for a pair read from a file, else ``pair 3`` (0-based index)."""
+        return self.source or f"pair {index}"
 
 
 # --------------------------------------------------------------------------------------
@@ -62,7 +68,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
             bad = [k for k in FIELDS if not isinstance(row[k], str) or not row[k]]
             if bad:
                 raise UserError(f"{path}:{number}: field(s) {', '.join(bad)} must be non-empty strings")
-            pairs.append(Pair(*(row[k] for k in FIELDS), case=str(row.get("case", ""))))
+            pairs.append(Pair(*(row[k] for k in FIELDS), case=str(row.get("case", "")), source=f"{path}:{number}"))
     if not pairs:
         raise UserError(f"task file {path} holds no pairs")
     return pairs
@@ -214,6 +220,18 @@ class Batch:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
 
+def _prompt_lengths(pairs: list[Pair], tokenizer: Any) -> list[tuple[int, int]]:
+    """Token counts of each pair's clean and patch prompt (one batched call, no padding)."""
+    enc = tokenizer([p.clean_prefix for p in pairs] + [p.patch_prefix for p in pairs])["input_ids"]
+    return [(len(enc[i]), len(enc[len(pairs) + i])) for i in range(len(pairs))]
+
+
+def describe_dropped(dropped: list[tuple[int, str]], total: int, what: str = "pairs", first: int = 3) -> str:
+    """``dropped 2 of 10 pairs: <reason>; <reason>`` (the first few reasons) for one-line reports."""
+    reasons = "; ".join(r for _, r in dropped[:first]) + ("; ..." if len(dropped) > first else "")
+    return f"dropped {len(dropped)} of {total} {what}: {reasons}"
+
+
 def single_token(tokenizer: Any, answer: str) -> int | None:
     ids = tokenizer.encode(answer, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None
@@ -222,24 +240,32 @@ def single_token(tokenizer: Any, answer: str) -> int | None:
 def tokenize_pairs(pairs: list[Pair], tokenizer: Any) -> tuple[Batch, list[tuple[int, str]]]:
     """Tokenize pairs into one aligned batch.
 
-    Pairs whose answers are not single tokens are dropped and returned as
-    ``(index, reason)`` so the caller can report the count; an empty result is an error.
+    Dropped, and returned as ``(index, reason)`` so the caller reports the count (the reason
+    names the pair's file line when it has one): pairs whose answers are not single tokens or
+    are the same token, and pairs whose clean and patch prompts tokenize to different lengths
+    (patching is position by position, so it would swap unrelated tokens). An empty result
+    is an error.
     """
     kept, dropped, answers = [], [], []
+    lengths = _prompt_lengths(pairs, tokenizer)
     for i, p in enumerate(pairs):
         ca, pa = single_token(tokenizer, p.clean_answer), single_token(tokenizer, p.patch_answer)
         if ca is None or pa is None:
             bad = p.clean_answer if ca is None else p.patch_answer
-            dropped.append((i, f"answer {bad!r} is not a single token"))
+            dropped.append((i, f"{p.where(i)}: answer {bad!r} is not a single token"))
             continue
         if ca == pa:
-            dropped.append((i, f"clean and patch answers are the same token {p.clean_answer!r}"))
+            dropped.append((i, f"{p.where(i)}: clean and patch answers are the same token {p.clean_answer!r}"))
+            continue
+        lc, lp = lengths[i]
+        if lc != lp:
+            dropped.append((i, f"{p.where(i)}: clean prompt is {lc} tokens, patch prompt {lp} "
+                               "(position-wise patching needs equal lengths)"))
             continue
         kept.append(p)
         answers.append((ca, pa))
     if not kept:
-        reasons = "; ".join(r for _, r in dropped[:3])
-        raise UserError(f"no usable pairs: all {len(pairs)} were dropped ({reasons})")
+        raise UserError(f"no usable pairs: all {len(pairs)} were dropped ({describe_dropped(dropped, len(pairs))})")
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
