@@ -34,6 +34,8 @@ def method_label(method: str) -> str:
     the RelP authors' set is ``RelP [paper: ln,identity,half]``."""
     if method == "relp:ln+identity+half":
         return "RelP [paper: ln,identity,half]"
+    if method == "relp:secant+mid+mid-softmax+norm-secant":
+        return "RelP [two-point]"
     if method.startswith("relp:"):
         return f"RelP [{method[len('relp:'):].replace('+', ',')}]"
     return METHOD_LABELS.get(method, method)
