@@ -63,9 +63,15 @@ def test_registered_set_runs_offline_through_real_loaders(hub):
     proc, dump, out = run_set(name, root, built)
     check_sites(name, built, dump)
     assert f"dictionaries {name}" in proc.stdout
+    check_circuit(name, built, out)
+
+
+def check_circuit(name: str, built: dict, out: Path) -> None:
+    """discover wrote a graph with nodes at the hub dictionaries' sites."""
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["provenance"]["saes"] == name if "provenance" in summary else True
-    assert (out / "graph.json").is_file()
+    assert (summary["model"], summary["saes"], summary["pairs_dropped"]) == (built["model"], name, 0)
+    assert (out / "graph.json").is_file() and summary["n_nodes"] > 0
+    assert set(summary["n_nodes_by_site"]) & set(built["requested"]), summary["n_nodes_by_site"]
 
 
 def test_gemma_scope_2_with_only_the_header_request_served(tmp_path):
@@ -77,7 +83,7 @@ def test_gemma_scope_2_with_only_the_header_request_served(tmp_path):
     with hub_cache.range_server(built["hub"]) as (endpoint, asked):
         proc, dump, out = run_set(name, tmp_path, built, env={"HF_ENDPOINT": endpoint})
     check_sites(name, built, dump)
-    assert (out / "graph.json").is_file()
+    check_circuit(name, built, out)
     assert asked and all(p.endswith("/params.safetensors") for p in asked), asked
 
 
