@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from featcircuits.adapters import site_kind, site_layer
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hub_cache  # noqa: E402
 
@@ -46,7 +48,7 @@ def check_sites(name: str, built: dict, dump: dict) -> None:
     assert dump["codes"] == [0, 0]
     assert built["requested"] and not built["missing"], f"ids sae-lens's table lacks: {built['missing']}"
     for site, d in dump["sites"].items():
-        kind, layer = (site, -1) if site == "embed" else (site.split("_")[0], int(site.split("_")[1]))
+        kind, layer = site_kind(site), site_layer(site)
         if site not in built["requested"]:
             assert d["source"] == "identity"
             continue
