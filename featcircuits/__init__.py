@@ -26,10 +26,11 @@ A notebook session::
 
 The metric and its sign are defined once, in ``featcircuits.metric``; the LRP rules in
 ``featcircuits.lrp`` (``with fc.lrp_rules(("ln", "identity", "half")): ...``). RelP's rule
-set is a parameter: ``fc.node_effects(sm, batch, "relp", rules="two-point")`` linearises
-every operation between the clean and the counterfactual run (``fc.TWO_POINT_RULES``),
-which tracks exact patching more closely on Gemma 3 than the RelP authors' default
-(``results/README.md``, "LRP rules").
+set is a parameter whose default is the two-point rules (``fc.TWO_POINT_RULES``: every
+operation linearised between the clean and the counterfactual run), which track exact
+patching more closely than the RelP authors' rules on Gemma 3 and on a held-out
+Llama-family model; ``fc.node_effects(sm, batch, "relp", rules="paper")`` gives the
+authors' set (``fc.PAPER_RULES``; ``results/README.md``, "LRP rules").
 """
 
 __version__ = "0.1.0"
@@ -41,7 +42,7 @@ from .models import LoadedModel, load_model
 from .dictionaries import DictionarySet, load_dictionary, load_dictionary_set
 from .nodes import METRIC, Act, NodeSpace, node_id, parse_node_id
 from .tracing import SplicedModel
-from .lrp import DEFAULT_RULES, TWO_POINT_RULES, lrp_rules
+from .lrp import DEFAULT_RULES, PAPER_RULES, TWO_POINT_RULES, lrp_rules
 from .attribution import NodeEffects, exact_feature_effects, node_effects
 from .edges import EdgeEffects, edge_effects
 from .graph import Circuit, Thresholds
@@ -67,7 +68,7 @@ def load_circuit(folder):
 __all__ = [
     "UserError", "METRIC", "Act", "NodeSpace", "node_id", "parse_node_id", "metric", "preference", "Pair", "make_pairs", "read_pairs", "tokenize_pairs",
     "LoadedModel", "load_model", "DictionarySet", "load_dictionary", "load_dictionary_set", "SplicedModel",
-    "DEFAULT_RULES", "TWO_POINT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects", "EdgeEffects",
-    "edge_effects", "Circuit", "Thresholds", "discover_circuit", "Evaluator", "evaluate_circuit", "faithfulness_curves", "run_curves",
-    "save_circuit", "load_circuit",
+    "DEFAULT_RULES", "PAPER_RULES", "TWO_POINT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects",
+    "EdgeEffects", "edge_effects", "Circuit", "Thresholds", "discover_circuit", "Evaluator", "evaluate_circuit",
+    "faithfulness_curves", "run_curves", "save_circuit", "load_circuit",
 ]

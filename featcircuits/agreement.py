@@ -12,11 +12,12 @@ Two granularities (issue 3):
   patching covers a sample of nodes per site kind: the top nodes by every method plus a
   random sample of the nodes some method gives a nonzero effect, described in the result.
 
-Methods are ``atp``, ``relp`` (the rule set given, default LN + identity + half), ``relp+ah``
-(the same rules plus the AH-rule; added automatically next to ``relp`` so both settings are
-reported), ``relp:<rules>`` (RelP under another rule set, joined by ``+``, e.g.
+Methods are ``atp``, ``relp`` (the rule set given, default the two-point rules), ``relp+ah``
+(the same rules plus the AH-rule), ``relp:<rules>`` (RelP under another rule set, joined by ``+``, e.g.
 ``relp:ln+identity+half-qk``, so several rule sets meet the same exact-patching sample) and
-``ig``. AtP and the RelP variants are timed on the same batch with
+``ig``. Next to ``relp`` a comparison column is added automatically, so the RelP paper's
+comparison is always reproduced: the authors' rules (``relp:ln+identity+half``) beside the
+default, or ``relp+ah`` when ``relp`` itself runs the authors' rules (``--rules paper``). AtP and the RelP variants are timed on the same batch with
 interleaved repeats (the median is reported); exact patching and IG run once.
 
 ``run_agreement`` computes a result dict; ``write_agreement`` writes ``agreement.json``,
@@ -61,9 +62,11 @@ class MethodSpec:
 
 def resolve_methods(methods: Iterable[str] | str, rules: Iterable[str] | str | None = None,
                     add_ah: bool = True) -> list[MethodSpec]:
-    """``"atp,relp,ig"`` -> method specs. ``relp`` uses ``rules`` (default LN + identity +
-    half); ``relp+ah`` the same set plus the AH-rule, added after ``relp`` when ``add_ah`` and
-    the two sets differ; ``relp:ln+identity+half-qk`` RelP under the rule set after the colon."""
+    """``"atp,relp,ig"`` -> method specs. ``relp`` uses ``rules`` (default: the two-point
+    rules); ``relp+ah`` the same set plus the AH-rule; ``relp:ln+identity+half-qk`` RelP under
+    the rule set after the colon (``relp:paper`` = the RelP authors' rules). With ``add_ah``
+    a comparison column is added after ``relp``: the authors' rules (``relp:ln+identity+half``)
+    when ``relp`` uses other rules, else ``relp+ah``."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     names = list(dict.fromkeys(methods))
@@ -75,9 +78,16 @@ def resolve_methods(methods: Iterable[str] | str, rules: Iterable[str] | str | N
         raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(ESTIMATORS)}{hint}")
     base_rules = lrp.parse_rules(rules)
     ah_rules = base_rules | {"ah"}
-    if add_ah and "relp" in names and "relp+ah" not in names and ah_rules != base_rules:
-        names.insert(names.index("relp") + 1, "relp+ah")
     ordered = lambda rs: tuple(r for r in lrp.RULES if r in rs)  # noqa: E731
+    paper = lrp.parse_rules("paper")
+    paper_name = "relp:" + "+".join(ordered(paper))
+    if add_ah and "relp" in names:
+        # The comparison the RelP paper makes stays one column away: beside the default
+        # (two-point) RelP the authors' rules; beside the authors' rules their AH variant.
+        variant = "relp+ah" if base_rules == paper else paper_name
+        same = {"relp+ah", paper_name, "relp:paper"} & set(names)
+        if not same:
+            names.insert(names.index("relp") + 1, variant)
     specs = []
     for name in names:
         if name == "relp":

@@ -32,6 +32,11 @@ def fault_point(stage: str, done: int) -> None:
         os._exit(137)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Checkpoint:
     """Checkpoints of one stage of one run, under ``folder/.checkpoint/<stage>.pt``."""
 
@@ -39,6 +44,7 @@ class Checkpoint:
         self.path = Path(folder) / ".checkpoint" / f"{stage}.pt"
         self.stage = stage
         self.key = fingerprint(config)
+        self.config = json.loads(json.dumps(config, sort_keys=True, default=str))  # plain, to name differences
         self.resume = resume
         if not resume and self.path.exists():
             self.path.unlink()
@@ -52,12 +58,21 @@ class Checkpoint:
         except Exception as exc:  # a truncated file from a kill mid-write cannot happen (atomic), but a tampered one can
             raise UserError(f"checkpoint {self.path} is unreadable ({exc}); delete it or run without --resume") from None
         if blob.get("key") != self.key:
-            raise UserError(f"checkpoint {self.path} was made with other settings; delete it or match the "
-                            "original arguments")
+            raise UserError(f"checkpoint {self.path} was made with other settings ({self._differences(blob)}); "
+                            "rerun with the original arguments, or without --resume to start over")
         return int(blob["done"]), blob["state"]
 
+    def _differences(self, blob: dict[str, Any]) -> str:
+        """``n: 16 then, 32 now; method: ig then, relp now`` (what a checkpoint recorded vs now)."""
+        old = blob.get("config")
+        if not isinstance(old, dict):
+            return "an older checkpoint that does not record them"
+        keys = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+        return "; ".join(f"{k}: {_short(old.get(k))} then, {_short(self.config.get(k))} now" for k in keys) \
+            or "same settings, other fingerprint"
+
     def save(self, done: int, state: dict[str, Any]) -> None:
-        blob = {"key": self.key, "done": done, "state": state}
+        blob = {"key": self.key, "config": self.config, "done": done, "state": state}
         atomic_write(self.path, lambda p: torch.save(blob, p))
         fault_point(self.stage, done)
 

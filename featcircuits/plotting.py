@@ -10,6 +10,7 @@ METHOD_COLORS = {
     "atp": "#E69F00",      # orange
     "relp": "#0072B2",     # blue
     "relp+ah": "#56B4E9",  # light blue
+    "relp:ln+identity+half": "#56B4E9",  # the RelP authors' rules: light blue too (never shown with relp+ah)
     "ig": "#009E73",       # green
     "random": "#999999",   # grey
 }
@@ -29,7 +30,12 @@ def method_color(method: str) -> str:
 
 
 def method_label(method: str) -> str:
-    """``AtP``, ``RelP``, ``RelP [ln,identity,half-qk]`` for ``relp:ln+identity+half-qk``, ..."""
+    """``AtP``, ``RelP``, ``RelP [ln,identity,half-qk]`` for ``relp:ln+identity+half-qk``, ...;
+    the RelP authors' set is ``RelP [paper: ln,identity,half]``."""
+    if method == "relp:ln+identity+half":
+        return "RelP [paper: ln,identity,half]"
+    if method == "relp:secant+mid+mid-softmax+norm-secant":
+        return "RelP [two-point]"
     if method.startswith("relp:"):
         return f"RelP [{method[len('relp:'):].replace('+', ',')}]"
     return METHOD_LABELS.get(method, method)

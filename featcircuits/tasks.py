@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,7 +19,11 @@ import torch
 from .errors import UserError
 
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
-BUILTIN_TASKS = ("sva-simple", "sva-nounpp", "sva-rc", "sva-within-rc", "ioi")
+BUILTIN_TASKS = ("sva-simple", "sva-nounpp", "sva-rc", "sva-within-rc", "ioi", "ioi-io-first", "ioi-s-first")
+# IOI word orders: "When A and B ..., B gave ... to" -> A names the indirect object first
+# (io-first); "When B and A ..., B gave ... to" -> A names the subject first (s-first).
+# ``ioi`` mixes both at random; each pair's ``case`` says which order it has.
+IOI_ORDERS = {"ioi": None, "ioi-io-first": "io-first", "ioi-s-first": "s-first"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,12 @@ class Pair:
     clean_answer: str
     patch_answer: str
     case: str = ""
+    # where the pair came from ("file.jsonl:12"), for messages; not part of its identity
+    source: str = field(default="", compare=False)
+
+    def where(self, index: int) -> str:
+        """``file.jsonl:12`` for a pair read from a file, else ``pair 3`` (0-based index)."""
+        return self.source or f"pair {index}"
 
 
 # --------------------------------------------------------------------------------------
@@ -58,7 +68,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
             bad = [k for k in FIELDS if not isinstance(row[k], str) or not row[k]]
             if bad:
                 raise UserError(f"{path}:{number}: field(s) {', '.join(bad)} must be non-empty strings")
-            pairs.append(Pair(*(row[k] for k in FIELDS), case=str(row.get("case", ""))))
+            pairs.append(Pair(*(row[k] for k in FIELDS), case=str(row.get("case", "")), source=f"{path}:{number}"))
     if not pairs:
         raise UserError(f"task file {path} holds no pairs")
     return pairs
@@ -125,16 +135,18 @@ def _sva(rng: random.Random, n: int, kind: str) -> list[Pair]:
     return pairs
 
 
-def _ioi(rng: random.Random, n: int) -> list[Pair]:
+def _ioi(rng: random.Random, n: int, order: str | None = None) -> list[Pair]:
+    """IOI pairs; ``order`` forces one word order (``io-first`` | ``s-first``), None mixes them."""
     pairs = []
     for _ in range(n):
         a, b = rng.sample(NAMES, 2)
         place, thing = rng.choice(PLACES), rng.choice(THINGS)
-        order = (a, b) if rng.random() < 0.5 else (b, a)
-        start = f"When {order[0]} and {order[1]} went to the {place}, "
+        io_first = rng.random() < 0.5 if order is None else order == "io-first"
+        first, second = (a, b) if io_first else (b, a)
+        start = f"When {first} and {second} went to the {place}, "
         # Clean: B gives to A (answer A). Counterfactual: A gives, so the answer is B.
         pairs.append(Pair(f"{start}{b} gave a {thing} to", f"{start}{a} gave a {thing} to",
-                          f" {a}", f" {b}", case="ioi"))
+                          f" {a}", f" {b}", case="io-first" if io_first else "s-first"))
     return pairs
 
 
@@ -144,8 +156,8 @@ def make_pairs(task: str, n: int, seed: int = 0) -> list[Pair]:
         raise UserError(f"--n must be positive, got {n}")
     if task in BUILTIN_TASKS:
         rng = random.Random(f"{task}:{seed}")
-        if task == "ioi":
-            return _ioi(rng, n)
+        if task in IOI_ORDERS:
+            return _ioi(rng, n, IOI_ORDERS[task])
         return _sva(rng, n, task[len("sva-"):])
     path = Path(task)
     if path.suffix in (".json", ".jsonl") or path.exists():
@@ -208,6 +220,18 @@ class Batch:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
 
+def _prompt_lengths(pairs: list[Pair], tokenizer: Any) -> list[tuple[int, int]]:
+    """Token counts of each pair's clean and patch prompt (one batched call, no padding)."""
+    enc = tokenizer([p.clean_prefix for p in pairs] + [p.patch_prefix for p in pairs])["input_ids"]
+    return [(len(enc[i]), len(enc[len(pairs) + i])) for i in range(len(pairs))]
+
+
+def describe_dropped(dropped: list[tuple[int, str]], total: int, what: str = "pairs", first: int = 3) -> str:
+    """``dropped 2 of 10 pairs: <reason>; <reason>`` (the first few reasons) for one-line reports."""
+    reasons = "; ".join(r for _, r in dropped[:first]) + ("; ..." if len(dropped) > first else "")
+    return f"dropped {len(dropped)} of {total} {what}: {reasons}"
+
+
 def single_token(tokenizer: Any, answer: str) -> int | None:
     ids = tokenizer.encode(answer, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None
@@ -216,24 +240,32 @@ def single_token(tokenizer: Any, answer: str) -> int | None:
 def tokenize_pairs(pairs: list[Pair], tokenizer: Any) -> tuple[Batch, list[tuple[int, str]]]:
     """Tokenize pairs into one aligned batch.
 
-    Pairs whose answers are not single tokens are dropped and returned as
-    ``(index, reason)`` so the caller can report the count; an empty result is an error.
+    Dropped, and returned as ``(index, reason)`` so the caller reports the count (the reason
+    names the pair's file line when it has one): pairs whose answers are not single tokens or
+    are the same token, and pairs whose clean and patch prompts tokenize to different lengths
+    (patching is position by position, so it would swap unrelated tokens). An empty result
+    is an error.
     """
     kept, dropped, answers = [], [], []
+    lengths = _prompt_lengths(pairs, tokenizer)
     for i, p in enumerate(pairs):
         ca, pa = single_token(tokenizer, p.clean_answer), single_token(tokenizer, p.patch_answer)
         if ca is None or pa is None:
             bad = p.clean_answer if ca is None else p.patch_answer
-            dropped.append((i, f"answer {bad!r} is not a single token"))
+            dropped.append((i, f"{p.where(i)}: answer {bad!r} is not a single token"))
             continue
         if ca == pa:
-            dropped.append((i, f"clean and patch answers are the same token {p.clean_answer!r}"))
+            dropped.append((i, f"{p.where(i)}: clean and patch answers are the same token {p.clean_answer!r}"))
+            continue
+        lc, lp = lengths[i]
+        if lc != lp:
+            dropped.append((i, f"{p.where(i)}: clean prompt is {lc} tokens, patch prompt {lp} "
+                               "(position-wise patching needs equal lengths)"))
             continue
         kept.append(p)
         answers.append((ca, pa))
     if not kept:
-        reasons = "; ".join(r for _, r in dropped[:3])
-        raise UserError(f"no usable pairs: all {len(pairs)} were dropped ({reasons})")
+        raise UserError(f"no usable pairs: all {len(pairs)} were dropped ({describe_dropped(dropped, len(pairs))})")
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from featcircuits.plotting import method_label  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 OUT = RESULTS / "agreement"
@@ -46,6 +49,10 @@ def runs(n_ioi: int, n_sva: int, starter: bool, methods: str, ioi_methods: str) 
         "sva-simple_features_identity": ["--task", "sva-simple", "--n", str(n_sva), "--granularity", "features",
                                          "--saes", "identity"],
     }
+    for order in ("io-first", "s-first"):  # IOI's two word orders apart (``ioi`` mixes them)
+        out[f"ioi-{order}_components"] = ["--task", f"ioi-{order}", "--n", str(n_ioi), "--granularity", "components",
+                                          "--saes", "identity", "--methods", "atp,relp:paper,relp:two-point",
+                                          "--no-variant", "--repeats", "1"]
     if starter:
         out["sva-simple_features_starter"] = ["--task", "sva-simple", "--n", str(n_sva), "--granularity",
                                               "features", "--saes", "starter"]
@@ -105,6 +112,29 @@ def combined_table(names: list[str], commands: dict[str, list[str]]) -> str:
                      f"{r['metric_clean']:+.2f}, patch metric {r['metric_patch']:+.2f}; "
                      f"`featcircuits {shlex.join(command_as_run(commands[name], r))}`")
     return "\n".join(lines), notes, missed
+
+
+def word_order_table() -> list[str]:
+    """IOI's two word orders side by side: Pearson r resid / attn / mlp per method."""
+    rows = []
+    for order, what in (("io-first", "indirect object first: When A and B ..., B gave ... to -> A"),
+                        ("s-first", "subject first: When B and A ..., B gave ... to -> A")):
+        path = OUT / f"ioi-{order}_components" / "agreement.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        for m in r["methods"]:
+            rules = r["method_params"][m]["rules"]
+            name = "AtP" if m == "atp" else method_label("relp:" + "+".join(rules)) if rules else m
+            rows.append(f"| {what} | {name} | " + " | ".join(fmt(r["pearson"][m].get(k)) for k in ("resid", "attn", "mlp"))
+                        + " |")
+    if not rows:
+        return []
+    return ["IOI by word order (issue 14: the built-in `ioi` mixes both; `ioi-io-first` and `ioi-s-first` keep "
+            "one each; components, n = 32 each, the runs `ioi-io-first_components` and `ioi-s-first_components` "
+            "above). The RelP authors' rules track exact patching on the first order and lose the residual "
+            "stream on the second; the two-point rules hold on both:", "",
+            "| word order | method | resid | attn | mlp |", "|---|---|---|---|---|", *rows, ""]
 
 
 def command_as_run(command: list[str], r: dict) -> list[str]:
@@ -184,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         HEADING, "",
         f"Pearson r of each estimator against exact activation patching on `{MODEL}` "
         "(components: over the prompt-averaged layer x position grid of each site kind; features: over a "
-        "sample of nodes, see the notes). `relp` uses the RelP authors' default rules (LN + identity + half), "
-        "`relp+ah` adds the AH-rule; other rule sets, and where the IOI resid gap comes from, in `## LRP rules`. Seconds: node effects on the same batch; AtP and RelP are the median of "
+        "sample of nodes, see the notes). Each RelP row names its rules: the runs made before RelP's default "
+        "became the two-point rules (issue 18) ran `relp` with the RelP authors' rules (LN + identity + half), "
+        "and `relp+ah` adds the AH-rule; other rule sets, and where the IOI resid gap comes from, in "
+        "`## LRP rules`. Seconds: node effects on the same batch; AtP and RelP are the median of "
         "interleaved repeats. Made by `.venv/bin/python scripts/agreement.py"
         + (f" --threads {args.threads}" if args.threads else "") + "`; raw outputs, scatter plots and per-run "
         "tables in `results/agreement/<run>/`.", "",
-        table, "", verdict, "", *notes, "", "",
+        table, "", *word_order_table(), verdict, "", *notes, "", "",
     ])
     write_readme(section)
     print(section)

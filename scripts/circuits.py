@@ -2,6 +2,10 @@
 write them under results/circuits/<task>/<method>/, plus a table of sizes and timings.
 
     .venv/bin/python scripts/circuits.py [--n 32] [--tasks sva-simple,...] [--methods relp,ig]
+
+``--methods`` names the circuits to (re)compute; the table lists every method folder present,
+so ``--methods relp`` refreshes RelP's circuits beside IG's earlier ones (their summary.json
+says when and with what each was made).
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ def main() -> int:
                     help="only rebuild the table from the circuit folders already under results/circuits")
     args = ap.parse_args()
     rows = []
+    run = set() if args.table_only else set(args.methods.split(","))
     for task in args.tasks.split(","):
-        for method in args.methods.split(","):
+        # every method folder present joins the table; only --methods are (re)computed
+        for method in dict.fromkeys([*args.methods.split(","), "relp", "ig"]):
             out = OUT / task / method
-            if args.table_only:
+            if method not in run:
                 if not (out / "summary.json").is_file():
                     continue
                 summary = json.loads((out / "summary.json").read_text())
@@ -54,7 +60,8 @@ def main() -> int:
              "",
              f"Made by `.venv/bin/python scripts/circuits.py --saes {args.saes} --n {args.n} --top-k {args.top_k}` "
              f"(model `{args.model}`, dictionaries `{args.saes}`, top {args.top_k} nodes by |effect|, "
-             "edges kept above 1 % of the largest |edge|).",
+             "edges kept above 1 % of the largest |edge|; RelP with its default two-point rules, "
+             "each circuit's summary.json records its rule set).",
              "",
              "Timings were taken on a shared 2-core CPU with other jobs running; compare within a task.",
              "",

@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=16, help="discovery pairs")
     ap.add_argument("--n-eval", type=int, default=32, help="evaluation pairs (disjoint from discovery)")
     ap.add_argument("--steps", type=int, default=10, help="IG steps")
-    ap.add_argument("--rules", default="default", help="LRP rules of relp (default ln,identity,half)")
+    ap.add_argument("--rules", default="default", help="LRP rules of relp (default: two-point; paper = ln,identity,half)")
     ap.add_argument("--thresholds", type=int, default=15, help="circuit sizes on the grid")
     ap.add_argument("--random-draws", type=int, default=3)
     ap.add_argument("--ablation", default="mean")
@@ -145,6 +145,9 @@ def _fmt(v, digits=3):
 
 
 def section_text(out_root: Path, tasks: list[str]) -> str:
+    from featcircuits.evaluation import relp_vs_ig
+    from featcircuits.lrp import rules_key
+
     rel = out_root.relative_to(ROOT / "results") if out_root.is_relative_to(ROOT / "results") else out_root
     data = {}
     for t in tasks:
@@ -157,12 +160,19 @@ def section_text(out_root: Path, tasks: list[str]) -> str:
         return "\n".join(lines)
     first = next(iter(data.values()))
     s, p = first["settings"], first["provenance"]
+    relp_runs = _relp_by_rules(out_root, data)
+    default = rules_key("default")
     methods = [m for m in ("relp", "ig", "atp", "random") if any(m in d["methods"] for d in data.values())]
     label = {"relp": "RelP", "ig": "IG", "atp": "AtP", "random": "random"}
+    # RelP's columns: the default rule set first, then each other set that ran on these pairs
+    relp_cols = sorted({r for runs in relp_runs.values() for r in runs}, key=lambda r: (r != default, r))
+    cols = [("relp", r) for r in relp_cols] + [(m, None) for m in methods if m != "relp"]
+    head = lambda m, r: (f"RelP [{_rules_name(r)}]" if m == "relp" else label[m])  # noqa: E731
     lines += [
         f"Made by `{first.get('command', 'scripts/faithfulness.py')}` (model `{p['model']}`, dictionaries "
-        f"`{p['saes']}`). Per task: node effects of each method on **{s['n_discovery']} discovery pairs** "
-        f"(IG with {s['steps_ig']} steps, RelP rules {', '.join(s['rules_relp'] or [])}; aggregation "
+        f"`{p['saes']}`){_runs_note(out_root)}. Per task: node effects of each method on **{s['n_discovery']} "
+        f"discovery pairs** (IG with {s['steps_ig']} steps; RelP under each rule set named in its column, "
+        f"`two-point` being RelP's default; aggregation "
         f"`{s['aggregation']}`: one node per feature, plus one error node per site); circuits = the top-k nodes "
         f"by |effect| for {s['points']} log-spaced k from {s['n_min']} to the number of nodes with a non-zero "
         "effect, **the same k for every method** (so the curves compare methods at identical node counts); "
@@ -175,36 +185,40 @@ def section_text(out_root: Path, tasks: list[str]) -> str:
         "completeness = faithfulness of the complement (lower = more complete). "
         "AUC = area under faithfulness vs log10(nodes), divided by the log10 range of the grid "
         "(mean faithfulness over log-size; 1 = faithful at every size; not clipped). "
-        "Nodes to 0.8 = smallest grid size with faithfulness ≥ 0.8 (grid resolution; – = never).",
+        "Nodes to 0.8 = smallest grid size with faithfulness ≥ 0.8 (grid resolution; – = never). "
+        "The last column compares RelP with the default rules to IG at every grid size ≥ 50 nodes.",
         "",
-        "| task | F(M) | F(∅) | " + " | ".join(f"nodes to 0.8 {label[m]}" for m in methods) + " | "
-        + " | ".join(f"AUC {label[m]}" for m in methods) + " | RelP vs IG (≥ 50 nodes) |",
-        "|---|---|---|" + "---|" * (2 * len(methods)) + "---|",
+        "| task | F(M) | F(∅) | " + " | ".join(f"nodes to 0.8 {head(m, r)}" for m, r in cols) + " | "
+        + " | ".join(f"AUC {head(m, r)}" for m, r in cols) + " | RelP [two-point] vs IG (≥ 50 nodes) |",
+        "|---|---|---|" + "---|" * (2 * len(cols)) + "---|",
     ]
     for t, d in data.items():
-        ms = d["methods"]
-        reach = [_fmt(ms[m]["nodes_to_0.8"]) if m in ms else "–" for m in methods]
-        auc = [_fmt(ms[m]["auc"]) if m in ms else "–" for m in methods]
-        cmp_ = d.get("relp_vs_ig")
+        cell = lambda m, r: (relp_runs[t].get(r) if m == "relp" else d["methods"].get(m))  # noqa: E731
+        reach = [_fmt(c["nodes_to_0.8"]) if c else "–" for c in (cell(m, r) for m, r in cols)]
+        auc = [_fmt(c["auc"]) if c else "–" for c in (cell(m, r) for m, r in cols)]
+        ours = relp_runs[t].get(default)
+        cmp_ = relp_vs_ig({"relp": ours, "ig": d["methods"]["ig"]}) if ours and "ig" in d["methods"] else None
         if cmp_ is None:
             verdict = "–"
         elif cmp_["within"]:
             verdict = f"within 0.05 (max \\|diff\\| {cmp_['max_abs_diff']:.3f})"
         else:
             worst = max(cmp_["outside"], key=lambda r: abs(r["diff"]))
-            verdict = (f"**NOT within 0.05** at {len(cmp_['outside'])}/{cmp_['points']} sizes "
+            above = sum(r["diff"] > 0 for r in cmp_["outside"])
+            side = f"{above} above IG, {len(cmp_['outside']) - above} below"
+            verdict = (f"**NOT within 0.05** at {len(cmp_['outside'])}/{cmp_['points']} sizes, {side} "
                        f"(worst {worst['diff']:+.3f} at {worst['n_nodes']} nodes)")
         lines.append(f"| {t} | {d['F_M']:.3f} | {d['F_empty']:.3f} | " + " | ".join(reach) + " | "
                      + " | ".join(auc) + f" | {verdict} |")
-    lines += _other_rules(out_root, data)
     lines += ["", "Completeness AUC (lower = the circuit leaves less out):", "",
-              "| task | " + " | ".join(label[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+              "| task | " + " | ".join(head(m, r) for m, r in cols) + " |", "|---|" + "---|" * len(cols)]
     for t, d in data.items():
-        ms = d["methods"]
-        lines.append(f"| {t} | " + " | ".join(_fmt(ms[m]["completeness_auc"]) if m in ms else "–" for m in methods)
-                     + " |")
-    lines += ["", "Time per task (seconds; node effects on the discovery pairs, then all ablation runs):", "",
-              "| task | " + " | ".join(f"{label[m]} effects" for m in methods if m != "random")
+        cells = [relp_runs[t].get(r) if m == "relp" else d["methods"].get(m) for m, r in cols]
+        lines.append(f"| {t} | " + " | ".join(_fmt(c["completeness_auc"]) if c else "–" for c in cells) + " |")
+    lines += ["", "Time per task of the main run (seconds; node effects on the discovery pairs, then all "
+              "ablation runs):", "",
+              "| task | " + " | ".join(f"{head(m, rules_key(s['rules_relp']))} effects" for m in methods
+                                       if m != "random")
               + " | ablations | forward passes |", "|---|" + "---|" * (len(methods) + 1)]
     for t, d in data.items():
         tm = d["timings"]
@@ -221,43 +235,47 @@ def section_text(out_root: Path, tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rules_of(run: Path) -> str:
-    """The rule set a ``rules-*`` run used, as its curves.json records it."""
-    for f in sorted(run.glob("*/curves.json")):
-        rules = json.loads(f.read_text()).get("script_settings", {}).get("rules")
-        if rules:
-            return rules
-    return run.name[len("rules-"):]
+def _relp_runs(out_root: Path) -> list[Path]:
+    return sorted(p for p in out_root.glob("rules-*") if p.is_dir())
 
 
-def _other_rules(out_root: Path, data: dict) -> list[str]:
-    """RelP under other rule sets (``rules-<set>/`` runs with the same pairs and grid): AUC and
-    the largest gap to this run's IG curve at >= 50 nodes."""
-    runs = sorted(p for p in out_root.glob("rules-*") if p.is_dir())
-    rows = []
+def _relp_by_rules(out_root: Path, data: dict) -> dict[str, dict[str, dict]]:
+    from featcircuits.lrp import rules_key
+
+    """Per task, RelP's curve under each resolved rule set: from the main run and from the
+    ``rules-<set>/`` runs made on the same pairs and size grid (others are left out)."""
+    out: dict[str, dict[str, dict]] = {}
     for t, d in data.items():
-        if "ig" not in d["methods"]:
-            continue
-        ig = d["methods"]["ig"]["faithfulness"]
-        cells = []
-        for run in runs:
+        runs = {}
+        if "relp" in d["methods"]:
+            runs[rules_key(d["settings"]["rules_relp"])] = d["methods"]["relp"]
+        for run in _relp_runs(out_root):
             f = run / t / "curves.json"
             o = json.loads(f.read_text()) if f.is_file() else None
-            if o is None or o["sizes"] != d["sizes"] or o.get("split") != d.get("split"):
-                cells.append("–")
-                continue
-            curve = o["methods"]["relp"]["faithfulness"]
-            gap = max(abs(a - b) for a, b, k in zip(curve, ig, d["sizes"]) if k >= 50)
-            cells.append(f"{o['methods']['relp']['auc']:.3f} (max gap {gap:.2f})")
-        rows.append(f"| {t} | {d['methods']['ig']['auc']:.3f} | " + " | ".join(cells) + " |")
-    if not runs or not rows:
-        return []
-    names = [_rules_of(p) for p in runs]
-    return ["", "RelP under other rule sets (`featcircuits.lrp`; the same pairs and size grid, runs in "
-            + ", ".join(f"`{p.relative_to(ROOT)}`" for p in runs) + "; `## LRP rules` has the commands): "
-            "AUC, and the largest |faithfulness − IG's| at ≥ 50 nodes.", "",
-            "| task | AUC IG | " + " | ".join(f"RelP [{n}]" for n in names) + " |",
-            "|---|---|" + "---|" * len(names), *rows]
+            if o is not None and o["sizes"] == d["sizes"] and o.get("split") == d.get("split") \
+                    and "relp" in o["methods"]:
+                runs.setdefault(rules_key(o["settings"]["rules_relp"]), o["methods"]["relp"])
+        out[t] = runs
+    return out
+
+
+def _rules_name(key: str) -> str:
+    """A resolved rule set as its preset's name where it is one."""
+    from featcircuits.lrp import rules_key
+
+    for name in ("two-point", "paper"):
+        if key == rules_key(name):
+            return name
+    return key
+
+
+def _runs_note(out_root: Path) -> str:
+    runs = _relp_runs(out_root)
+    if not runs:
+        return ""
+    return ("; RelP under the rule sets that the main run did not use comes from runs on the same pairs and "
+            "grid, each made by the command in its curves.json: "
+            + ", ".join(f"`{p.relative_to(ROOT)}`" for p in runs))
 
 
 def _notes(data: dict) -> list[str]:

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from featcircuits import lrp
+
 from featcircuits.agreement import feature_node, node_space, pearson, resolve_methods, run_agreement, write_agreement
 from featcircuits.attribution import FeatureNode, exact_feature_effects, node_effects
 from featcircuits.dictionaries import load_dictionary_set
@@ -33,12 +35,14 @@ def test_pearson_basics():
     assert math.isnan(pearson(x[:1], x[:1]))
 
 
-def test_methods_add_the_ah_variant():
-    names = [s.name for s in resolve_methods("atp,relp,ig")]
-    assert names == ["atp", "relp", "relp+ah", "ig"]
-    specs = {s.name: s for s in resolve_methods("relp", "ln,identity")}
-    assert specs["relp"].rules == ("ln", "identity") and specs["relp+ah"].rules == ("ln", "identity", "ah")
-    assert [s.name for s in resolve_methods("relp", "default,ah")] == ["relp"]  # the same set: no variant
+def test_methods_add_the_paper_or_ah_variant():
+    """Beside the default (two-point) RelP the authors' rules; beside the authors' rules the AH variant."""
+    specs = resolve_methods("atp,relp,ig")
+    assert [s.name for s in specs] == ["atp", "relp", "relp:ln+identity+half", "ig"]
+    assert set(specs[1].rules) == set(lrp.TWO_POINT_RULES) and specs[2].rules == ("ln", "identity", "half")
+    specs = {s.name: s for s in resolve_methods("relp", "paper")}
+    assert specs["relp"].rules == ("ln", "identity", "half") and specs["relp+ah"].rules == ("ln", "identity", "half", "ah")
+    assert [s.name for s in resolve_methods("relp,relp:paper")] == ["relp", "relp:ln+identity+half"]  # no repeat
     assert [s.name for s in resolve_methods("atp,relp", add_ah=False)] == ["atp", "relp"]
     own = resolve_methods("atp,relp:half-qk+ln+identity,relp", add_ah=False)
     assert [s.name for s in own] == ["atp", "relp:ln+identity+half-qk", "relp"]  # canonical rule order
@@ -89,12 +93,12 @@ def test_exact_components_match_a_manual_patch_and_skip_unchanged_positions(mode
 def test_components_agreement_end_to_end(model, batch, tmp_path):
     sm = SplicedModel(model)
     r = run_agreement(sm, batch, "atp,relp,ig", "components", batch_size=4, repeats=2, steps=4, progress=False)
-    assert r["methods"] == ["atp", "relp", "relp+ah", "ig"]
+    assert r["methods"] == ["atp", "relp", "relp:ln+identity+half", "ig"]
     assert r["n"] == len(batch) and set(r["site_kinds"]) == {"resid", "attn", "mlp", "embed"}
     for m in r["methods"]:
         assert set(r["pearson"][m]) == set(r["site_kinds"])
         assert all(-1.0001 <= v <= 1.0001 for v in r["pearson"][m].values() if v == v)
-    assert set(r["seconds"]) == {"atp", "relp", "relp+ah", "ig", "exact"}
+    assert set(r["seconds"]) == {"atp", "relp", "relp:ln+identity+half", "ig", "exact"}
     assert len(r["seconds_runs"]["atp"]) == 2 and len(r["seconds_runs"]["ig"]) == 1
     assert r["differing_positions"] and r["differing_positions"][-1] < batch.seq_len
     assert r["cells"]["embed"]["all"] == batch.seq_len
@@ -111,7 +115,7 @@ def test_components_agreement_end_to_end(model, batch, tmp_path):
     data = json.loads((tmp_path / "agreement.json").read_text())
     assert {"pearson", "seconds", "n", "targets"} <= set(data)
     table = (tmp_path / "agreement.md").read_text()
-    assert "RelP (+AH rule)" in table and "Targets" in table
+    assert "RelP [paper: ln,identity,half]" in table and "Targets" in table
 
 
 def test_components_agree_perfectly_on_a_linear_model():
@@ -128,7 +132,7 @@ def test_components_agree_perfectly_on_a_linear_model():
                       batch_size=6, repeats=1, progress=False)
     assert r["method_params"]["relp:ln+identity+half-qk"]["rules"] == ["ln", "identity", "half-qk"]
     assert len(r["seconds_runs"]["relp:ln+identity+half-qk"]) == 1  # timed with the cheap estimators
-    for m in ("atp", "relp", "relp+ah", "relp:ln+identity+half-qk"):
+    for m in ("atp", "relp", "relp:ln+identity+half", "relp:ln+identity+half-qk"):
         assert r["pearson"][m]["resid"] == pytest.approx(1.0, abs=1e-5)
         assert r["pearson"][m]["embed"] == pytest.approx(1.0, abs=1e-5)
 
@@ -185,7 +189,7 @@ def test_cli_end_to_end(model, tmp_path, capsys):
     assert rc == 0
     data = json.loads((out / "agreement.json").read_text())
     assert {"pearson", "seconds", "n"} <= set(data) and data["n"] == 4
-    assert set(data["pearson"]) == {"atp", "relp", "relp+ah"}
+    assert set(data["pearson"]) == {"atp", "relp", "relp:ln+identity+half"}
     assert {"resid", "attn", "mlp"} <= set(data["pearson"]["relp"])
     assert (out / "scatter.png").stat().st_size > 0 and (out / "scatter.svg").is_file()
     assert (out / "agreement.md").is_file()

@@ -93,11 +93,11 @@ def test_forward_unchanged_with_all_rules(any_family):
     assert torch.equal(plain, ruled.detach())
     assert g_rules.abs().sum() > 0
     # every family's attention runs through featcircuits' attention function: half-qk reaches it
-    with lrp.lrp_rules(lrp.DEFAULT_RULES):
+    with lrp.lrp_rules(lrp.PAPER_RULES):
         ruled, leaves = sm.run_with_leaves(batch.inputs())
         (g_no_qk,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
                                          [leaves["embed"].f])
-    with lrp.lrp_rules((*lrp.DEFAULT_RULES, "half-qk")):
+    with lrp.lrp_rules((*lrp.PAPER_RULES, "half-qk")):
         ruled, leaves = sm.run_with_leaves(batch.inputs())
         (g_qk,) = torch.autograd.grad(metric(ruled, batch.clean_answer, batch.patch_answer).sum(),
                                       [leaves["embed"].f])
@@ -254,13 +254,13 @@ def test_two_point_rules_make_relp_exact_without_norms_or_attention():
         layer.post_attention_layernorm.forward = lambda x: x
     model.hf.model.norm.forward = lambda x: x
     batch, _ = tokenize_pairs(make_pairs("sva-simple", 6), model.tokenizer)
-    r = run_agreement(SplicedModel(model), batch, "atp,relp,relp:two-point", "components", batch_size=6,
+    r = run_agreement(SplicedModel(model), batch, "atp,relp:paper,relp:two-point", "components", batch_size=6,
                       repeats=1, add_ah=False, progress=False)
     two_point = "relp:" + lrp.rules_key("two-point").replace(",", "+")
     exact = torch.tensor(r["grids"]["exact"]["embed"])
     assert exact.abs().max() > 1e-3
     assert torch.allclose(torch.tensor(r["grids"][two_point]["embed"]), exact, atol=1e-4, rtol=1e-3)
-    for other in ("atp", "relp"):
+    for other in ("atp", "relp:ln+identity+half"):
         assert not torch.allclose(torch.tensor(r["grids"][other]["embed"]), exact, atol=1e-4, rtol=1e-3)
 
 
@@ -297,11 +297,11 @@ def test_mid_softmax_surrogate_is_exact_along_the_move():
 def test_two_point_node_effects_of_every_layer_cut_sum_to_the_total_effect(any_family):
     """With every operation linearised exactly between the two runs, patching a whole layer
     (the sum of its component effects) is attributed exactly: each resid layer's two-point
-    effects sum to metric(patch) - metric(clean). The default rules lose part of it."""
+    effects sum to metric(patch) - metric(clean). The RelP authors' rules lose part of it."""
     batch, _ = tokenize_pairs(make_pairs("sva-nounpp", 4), any_family.tokenizer)
     sm = SplicedModel(any_family)
     two = node_effects(sm, batch, "relp", rules="two-point", progress=False)
-    default = node_effects(sm, batch, "relp", progress=False)
+    default = node_effects(sm, batch, "relp", rules="paper", progress=False)
     total = two.metric_patch - two.metric_clean
     assert abs(total) > 1e-3
     comps, comps_default = two.components(), default.components()
@@ -315,7 +315,8 @@ def test_two_point_node_effects_of_every_layer_cut_sum_to_the_total_effect(any_f
 
 
 def test_rules_key_resolves_presets():
-    assert lrp.rules_key("default") == lrp.rules_key(None) == "ln,identity,half"
+    assert lrp.rules_key("paper") == "ln,identity,half"
+    assert lrp.rules_key("default") == lrp.rules_key(None) == lrp.rules_key("two-point")
     assert lrp.rules_key("two-point") == ",".join(r for r in lrp.RULES if r in lrp.TWO_POINT_RULES)
     assert lrp.rules_key("half,ln,identity") == lrp.rules_key(("ln", "identity", "half"))
 

@@ -155,6 +155,40 @@ def test_multi_token_answers_dropped_with_count(tiny):
         tokenize_pairs(pairs[1:], tiny.tokenizer)
 
 
+def test_length_mismatched_pairs_dropped_naming_the_line(tiny, tmp_path):
+    """Position-wise patching of prompts of different lengths would swap unrelated tokens:
+    such pairs are dropped with the count and a reason naming the file line."""
+    from featcircuits.tasks import Pair, describe_dropped, read_pairs, write_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs([Pair("The author", "The authors", " is", " are"),
+                 Pair("The author", "The authors near the desk", " is", " are")], path)
+    pairs = read_pairs(path)
+    batch, dropped = tokenize_pairs(pairs, tiny.tokenizer)
+    assert len(batch) == 1 and [i for i, _ in dropped] == [1]
+    assert f"{path}:2" in dropped[0][1] and "2 tokens, patch prompt 5" in dropped[0][1]
+    assert describe_dropped(dropped, 2).startswith("dropped 1 of 2 pairs: ")
+    with pytest.raises(UserError, match=r"no usable pairs.*pairs.jsonl:2"):
+        tokenize_pairs(pairs[1:], tiny.tokenizer)
+
+
+@pytest.mark.slow
+def test_length_mismatch_with_the_real_gemma_tokenizer(gemma_offline):
+    """The cases a user hit: a longer counterfactual phrase, and a pronoun file where
+    ' duke' and ' duchess' tokenize to different lengths."""
+    from featcircuits.tasks import Pair
+
+    tok = gemma_offline.tokenizer
+    pairs = [Pair("The king said that", "The Queen of the Netherlands said that", " he", " she"),
+             Pair("The keys to the cabinet", "The key to the cabinet", " are", " is")]
+    batch, dropped = tokenize_pairs(pairs, tok)
+    assert len(batch) == 1 and [i for i, _ in dropped] == [0] and "pair 0: clean prompt is" in dropped[0][1]
+    duke, duchess = (len(tok(f"The {w} said that")["input_ids"]) for w in ("duke", "duchess"))
+    batch, dropped = tokenize_pairs([Pair("The duke said that", "The duchess said that", " he", " she")]
+                                    + pairs[1:], tok)
+    assert (len(dropped) == 1) == (duke != duchess) and len(batch) == 2 - len(dropped)
+
+
 def test_metric_sign():
     logits = torch.zeros(1, 5)
     logits[0, 1] = 3.0  # clean answer (token 1) preferred

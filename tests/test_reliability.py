@@ -69,9 +69,10 @@ def test_discover_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
 
 
 def test_resume_with_other_settings_is_refused(setup, tmp_path):
-    Checkpoint(tmp_path, "n", {"a": 1}).save(1, {"x": torch.zeros(1)})
-    with pytest.raises(UserError, match="other settings"):
-        Checkpoint(tmp_path, "n", {"a": 2}).load()
+    Checkpoint(tmp_path, "n", {"a": 1, "method": "ig", "same": [1, 2]}).save(1, {"x": torch.zeros(1)})
+    with pytest.raises(UserError, match="other settings") as err:
+        Checkpoint(tmp_path, "n", {"a": 2, "method": "ig", "same": [1, 2]}).load()
+    assert "a: 1 then, 2 now" in str(err.value) and "method" not in str(err.value)  # names what differs
     (tmp_path / ".checkpoint" / "n.pt").write_bytes(b"corrupt")
     with pytest.raises(UserError, match="unreadable"):
         Checkpoint(tmp_path, "n", {"a": 1}).load()

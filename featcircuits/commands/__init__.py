@@ -18,11 +18,13 @@ def add_model_args(p: argparse.ArgumentParser, saes: bool = True) -> None:
 
 
 def add_rules_arg(p: argparse.ArgumentParser) -> None:
-    from ..lrp import DEFAULT_RULES, PRESETS, RULES
+    from ..lrp import DEFAULT_RULES, PAPER_RULES, PRESETS, RULES
 
     p.add_argument("--rules", default="default",
                    help=f"rules for relp: comma list of {','.join(RULES)} or a preset ({', '.join(PRESETS)}); "
-                        f"default {','.join(DEFAULT_RULES)}")
+                        f"default two-point ({','.join(DEFAULT_RULES)}: every operation linearised between "
+                        f"the clean and the counterfactual run); 'paper' = the RelP authors' "
+                        f"{','.join(PAPER_RULES)}")
 
 
 def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:

@@ -19,12 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(batch_size=8)
     p.add_argument("--methods", default="atp,relp,ig",
                    help="comma list of atp, relp, relp+ah, relp:<rules joined by +> (e.g. relp:ln+identity+half-qk), "
-                        "ig (default atp,relp,ig; relp+ah is added next to relp unless --no-ah-variant)")
+                        "ig (default atp,relp,ig; next to relp the RelP authors' rules relp:ln+identity+half are added, "
+                        "or relp+ah when --rules paper, unless --no-variant)")
     p.add_argument("--granularity", default="components", choices=["components", "features"],
                    help="components: one node per site and position (identity dictionaries); features: one "
                         "per SAE feature and error node, exact patching on a sample")
     add_rules_arg(p)
-    p.add_argument("--no-ah-variant", action="store_true", help="do not add relp+ah (rules plus the AH-rule)")
+    p.add_argument("--no-variant", "--no-ah-variant", dest="no_ah_variant", action="store_true",
+                   help="do not add the comparison column next to relp (the authors' rules, or relp+ah)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved timing runs of AtP and RelP; the median is reported (default 3)")
