@@ -147,9 +147,11 @@ def exact_feature_sample(sm: SplicedModel, batch, batch_size: int, k: int, seed:
 def edges_fixed_part(sm: SplicedModel, batch, bs: int) -> None:
     """What ``edge_effects`` does per chunk before any vector-Jacobian product when it is given
     the node stage's gradients (as in discover): the cut forward that records every direct
-    Jacobian, under the LRP rules."""
+    Jacobian, under the LRP rules. The edge micro-items run the RelP authors' rules, which need no
+    counterfactual tape; the default two-point rules add the tape's replay, which ``discover_relp``
+    (the library's whole path) includes."""
     for c in batch.chunks(bs):
-        with lrp.lrp_rules(lrp.DEFAULT_RULES):
+        with lrp.lrp_rules(lrp.PAPER_RULES):
             cut_forward(sm, c)
 
 
@@ -159,7 +161,7 @@ def vjp_part_items(sm: SplicedModel, chunk, masks: Acts, sg, chunk_nodes: int = 
     batched (one backward per site and part) or one backward per downstream node. Uses the
     edge stage's public steps (``featcircuits.edges``) so the products are exactly the library's."""
     prepared = []
-    with lrp.lrp_rules(lrp.DEFAULT_RULES):
+    with lrp.lrp_rules(lrp.PAPER_RULES):
         real, leaves = cut_forward(sm, chunk)
         for site, m in masks.items():
             nodes = m.nodes()
@@ -172,7 +174,7 @@ def vjp_part_items(sm: SplicedModel, chunk, masks: Acts, sg, chunk_nodes: int = 
                 prepared.append((node_scalars(sm.dictionary(site), real[site], sg.grads[site], part), inputs))
 
     def run(batched: bool):
-        with lrp.lrp_rules(lrp.DEFAULT_RULES):
+        with lrp.lrp_rules(lrp.PAPER_RULES):
             for s_, inputs in prepared:
                 vjps(sm, s_, inputs, batched)
 
