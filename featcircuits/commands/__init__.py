@@ -45,3 +45,14 @@ def default_saes(model_spec: str, saes: str | None) -> str:
     if model_spec == OFFLINE_ALIAS and "starter" in registry() and local_set_folder(registry()["starter"]["path"]):
         return "starter"
     return "identity"
+
+
+def add_out_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
+    """``--out`` and what to do when it holds an earlier run (``--resume``, ``--overwrite``)."""
+    p.add_argument("--out", required=True, help="output folder")
+    if resume:
+        p.add_argument("--resume", action="store_true",
+                       help="continue a killed run from the checkpoints in --out (same arguments required)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out (the new run is written beside it and swapped in "
+                        "when complete; a kill leaves the old folder)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_model_args, add_rules_arg, add_task_args
+from . import add_model_args, add_out_args, add_rules_arg, add_task_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random", type=int, default=48,
                    help="features: plus this many random nodes with a nonzero estimate, per site kind (default 48)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out_args(p, resume=False)
     p.set_defaults(func=run)
 
 
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..tasks import make_pairs, tokenize_pairs
     from ..tracing import SplicedModel
-    from ..validation import check_output_folder
+    from ..validation import prepare_run_folder
 
     torch.manual_seed(args.seed)
-    out = check_output_folder(args.out, create=False)
+    run_folder = prepare_run_folder(args.out, overwrite=args.overwrite)
     if min(args.n, args.batch_size, args.steps, args.repeats) < 1:
         raise UserError("--n, --batch-size, --steps and --repeats must be positive")
     if args.top_k < 0 or args.random < 0:
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
               "pairs_requested": len(pairs), "pairs_dropped": len(dropped),
               "torch_threads": torch.get_num_threads(), **result}
     title = f"{args.model}, {args.task}, {args.granularity}" + (f", {saes}" if args.granularity == "features" else "")
-    out.mkdir(parents=True, exist_ok=True)
-    write_agreement(result, out, title)
+    write_agreement(result, run_folder.open(), title)
+    out = run_folder.commit()
     kinds = result["site_kinds"]
     print(f"Pearson r vs exact patching ({args.granularity}, n={result['n']}):")
     print(f"  {'method':<8} " + " ".join(f"{k:>7}" for k in kinds) + f" {'seconds':>9}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import add_model_args, add_rules_arg, add_task_args, default_saes
+from . import add_model_args, add_out_args, add_rules_arg, add_task_args, default_saes
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -53,9 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--effects-cache", default=None,
                    help="folder to keep node effects in, reused by a rerun with the same inputs")
     add_eval_args(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a killed run from the checkpoints in --out (same arguments required)")
+    add_out_args(p)
     p.set_defaults(func=run)
 
 
@@ -66,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..evaluation import curves_summary, run_curves
     from ..models import load_model
-    from ..validation import check_output_folder
+    from ..validation import prepare_run_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_output_folder(args.out, create=False)
+    run_folder = prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     for name in ("n", "batch_size", "steps", "thresholds", "random_draws", "stack"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -80,13 +78,14 @@ def run(args: argparse.Namespace) -> int:
     saes = default_saes(args.model, args.saes)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     load_seconds = time.perf_counter() - t0
+    work = run_folder.open()
     result = run_curves(model, dicts, task=args.task, n=args.n, n_eval=args.n_eval or args.n, seed=args.seed,
                          methods=methods, points=args.thresholds, n_min=args.min_nodes, n_max=args.max_nodes,
                          ablation=args.ablation, errors=args.errors, aggregation=args.aggregation,
                          start_layer=args.start_layer, steps=args.steps, rules=args.rules,
                          random_draws=args.random_draws, batch_size=args.batch_size, stack=args.stack,
-                         out=args.out, model_spec=args.model, saes_spec=saes,
+                         out=work, model_spec=args.model, saes_spec=saes,
                          effects_cache=args.effects_cache, progress=not args.no_progress,
                          extra_timings={"load_seconds": round(load_seconds, 3)}, resume=args.resume)
-    print(curves_summary(result, args.out))
+    print(curves_summary(result, run_folder.commit()))
     return 0

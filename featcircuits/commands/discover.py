@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..graph import DEFAULT_TOP_K
-from . import add_model_args, add_rules_arg, add_task_args, default_saes
+from . import add_model_args, add_out_args, add_rules_arg, add_task_args, default_saes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,9 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one backward per downstream node (the slow reference path)")
     p.add_argument("--compare", default=None, choices=["ig", "relp", "atp"],
                    help="also time this method's nodes+edges on the same data (recorded in summary.json)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a killed run from the checkpoints in --out (same arguments required)")
+    add_out_args(p)
     p.set_defaults(func=run)
 
 
@@ -53,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..tasks import make_pairs, tokenize_pairs
     from ..tracing import SplicedModel
-    from ..validation import check_output_folder
+    from ..validation import prepare_run_folder
 
     torch.manual_seed(args.seed)
-    out = check_output_folder(args.out, create=False)
+    run_folder = prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
         from ..errors import UserError
 
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if dropped:
         print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} pairs ({dropped[0][1]}, ...)", file=sys.stderr)
     sm = SplicedModel(model, dicts)
-    out.mkdir(parents=True, exist_ok=True)  # every input checked: now the work starts
+    out = run_folder.open()  # every input checked: now the work starts
     provenance = {"model": args.model, "saes": saes, "task": args.task, "seed": args.seed,
                   "pairs_requested": len(pairs), "pairs_dropped": len(dropped)}
     circuit = discover_circuit(sm, batch, args.method, thresholds=thresholds, aggregation=args.aggregation,
@@ -92,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
                             "ratio_total": round(mine["total"] / theirs["total"], 4) if theirs["total"] else None}
     save_circuit(circuit, out, extra=extra)
     draw_circuit(circuit, Path(out) / "circuit")
+    out = run_folder.commit()
     s = circuit.provenance["seconds"]
     print(f"circuit: {circuit.n_nodes} nodes, {circuit.n_edges} edges  (nodes {s['nodes']:.1f}s, "
           f"edges {s['edges']:.1f}s, total {s['total']:.1f}s)  -> {out}")

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     add_eval_args(p)
     p.add_argument("--out", default=None, help="JSON file to write (default: CIRCUIT/evaluation.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation at --out")
     p.set_defaults(func=run)
 
 
@@ -44,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..validation import check_output_file
+
     circuit = load_circuit(args.circuit)
+    out = check_output_file(args.out or Path(args.circuit) / "evaluation.json", overwrite=args.overwrite)
     prov = circuit.provenance or {}
     model_spec = args.model or prov.get("model")
     saes = args.saes or prov.get("saes") or prov.get("dictionaries")
@@ -58,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
                               ablation=args.ablation, errors=args.errors, start_layer=args.start_layer,
                               batch_size=args.batch_size, stack=args.stack, progress=not args.no_progress)
     result["provenance"].update({"model": model_spec, "saes": saes})
-    out = Path(args.out) if args.out else Path(args.circuit) / "evaluation.json"
     from ..io import write_json
 
     write_json(out, result)
