@@ -220,6 +220,22 @@ class Batch:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
 
+def pair_counts(n_requested: int, pairs: list[Pair], dropped: list[tuple[int, str]]) -> dict[str, int]:
+    """What a summary records about the pairs: asked for (``--n``), found in the task, dropped, used."""
+    return {"pairs_requested": n_requested, "pairs_available": len(pairs), "pairs_dropped": len(dropped),
+            "pairs_used": len(pairs) - len(dropped)}
+
+
+def pair_warnings(task: str, n_requested: int, pairs: list[Pair], dropped: list[tuple[int, str]]) -> list[str]:
+    """One line each: the task holds fewer pairs than ``--n`` asked for; pairs were dropped."""
+    lines = []
+    if len(pairs) < n_requested:
+        lines.append(f"warning: --n {n_requested} but {task} holds only {len(pairs)} pairs: using {len(pairs)}")
+    if dropped:
+        lines.append(describe_dropped(dropped, len(pairs)))
+    return lines
+
+
 def _prompt_lengths(pairs: list[Pair], tokenizer: Any) -> list[tuple[int, int]]:
     """Token counts of each pair's clean and patch prompt (one batched call, no padding)."""
     enc = tokenizer([p.clean_prefix for p in pairs] + [p.patch_prefix for p in pairs])["input_ids"]

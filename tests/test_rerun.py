@@ -108,3 +108,18 @@ def test_discover_rerun_refused_then_overwritten(tiny_model_dir, tmp_path, capsy
     assert main(args + ["--top-k", "3", "--overwrite"]) == 0
     assert not (out / "evaluation.json").exists()
     assert json.loads((out / "summary.json").read_text())["n_nodes"] <= 3
+
+
+def test_n_larger_than_the_task_file_warns_and_records_both(tiny_model_dir, tmp_path, capsys):
+    task = tmp_path / "four.jsonl"
+    task.write_text("".join(json.dumps({"clean_prefix": f"The {a} near the cars", "patch_prefix": f"The {b} near the cars",
+                                        "clean_answer": " is", "patch_answer": " are"}) + "\n"
+                            for a, b in [("dog", "dogs"), ("cat", "cats"), ("king", "kings"), ("boy", "boys")]))
+    out = tmp_path / "run"
+    assert main(["discover", "--model", str(tiny_model_dir), "--saes", "identity", "--task", str(task), "--n", "16",
+                 "--top-k", "5", "--no-edges", "--out", str(out)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--n 16" in line]
+    assert len(warnings) == 1 and "only 4 pairs" in warnings[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs_requested"] == 16 and summary["pairs_available"] == 4
+    assert summary["pairs_used"] == 4 - summary["pairs_dropped"]

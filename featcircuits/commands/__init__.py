@@ -47,6 +47,17 @@ def default_saes(model_spec: str, saes: str | None) -> str:
     return "identity"
 
 
+def report_pairs(task: str, n: int, pairs: list, dropped: list) -> dict:
+    """Print the pair warnings (fewer than --n, dropped) and return the counts for the summary."""
+    import sys
+
+    from ..tasks import pair_counts, pair_warnings
+
+    for line in pair_warnings(task, n, pairs, dropped):
+        print(f"featcircuits: {line}", file=sys.stderr)
+    return pair_counts(n, pairs, dropped)
+
+
 def add_out_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
     """``--out`` and what to do when it holds an earlier run (``--resume``, ``--overwrite``)."""
     p.add_argument("--out", required=True, help="output folder")

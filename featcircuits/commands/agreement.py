@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from . import add_model_args, add_out_args, add_rules_arg, add_task_args
+from . import add_model_args, add_out_args, add_rules_arg, add_task_args, report_pairs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,15 +69,14 @@ def run(args: argparse.Namespace) -> int:
         saes = args.saes or "identity"
         dicts = load_dictionary_set(saes, model.adapter, args.model)
     batch, dropped = tokenize_pairs(pairs, model.tokenizer)
-    if dropped:
-        print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} pairs ({dropped[0][1]}, ...)", file=sys.stderr)
+    counts = report_pairs(args.task, args.n, pairs, dropped)
     sm = SplicedModel(model, dicts)
     result = run_agreement(sm, batch, args.methods, args.granularity, rules=args.rules, steps=args.steps,
                            batch_size=args.batch_size, repeats=args.repeats, aggregation=args.aggregation,
                            top_k=args.top_k, n_random=args.random, seed=args.seed, progress=not args.quiet,
                            add_ah=not args.no_ah_variant)
     result = {"model": args.model, "task": args.task, "saes": saes, "seed": args.seed,
-              "pairs_requested": len(pairs), "pairs_dropped": len(dropped),
+              **counts,
               "torch_threads": torch.get_num_threads(), **result}
     title = f"{args.model}, {args.task}, {args.granularity}" + (f", {saes}" if args.granularity == "features" else "")
     write_agreement(result, run_folder.open(), title)

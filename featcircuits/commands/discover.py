@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from ..graph import DEFAULT_TOP_K
-from . import add_model_args, add_out_args, add_rules_arg, add_task_args, default_saes
+from . import add_model_args, add_out_args, add_rules_arg, add_task_args, default_saes, report_pairs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,12 +67,11 @@ def run(args: argparse.Namespace) -> int:
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     t_load = time.perf_counter() - t_load
     batch, dropped = tokenize_pairs(pairs, model.tokenizer)
-    if dropped:
-        print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} pairs ({dropped[0][1]}, ...)", file=sys.stderr)
+    counts = report_pairs(args.task, args.n, pairs, dropped)
     sm = SplicedModel(model, dicts)
     out = run_folder.open()  # every input checked: now the work starts
     provenance = {"model": args.model, "saes": saes, "task": args.task, "seed": args.seed,
-                  "pairs_requested": len(pairs), "pairs_dropped": len(dropped)}
+                  **counts}
     circuit = discover_circuit(sm, batch, args.method, thresholds=thresholds, aggregation=args.aggregation,
                                steps=args.steps, rules=args.rules, batch_size=args.batch_size,
                                edges=not args.no_edges, batched_edges=not args.unbatched_edges,

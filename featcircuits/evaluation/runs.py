@@ -18,7 +18,7 @@ from ..graph import Circuit
 from ..io import atomic_write, write_json
 from ..lrp import rules_key
 from ..models import LoadedModel
-from ..tasks import make_pairs, tokenize_pairs
+from ..tasks import make_pairs, pair_warnings, tokenize_pairs
 from ..tracing import SplicedModel
 from .curves import DEFINITIONS, faithfulness_curves
 from .evaluator import Evaluator
@@ -86,10 +86,9 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
     ev_pairs, split = eval_pairs(task, n_eval, disc_pairs, seed)
     disc, dropped_d = tokenize_pairs(disc_pairs, model.tokenizer)
     evb, dropped_e = tokenize_pairs(ev_pairs, model.tokenizer)
-    for what, dropped, pairs in (("discovery", dropped_d, disc_pairs), ("evaluation", dropped_e, ev_pairs)):
-        if dropped:
-            print(f"featcircuits: dropped {len(dropped)} of {len(pairs)} {what} pairs ({dropped[0][1]}, ...)",
-                  file=sys.stderr)
+    for what, want, dropped, pairs in (("discovery", n, dropped_d, disc_pairs), ("evaluation", n_eval, dropped_e, ev_pairs)):
+        for line in pair_warnings(task, want, pairs, dropped):
+            print(f"featcircuits: {what} pairs: {line}", file=sys.stderr)
     split.update({"discovery_seed": seed, "n_discovery_requested": n, "n_discovery": len(disc),
                   "discovery_dropped": len(dropped_d), "n_eval_requested": n_eval, "n_eval": len(evb),
                   "eval_dropped": len(dropped_e)})
