@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import lrp
+from .checkpoint import PassCounter
 from .adapters import Site
 from .errors import UserError
 from .metric import metric
@@ -121,7 +122,6 @@ def node_effects(
     rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
     acc: Acts = {}
     m_clean = m_patch = 0.0
-    f0, b0 = sm.n_forward, sm.n_backward
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
     if gradients is not None:
@@ -132,6 +132,7 @@ def node_effects(
         done, state = saved
         acc = pack(state["features"], state["errors"])
         m_clean, m_patch = state["m_clean"], state["m_patch"]
+    passes = PassCounter(sm, state.get("passes") if saved is not None else None)
     bar = tqdm(chunks[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
                initial=done, total=len(chunks))
     two_point = lrp.needs_reference(rule_set)
@@ -151,14 +152,15 @@ def node_effects(
         m_clean += mc
         if checkpoint is not None:
             checkpoint.save(i + 1, {"features": {s: v.f for s, v in acc.items()},
-                                    "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch})
+                                    "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch,
+                                    "passes": passes.counts()})
     for s, v in acc.items():
         _check_finite(s, v.f.unsqueeze(0), "feature effects")
         _check_finite(s, v.err.unsqueeze(0), "error effects")
     return NodeEffects(
         method=method, effects=acc, n=len(batch), metric_clean=m_clean / len(batch),
         metric_patch=m_patch / len(batch), seconds=time.perf_counter() - t0,
-        passes={"forward": sm.n_forward - f0, "backward": sm.n_backward - b0},
+        passes=passes.counts(),
         params={"steps": steps if method == "ig" else None, "rules": sorted(rule_set) if method == "relp" else None},
     )
 

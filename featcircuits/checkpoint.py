@@ -32,6 +32,24 @@ def fault_point(stage: str, done: int) -> None:
         os._exit(137)
 
 
+# The last checkpoint this process saved: (folder, stage, chunks done), so an interrupted run
+# can say how far it got and that ``--resume`` continues from there.
+LAST_SAVED: tuple[Path, str, int] | None = None
+
+
+class PassCounter:
+    """Forward and backward passes of one stage, including those of its checkpointed part
+    before a resume (stored in the checkpoint's state as ``passes``)."""
+
+    def __init__(self, sm: Any, before: dict[str, int] | None = None):
+        self.sm, self.f0, self.b0 = sm, sm.n_forward, sm.n_backward
+        self.before = {"forward": 0, "backward": 0, **(before or {})}
+
+    def counts(self) -> dict[str, int]:
+        return {"forward": int(self.before["forward"]) + self.sm.n_forward - self.f0,
+                "backward": int(self.before["backward"]) + self.sm.n_backward - self.b0}
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -74,6 +92,8 @@ class Checkpoint:
     def save(self, done: int, state: dict[str, Any]) -> None:
         blob = {"key": self.key, "config": self.config, "done": done, "state": state}
         atomic_write(self.path, lambda p: torch.save(blob, p))
+        global LAST_SAVED
+        LAST_SAVED = (self.path.parent.parent, self.stage, done)
         fault_point(self.stage, done)
 
     def clear(self) -> None:

@@ -42,8 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"featcircuits: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("featcircuits: interrupted", file=sys.stderr)
+        print(f"featcircuits: {interrupted_message(args)}", file=sys.stderr)
         return 130
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """``interrupted after <stage> chunk <k>; rerun with --resume to continue`` when this run's
+    checkpoint is in --out (Ctrl-C: the one place that reports it)."""
+    from pathlib import Path
+
+    from . import checkpoint
+
+    last, out = checkpoint.LAST_SAVED, getattr(args, "out", None)
+    if last is not None and out is not None and Path(out).resolve() == last[0].resolve() \
+            and (last[0] / ".checkpoint").is_dir():
+        return f"interrupted after {last[1]} chunk {last[2]} (checkpointed); rerun with --resume to continue"
+    if last is not None:
+        return f"interrupted after {last[1]} chunk {last[2]}; its checkpoint was in a temporary folder " \
+               "(--overwrite): the old --out is unchanged"
+    return f"interrupted during {args.command} before any checkpoint; nothing to resume"
 
 
 if __name__ == "__main__":

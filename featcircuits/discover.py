@@ -78,12 +78,14 @@ def discover_circuit(
     edge_list: list[tuple[str, str, float]] = []
     t_edges = 0.0
     edge_threshold = thresholds.edge
+    edge_passes = {"forward": 0, "backward": 0}
     if edges and count_nodes(masks):
         t1 = time.perf_counter()
         ee = edge_effects(sm, batch, masks, method, steps=steps, rules=rules, aggregation=aggregation,
                           batch_size=batch_size, batched=batched_edges, progress=progress,
                           checkpoint=ckpt_edges, gradients=gradients)
         edge_list = ee.edge_list(masks)
+        edge_passes = ee.passes
         t_edges = time.perf_counter() - t1
         if edge_threshold is None and edge_list:
             edge_threshold = 0.01 * max(abs(w) for _, _, w in edge_list)
@@ -98,7 +100,8 @@ def discover_circuit(
         "dictionaries": sm.dictionaries.name, "dictionaries_sha256": sm.dictionaries.digest(),
         "model_sha256": model_digest(sm.model.hf),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
-        "seconds": seconds, "passes": effects.passes, "versions": versions(),
+        "seconds": seconds, "passes": {k: effects.passes[k] + edge_passes[k] for k in ("forward", "backward")},
+        "passes_by_stage": {"nodes": effects.passes, "edges": edge_passes}, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
         "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
         "prompt_tokens": _prompt_tokens(sm, batch),

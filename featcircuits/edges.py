@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import lrp
+from .checkpoint import PassCounter
 from .adapters import Site
 from .attribution import GRADIENT_METHODS, check_aggregation, check_method, site_gradients
 from .nodes import Act, Acts, node_id
@@ -133,7 +134,6 @@ def edge_effects(
     downstream = {s: nodes for s, nodes in downstream.items() if nodes and adapter.upstream(s)}
     rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
     weights: dict[tuple[str, str], Act] = {}
-    f0, b0 = sm.n_forward, sm.n_backward
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
     total = len(chunks) * sum((len(v) + chunk_nodes - 1) // chunk_nodes if batched else len(v)
@@ -142,7 +142,8 @@ def edge_effects(
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         done, state = saved
-        weights = {tuple(k.split("|")): Act(v["f"], v["e"]) for k, v in state.items()}
+        weights = {tuple(k.split("|")): Act(v["f"], v["e"]) for k, v in state["weights"].items()}
+    passes = PassCounter(sm, state.get("passes") if saved is not None else None)
     per_chunk = total // max(len(chunks), 1)
     bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
                disable=not progress, leave=False, initial=done * per_chunk)
@@ -172,12 +173,13 @@ def edge_effects(
                         weights[key].err[start:start + len(part)] += w.err.detach()
                     bar.update(1 if batched else len(part))
         if checkpoint is not None:
-            checkpoint.save(ci + 1, {f"{u}|{d}": {"f": w.f, "e": w.err} for (u, d), w in weights.items()})
+            checkpoint.save(ci + 1, {"weights": {f"{u}|{d}": {"f": w.f, "e": w.err} for (u, d), w in weights.items()},
+                                     "passes": passes.counts()})
     bar.close()
     n = len(batch)
     weights = {k: w / n for k, w in weights.items()}
     return EdgeEffects(downstream, weights, aggregation, n, time.perf_counter() - t0,
-                       {"forward": sm.n_forward - f0, "backward": sm.n_backward - b0})
+                       passes.counts())
 
 
 def vjps(sm: SplicedModel, s: torch.Tensor, inputs: list[torch.Tensor], batched: bool = True) -> list[torch.Tensor]:

@@ -123,3 +123,28 @@ def test_n_larger_than_the_task_file_warns_and_records_both(tiny_model_dir, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs_requested"] == 16 and summary["pairs_available"] == 4
     assert summary["pairs_used"] == 4 - summary["pairs_dropped"]
+
+
+def test_sigint_prints_one_line_and_exits_130(tiny_model_dir, tmp_path):
+    """A real SIGINT to a real CLI process, sent once its first checkpoint is on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "featcircuits.cli", "discover", "--model", str(tiny_model_dir),
+                             "--saes", "identity", "--task", "sva-nounpp", "--n", "64", "--batch-size", "1",
+                             "--method", "ig", "--steps", "4", "--top-k", "5", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not (out / ".checkpoint" / "nodes-ig.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.startswith("featcircuits:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "interrupted after nodes-ig chunk" in lines[0] and "rerun with --resume to continue" in lines[0]
