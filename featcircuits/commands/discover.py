@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from ..graph import DEFAULT_TOP_K
 from . import add_model_args, add_out_args, add_rules_arg, add_task_args, default_saes, report_pairs
@@ -43,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..dictionaries import load_dictionary_set
+    from ..compare import compare_circuits
     from ..discover import discover_circuit
-    from ..draw import draw_circuit
     from ..export import save_circuit
     from ..graph import Thresholds
     from ..models import load_model
@@ -85,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
         mine, theirs = circuit.provenance["seconds"], other.provenance["seconds"]
         extra["compare"] = {"method": args.compare, "seconds": theirs, "n_nodes": other.n_nodes,
                             "n_edges": other.n_edges,
-                            "ratio_total": round(mine["total"] / theirs["total"], 4) if theirs["total"] else None}
+                            "ratio_total": round(mine["total"] / theirs["total"], 4) if theirs["total"] else None,
+                            **compare_circuits(circuit, other)}
     save_circuit(circuit, out, extra=extra)
-    draw_circuit(circuit, Path(out) / "circuit")
     out = run_folder.commit()
     s = circuit.provenance["seconds"]
     print(f"circuit: {circuit.n_nodes} nodes, {circuit.n_edges} edges  (nodes {s['nodes']:.1f}s, "
@@ -95,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if "compare" in extra:
         c = extra["compare"]
         print(f"same run with {c['method']}: total {c['seconds']['total']:.1f}s "
-              f"({args.method}/{c['method']} = {c['ratio_total']})")
+              f"({args.method}/{c['method']} = {c['ratio_total']}); {c['nodes_shared']} nodes shared "
+              f"(Jaccard {c['jaccard']}), Pearson r of node effects over all nodes {c['pearson_effects']}")
     for nid, eff in circuit.top_nodes(8):
         print(f"  {nid:<22} effect {eff:+.4f}")
     return 0

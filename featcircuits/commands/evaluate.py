@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or prov.get("task")
     missing = [k for k, v in (("model", model_spec), ("saes", saes), ("task", task)) if not v]
     if missing:
-        raise UserError(f"the circuit's provenance lacks {', '.join(missing)}: give --{' --'.join(missing)}")
+        flags = " ".join(f"--{k} {k.upper()}" for k in missing)
+        raise UserError(f"{args.circuit} does not record its {', '.join(missing)} (a circuit saved without them): "
+                        f"add {flags} (or save it with save_circuit(..., model=, task=, saes=))")
     model = load_model(model_spec)
     dicts = load_dictionary_set(saes, model.adapter, model_spec)
     result = evaluate_circuit(model, dicts, circuit, task=task, n_eval=args.n, seed=args.seed,

@@ -20,9 +20,9 @@ PICTURE = "circuit"  # stem: circuit.png, circuit.svg
 
 #: Every format :func:`save_circuit` knows, in the order it writes them.
 FORMATS = ("graphml", "dot", "json", "circuit-tracer", "effects", "summary", "png", "svg")
-#: What it writes by default: everything but the matplotlib picture (``png``/``svg``, which
-#: callers draw with :func:`featcircuits.draw.draw_circuit` or ask for here).
-DEFAULT_FORMATS = FORMATS[:-2]
+#: What it writes by default: everything, the matplotlib picture ``circuit.png``/``.svg``
+#: included, so a circuit saved from Python holds what ``featcircuits discover`` writes.
+DEFAULT_FORMATS = FORMATS
 JSON_FORMAT_VERSION = "featcircuits.circuit/1"
 
 # Node attributes and their types (GraphML/DOT need one type per attribute).

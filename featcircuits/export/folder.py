@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -66,9 +67,14 @@ def summary_dict(circuit: Circuit, extra: dict | None = None, files: Iterable[st
 
 def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] = DEFAULT_FORMATS,
                  extra: dict | None = None, max_draw_nodes: int = 200,
-                 graphviz_max_edges: int = 5000) -> dict:
-    """Write ``circuit`` to ``out_dir`` in ``formats`` (default :data:`DEFAULT_FORMATS`;
-    add ``"png"``/``"svg"`` for the picture ``circuit.png``/``circuit.svg``).
+                 graphviz_max_edges: int = 5000, *, model: str | None = None, task: str | None = None,
+                 saes: str | None = None, seed: int | None = None) -> dict:
+    """Write ``circuit`` to ``out_dir`` in ``formats`` (default :data:`DEFAULT_FORMATS`: every
+    format, the picture ``circuit.png``/``circuit.svg`` included).
+
+    ``model``, ``task``, ``saes`` (and ``seed``), when given, are merged into the saved
+    provenance: they are what ``featcircuits evaluate`` rebuilds the run from (a circuit from
+    ``discover`` records them already; one made in Python may not).
 
     Returns the summary dict (also written as ``summary.json`` when ``"summary"`` is in
     ``formats``), whose ``files`` lists what was written and ``notes`` what was not (e.g.
@@ -79,6 +85,9 @@ def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] =
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    given = {k: v for k, v in (("model", model), ("task", task), ("saes", saes), ("seed", seed)) if v is not None}
+    if given:  # a copy: the caller's circuit keeps its provenance
+        circuit = dataclasses.replace(circuit, provenance={**(circuit.provenance or {}), **given})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
