@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -133,27 +133,32 @@ def node_effects(
         acc = pack(state["features"], state["errors"])
         m_clean, m_patch = state["m_clean"], state["m_patch"]
     passes = PassCounter(sm, state.get("passes") if saved is not None else None)
-    bar = tqdm(chunks[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
-               initial=done, total=len(chunks))
+    # IG runs one forward and backward per site and chunk: its bar counts sites, the others chunks
+    per_chunk = len(chosen) if method == "ig" else 1
+    bar = tqdm(desc=f"node effects ({method})", disable=not progress, leave=False,
+               initial=done * per_chunk, total=len(chunks) * per_chunk)
     two_point = lrp.needs_reference(rule_set)
-    for i, chunk in enumerate(bar, start=done):
+    for i, chunk in enumerate(chunks[done:], start=done):
         tape = lrp.ReferenceTape() if two_point else None
         with torch.no_grad(), lrp.recording(tape):
             logits_p, patch_vals = sm.cache(chunk.inputs("patch"))
         m_patch += float(metric(logits_p, chunk.clean_answer, chunk.patch_answer).sum())
         if method in GRADIENT_METHODS:
             sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals,
-                                reference=tape)
+                                reference=tape, on_site=lambda: bar.update(1) if method == "ig" else None)
             mc = _accumulate_effects(sg, chosen, acc)
             if gradients is not None:
                 gradients[i] = sg
         else:
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, acc)
         m_clean += mc
+        if method != "ig":
+            bar.update(1)
         if checkpoint is not None:
             checkpoint.save(i + 1, {"features": {s: v.f for s, v in acc.items()},
                                     "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch,
                                     "passes": passes.counts()})
+    bar.close()
     for s, v in acc.items():
         _check_finite(s, v.f.unsqueeze(0), "feature effects")
         _check_finite(s, v.err.unsqueeze(0), "error effects")
@@ -182,19 +187,21 @@ class SiteGradients:
 def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Site], *, steps: int = 10,
                    rules: Iterable[str] | str | None = None,
                    patch_vals: dict[str, Act] | None = None,
-                   reference: "lrp.ReferenceTape | None" = None) -> SiteGradients:
+                   reference: "lrp.ReferenceTape | None" = None,
+                   on_site: Callable[[], None] | None = None) -> SiteGradients:
     """The gradients node effects and edges are made of: AtP (plain), RelP (LRP rules, default
     set when ``rules`` is None) or IG (mean over ``steps`` interpolation points, per site).
 
     Two-point rules (``lrp.needs_reference``) read ``reference``, the tape recorded during the
-    counterfactual forward that produced ``patch_vals``; without ``patch_vals`` both are made here."""
+    counterfactual forward that produced ``patch_vals``; without ``patch_vals`` both are made here.
+    ``on_site`` is called after each site's IG pass (progress bars)."""
     rule_set = lrp.parse_rules(rules) if method == "relp" else frozenset()
     if patch_vals is None:
         reference = lrp.ReferenceTape() if lrp.needs_reference(rule_set) else None
         with torch.no_grad(), lrp.recording(reference):
             _, patch_vals = sm.cache(chunk.inputs("patch"))
     if method == "ig":
-        return _ig_gradients(sm, chunk, patch_vals, chosen, steps)
+        return _ig_gradients(sm, chunk, patch_vals, chosen, steps, on_site)
     with lrp.lrp_rules(rule_set), lrp.replaying(reference):
         logits, leaves = sm.run_with_leaves(chunk.inputs("clean"))
         m = metric(logits, chunk.clean_answer, chunk.patch_answer)
@@ -212,7 +219,7 @@ def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Sit
 
 
 def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], chosen: list[Site],
-                  steps: int) -> SiteGradients:
+                  steps: int, on_site: Callable[[], None] | None = None) -> SiteGradients:
     """IG per site: the ``steps`` interpolation points stacked along the batch in one forward."""
     with torch.no_grad():
         logits_c, clean_vals = sm.cache(chunk.inputs("clean"))
@@ -232,6 +239,8 @@ def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], ch
         gf = torch.zeros_like(f) if gf is None else gf
         ge = torch.zeros_like(e) if ge is None else ge
         out[s.name] = Act(gf.view(steps, b, *gf.shape[1:]).mean(0), ge.view(steps, b, *ge.shape[1:]).mean(0))
+        if on_site is not None:
+            on_site()
     m_c = metric(logits_c, chunk.clean_answer, chunk.patch_answer)
     return SiteGradients(out, clean_vals, patch_vals, m_c)
 

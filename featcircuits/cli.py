@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        set_threads(getattr(args, "threads", None))
         return int(args.func(args) or 0)
     except UserError as exc:
         if args.debug:
@@ -44,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"featcircuits: {interrupted_message(args)}", file=sys.stderr)
         return 130
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads`` of any command, applied here once."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def interrupted_message(args: argparse.Namespace) -> str:

@@ -16,7 +16,8 @@ import torch
 from . import __version__, lrp
 from .attribution import GRADIENT_METHODS, check_method, node_effects
 from .edges import edge_effects
-from .graph import DEFAULT_TOP_K, Circuit, Thresholds, build_graph, count_nodes, select_nodes
+from .graph import (DEFAULT_TOP_K, METRIC, Circuit, Thresholds, build_graph, count_nodes, select_nodes,
+                    NodeSpace, size_report)
 from .tasks import Batch
 from .tracing import SplicedModel
 
@@ -103,6 +104,7 @@ def discover_circuit(
         "seconds": seconds, "passes": {k: effects.passes[k] + edge_passes[k] for k in ("forward", "backward")},
         "passes_by_stage": {"nodes": effects.passes, "edges": edge_passes}, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
+        "circuit_size": size_report(thresholds.top_k, NodeSpace.of(mean).size, count_nodes(masks), sum(1 for n in graph if n != METRIC)),
         "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
         "prompt_tokens": _prompt_tokens(sm, batch),
     }

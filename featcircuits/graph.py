@@ -75,9 +75,27 @@ def select_nodes(effects: Acts, thresholds: Thresholds) -> Acts:
         keep &= NodeSpace.top_k(score, thresholds.top_k)
     if thresholds.share is not None:
         keep &= NodeSpace.share(score, thresholds.share)
-    if thresholds.node is None and thresholds.top_k is None and thresholds.share is None:
-        keep &= score > 0
+    keep &= score > 0  # a node of exactly zero effect is no part of any circuit (top-k would pad with them)
     return space.unflatten(keep)
+
+
+def size_report(requested: int | None, available: int, selected: int, kept: int) -> dict:
+    """Why a circuit has fewer nodes than ``--top-k`` asked for: ``zero_effect`` (nodes of zero
+    effect among the top ``requested``), ``pruned`` (selected, but no path to the metric), and
+    ``available`` (every node there is: ``requested`` may exceed it)."""
+    top = min(requested, available) if requested else 0
+    return {"requested": requested, "available": available, "zero_effect": max(0, top - selected),
+            "pruned": selected - kept, "kept": kept}
+
+
+def describe_size(report: dict) -> str | None:
+    """``67 of 100 nodes: 20 had zero effect, 13 were pruned (no path to the metric)``, or None
+    when the circuit has the nodes asked for."""
+    if not report.get("requested") or report["kept"] >= report["requested"]:
+        return None
+    more = f"; there are only {report['available']} nodes" if report["available"] < report["requested"] else ""
+    return (f"{report['kept']} of {report['requested']} nodes: {report['zero_effect']} had zero effect, "
+            f"{report['pruned']} were pruned (no path to the metric){more}")
 
 
 def build_graph(
@@ -159,6 +177,16 @@ class Circuit:
     def masks(self) -> Acts:
         """Which nodes of each site are in the circuit (for evaluation / ablation)."""
         return NodeSpace.of(self.effects).from_nodes(graph_nodes(self.graph))
+
+    def __repr__(self) -> str:
+        """One line: method, task, nodes, edges and the error nodes' share of |effect| in the circuit."""
+        p = self.provenance or {}
+        effects = [(d.get("kind"), abs(float(d.get("effect", 0.0)))) for _, d in self.graph.nodes(data=True)
+                   if d.get("kind") != "metric"]
+        total = sum(e for _, e in effects)
+        share = f"{sum(e for k, e in effects if k == 'error') / total:.0%}" if total else "n/a"
+        return (f"Circuit(method={p.get('method')!r}, task={p.get('task')!r}, nodes={self.n_nodes}, "
+                f"edges={self.n_edges}, error share={share})")
 
     def top_nodes(self, k: int = 10) -> list[tuple[str, float]]:
         nodes = [(n, d["effect"]) for n, d in self.graph.nodes(data=True) if d.get("kind") != "metric"]

@@ -72,3 +72,71 @@ def test_discover_compare_reports_overlap(tiny_model_dir, tmp_path, capsys):
     assert c["method"] == "atp" and 0 <= c["nodes_shared"] <= 6 and 0 <= c["jaccard"] <= 1
     assert -1 <= c["pearson_effects"] <= 1
     assert f"{c['nodes_shared']} nodes shared" in capsys.readouterr().out
+
+
+def test_threads_on_every_computing_command():
+    from featcircuits.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in ("discover", "agreement", "evaluate", "curves"):
+        assert "--threads" in sub.choices[name]._option_string_actions, name
+
+
+def test_threads_applied_and_checked(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["discover", "--model", str(tiny_model_dir), "--saes", "identity", "--task", "sva-nounpp",
+                     "--n", "2", "--top-k", "3", "--no-edges", "--threads", "1", "--out", str(tmp_path / "a")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["agreement", "--threads", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_circuit_repr_is_one_line(python_circuit):
+    text = repr(python_circuit)
+    assert "\n" not in text and len(text) < 200
+    assert f"nodes={python_circuit.n_nodes}" in text and "method='atp'" in text and "error share=" in text
+
+
+def test_ig_progress_counts_sites(tiny_model_dir, monkeypatch):
+    """The bar advances once per site and chunk (IG's unit of work), not once per chunk."""
+    from featcircuits import attribution
+    from featcircuits.attribution import node_effects
+    from featcircuits.dictionaries import load_dictionary_set
+    from featcircuits.models import load_model
+    from featcircuits.tasks import make_pairs, tokenize_pairs
+    from featcircuits.tracing import SplicedModel
+
+    updates, totals = [], []
+
+    class Bar:
+        def __init__(self, *a, total=None, **k):
+            totals.append(total)
+
+        def update(self, n=1):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(attribution, "tqdm", Bar)
+    model = load_model(str(tiny_model_dir))
+    sm = SplicedModel(model, load_dictionary_set("identity", model.adapter))
+    batch, _ = tokenize_pairs(make_pairs("sva-nounpp", 4), model.tokenizer)
+    node_effects(sm, batch, "ig", steps=2, batch_size=2)
+    assert totals == [2 * len(sm.sites)] and sum(updates) == 2 * len(sm.sites)
+
+
+def test_circuit_smaller_than_top_k_says_why(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["discover", "--model", str(tiny_model_dir), "--saes", "identity", "--task", "sva-nounpp", "--n", "2",
+                 "--top-k", "100000", "--out", str(out)]) == 0
+    size = json.loads((out / "summary.json").read_text())["circuit_size"]
+    assert size["requested"] == 100000 and size["kept"] + size["zero_effect"] + size["pruned"] == size["available"]
+    assert size["zero_effect"] > 0 and size["available"] < 100000
+    line = f"{size['kept']} of 100000 nodes: {size['zero_effect']} had zero effect, {size['pruned']} were pruned"
+    assert line in capsys.readouterr().out

@@ -58,6 +58,11 @@ def report_pairs(task: str, n: int, pairs: list, dropped: list) -> dict:
     return pair_counts(n, pairs, dropped)
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads`` for every command that computes (applied once, in ``cli.main``)."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
 def add_out_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
     """``--out`` and what to do when it holds an earlier run (``--resume``, ``--overwrite``)."""
     p.add_argument("--out", required=True, help="output folder")

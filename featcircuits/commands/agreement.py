@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_model_args, add_out_args, add_rules_arg, add_task_args, report_pairs
+from . import add_model_args, add_out_args, add_threads_arg, add_rules_arg, add_task_args, report_pairs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="features: plus this many random nodes with a nonzero estimate, per site kind (default 48)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_out_args(p, resume=False)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

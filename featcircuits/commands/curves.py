@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import add_model_args, add_out_args, add_rules_arg, add_task_args, default_saes
+from . import add_model_args, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-layer", type=int, default=-1,
                    help="ablate only sites from this layer on (embed = -1, the default: every site)")
     p.add_argument("--stack", type=int, default=4, help="circuits evaluated together in one forward pass")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -58,16 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..dictionaries import load_dictionary_set
     from ..errors import UserError
     from ..evaluation import curves_summary, run_curves
     from ..models import load_model
     from ..validation import prepare_run_folder
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     run_folder = prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     for name in ("n", "batch_size", "steps", "thresholds", "random_draws", "stack"):
         if getattr(args, name) < 1:

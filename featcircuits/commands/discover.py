@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..graph import DEFAULT_TOP_K
-from . import add_model_args, add_out_args, add_rules_arg, add_task_args, default_saes, report_pairs
+from ..graph import DEFAULT_TOP_K, describe_size
+from . import add_model_args, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes, report_pairs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", default=None, choices=["ig", "relp", "atp"],
                    help="also time this method's nodes+edges on the same data (recorded in summary.json)")
     add_out_args(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"same run with {c['method']}: total {c['seconds']['total']:.1f}s "
               f"({args.method}/{c['method']} = {c['ratio_total']}); {c['nodes_shared']} nodes shared "
               f"(Jaccard {c['jaccard']}), Pearson r of node effects over all nodes {c['pearson_effects']}")
+    note = describe_size(circuit.provenance["circuit_size"])
+    if note:
+        print(f"  {note}")
     for nid, eff in circuit.top_nodes(8):
         print(f"  {nid:<22} effect {eff:+.4f}")
     return 0

@@ -35,16 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..dictionaries import load_dictionary_set
     from ..errors import UserError
     from ..evaluation import evaluate_circuit
     from ..export import load_circuit
     from ..models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from ..validation import check_output_file
 
     circuit = load_circuit(args.circuit)
