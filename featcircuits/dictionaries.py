@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -188,12 +188,45 @@ class DictionarySet:
         return h.hexdigest()[:16]
 
 
-def check_width(site: str, dictionary: Dictionary, d_model: int) -> None:
-    if dictionary.d_in != d_model:
+def check_width(site: str, dictionary: Dictionary | int, d_model: int) -> None:
+    """A dictionary (or its ``d_in``) must read the site's width."""
+    d_in = dictionary if isinstance(dictionary, int) else dictionary.d_in
+    if d_in != d_model:
         raise UserError(
-            f"dictionary for site {site} reads width {dictionary.d_in} but the site has width "
+            f"dictionary for site {site} reads width {d_in} but the site has width "
             f"{d_model}: this dictionary was trained for another model or site"
         )
+
+
+def _check_site_names(name: str, found: Iterable[str], adapter: Adapter) -> None:
+    unknown = set(found) - {s.name for s in adapter.sites()}
+    if unknown:
+        raise UserError(f"dictionary set {name!r} names sites this model lacks: {', '.join(sorted(unknown))}")
+
+
+def precheck_dictionary_set(spec: str | None, adapter: Adapter) -> None:
+    """Check a folder set against the model's config before any weights load: site names and
+    the ``d_in`` in each sae-lens ``cfg.json`` (``ae.pt`` files and hub sets are checked when
+    loaded, :func:`load_dictionary_set`, since their widths are inside the weights)."""
+    if spec in (None, "", "identity"):
+        return
+    reg = registry()
+    if spec in reg:
+        entry = reg[spec]
+        folder = local_set_folder(entry["path"]) if entry.get("kind") == "local" else None
+    else:
+        folder = Path(spec) if Path(spec).is_dir() else None
+    if folder is None:
+        return  # a hub set, a missing folder or an unknown name: load_dictionary_set says which
+    cfgs = {sub.name: sub / "cfg.json" for sub in sorted(folder.iterdir()) if (sub / "cfg.json").is_file()}
+    _check_site_names(spec, cfgs, adapter)
+    for site, cfg in cfgs.items():
+        try:
+            d_in = json.loads(cfg.read_text(encoding="utf-8")).get("d_in")
+        except (OSError, json.JSONDecodeError):
+            continue  # unreadable: load_dictionary reports it with its own message
+        if isinstance(d_in, int):
+            check_width(site, d_in, adapter.d_model)
 
 
 def identity_set(adapter: Adapter) -> DictionarySet:
@@ -248,9 +281,7 @@ def _finish(name: str, found: dict[str, Dictionary], adapter: Adapter, meta: dic
         else:
             out[site.name] = IdentityDictionary(adapter.d_model)
             identity_sites.append(site.name)
-    unknown = set(found) - {s.name for s in adapter.sites()}
-    if unknown:
-        raise UserError(f"dictionary set {name!r} names sites this model lacks: {', '.join(sorted(unknown))}")
+    _check_site_names(name, found, adapter)
     return DictionarySet(name, out, {**meta, "identity_sites": identity_sites})
 
 

@@ -129,6 +129,27 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     return wrap(hf, tok, spec=spec, info={"load_seconds": round(time.time() - t0, 2)})
 
 
+def config_adapter(spec: str) -> Adapter | None:
+    """The model's adapter (sites, widths) from its config alone, before any weights load, so
+    dictionaries can be checked first; None where only loading the model tells (a .gguf file,
+    the offline model before its first build, a hub id not cached, an unsupported config)."""
+    from transformers import AutoConfig
+
+    if spec == OFFLINE_ALIAS:
+        folder = cache_dir() / "models" / OFFLINE_ALIAS
+        source = str(folder) if (folder / "config.json").is_file() else None
+    elif spec.endswith(".gguf"):
+        source = None
+    else:
+        source = spec
+    if source is None:
+        return None
+    try:
+        return adapter_for(AutoConfig.from_pretrained(source))
+    except Exception:  # any failure here is reported, better worded, by load_model
+        return None
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -140,3 +140,29 @@ def test_circuit_smaller_than_top_k_says_why(tiny_model_dir, tmp_path, capsys):
     assert size["zero_effect"] > 0 and size["available"] < 100000
     line = f"{size['kept']} of 100000 nodes: {size['zero_effect']} had zero effect, {size['pruned']} were pruned"
     assert line in capsys.readouterr().out
+
+
+def test_dictionaries_checked_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A set for another width, or naming a site the model lacks, fails on the config alone."""
+    from featcircuits import models
+    from featcircuits.testing import random_saelens_set, tiny_model
+
+    saes = tmp_path / "wide"
+    random_saelens_set(tiny_model("gemma3", scale=0.1), saes, width=8, sites=["resid_0"])
+    cfg = json.loads((saes / "resid_0" / "cfg.json").read_text())
+    (saes / "resid_0" / "cfg.json").write_text(json.dumps({**cfg, "d_in": cfg["d_in"] + 16}))  # another model's width
+    (saes / "resid_99").mkdir()
+    (saes / "resid_99" / "cfg.json").write_text(json.dumps({"d_in": 1}))
+
+    def no_weights(*a, **k):
+        raise AssertionError("the model's weights were loaded before the dictionaries were checked")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+    args = ["discover", "--model", str(tiny_model_dir), "--saes", str(saes), "--task", "sva-nounpp", "--n", "2",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "sites this model lacks: resid_99" in capsys.readouterr().err
+    (saes / "resid_99" / "cfg.json").unlink()
+    (saes / "resid_99").rmdir()
+    assert main(args) == 2
+    assert "dictionary for site resid_0 reads width" in capsys.readouterr().err

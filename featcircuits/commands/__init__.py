@@ -58,6 +58,17 @@ def report_pairs(task: str, n: int, pairs: list, dropped: list) -> dict:
     return pair_counts(n, pairs, dropped)
 
 
+def check_dictionaries_early(model_spec: str, saes: str | None) -> None:
+    """Dictionaries against the model's config, before its weights load (where the config and
+    the dictionaries' widths can be read without loading either)."""
+    from ..dictionaries import precheck_dictionary_set
+    from ..models import config_adapter
+
+    adapter = config_adapter(model_spec)
+    if adapter is not None:
+        precheck_dictionary_set(saes, adapter)
+
+
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     """``--threads`` for every command that computes (applied once, in ``cli.main``)."""
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_model_args, add_out_args, add_threads_arg, add_rules_arg, add_task_args, report_pairs
+from . import add_model_args, check_dictionaries_early, add_out_args, add_threads_arg, add_rules_arg, add_task_args, report_pairs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--granularity components patches whole site vectors and uses no dictionaries; "
                         "drop --saes or use --granularity features")
     pairs = make_pairs(args.task, args.n, args.seed)
+    if args.granularity == "features":
+        check_dictionaries_early(args.model, args.saes)
     model = load_model(args.model)
     if args.granularity == "components":
         dicts, saes = identity_set(model.adapter), "identity"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import add_model_args, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes
+from . import add_model_args, check_dictionaries_early, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     t0 = time.perf_counter()
-    model = load_model(args.model)
     saes = default_saes(args.model, args.saes)
+    check_dictionaries_early(args.model, saes)
+    model = load_model(args.model)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     load_seconds = time.perf_counter() - t0
     work = run_folder.open()

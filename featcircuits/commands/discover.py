@@ -6,7 +6,7 @@ import argparse
 import time
 
 from ..graph import DEFAULT_TOP_K, describe_size
-from . import add_model_args, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes, report_pairs
+from . import add_model_args, check_dictionaries_early, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes, report_pairs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
                                          share=args.share)
     pairs = make_pairs(args.task, args.n, args.seed)
     t_load = time.perf_counter()
-    model = load_model(args.model)
     saes = default_saes(args.model, args.saes)
+    check_dictionaries_early(args.model, saes)
+    model = load_model(args.model)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     t_load = time.perf_counter() - t_load
     batch, dropped = tokenize_pairs(pairs, model.tokenizer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import check_dictionaries_early
 from .curves import add_eval_args
 
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         flags = " ".join(f"--{k} {k.upper()}" for k in missing)
         raise UserError(f"{args.circuit} does not record its {', '.join(missing)} (a circuit saved without them): "
                         f"add {flags} (or save it with save_circuit(..., model=, task=, saes=))")
+    check_dictionaries_early(model_spec, saes)
     model = load_model(model_spec)
     dicts = load_dictionary_set(saes, model.adapter, model_spec)
     result = evaluate_circuit(model, dicts, circuit, task=task, n_eval=args.n, seed=args.seed,
