@@ -234,8 +234,9 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
                   granularity: str = "components", *, rules: Iterable[str] | str | None = None,
                   steps: int = 10, batch_size: int = 8, repeats: int = 3, aggregation: str = "sum",
                   top_k: int = 16, n_random: int = 48, seed: int = 0, nodes_per_pass: int = 16,
-                  add_ah: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Exact patching and each estimator on ``batch``; Pearson r per method and site kind.
+                  add_ah: bool = True, progress: bool = True, by_case: bool = True) -> dict[str, Any]:
+    """Exact patching and each estimator on ``batch``; Pearson r per method and site kind
+    (and, with ``by_case``, per case when the pairs have several: :func:`agreement_by_case`).
 
     Returns a JSON-ready dict with at least ``pearson`` ({method: {kind: r}}), ``seconds``
     ({method: s}, the median of the interleaved repeats for AtP/RelP) and ``n``; the
@@ -312,7 +313,31 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
     result["seconds_runs"] = {m: [round(s, 4) for s in v] for m, v in runs.items()}
     result["passes"] = {name: ne.passes for name, ne in effects.items()}
     result["targets"] = target_checks(result)
+    kw = dict(rules=rules, steps=steps, batch_size=batch_size, aggregation=aggregation, top_k=top_k,
+              n_random=n_random, seed=seed, nodes_per_pass=nodes_per_pass, add_ah=add_ah, progress=progress)
+    cases = agreement_by_case(sm, batch, methods, granularity, **kw) if by_case else {}
+    if cases:
+        result["by_case"] = cases
     return result
+
+
+def agreement_by_case(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str, granularity: str,
+                      **kw: Any) -> dict[str, dict[str, Any]]:
+    """Pearson r per ``case`` (template, e.g. IOI's io-first / s-first) when the pairs have
+    several: every estimator and exact patching rerun on each case's pairs alone (one timing
+    run each). Empty for a task of one case."""
+    cases = sorted({p.case for p in batch.pairs})
+    if len(cases) < 2:
+        return {}
+    out = {}
+    for case in cases:
+        sub = batch.select([i for i, p in enumerate(batch.pairs) if p.case == case])
+        if len(sub) < 2:
+            out[case] = {"n": len(sub), "pearson": None, "pearson_all": None}
+            continue
+        r = run_agreement(sm, sub, methods, granularity, repeats=1, by_case=False, **kw)
+        out[case] = {"n": len(sub), "pearson": r["pearson"], "pearson_all": r["pearson_all"]}
+    return out
 
 
 def target_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -398,7 +423,22 @@ def markdown_table(result: dict[str, Any], title: str | None = None) -> str:
         lines += ["", "Targets (issue 3; defined for components granularity): "
                   + "; ".join(f"{c['check']}: {'met' if c['passed'] else 'MISSED'} ({c['value']})"
                               for c in result["targets"]) + "."]
+    if result.get("by_case"):
+        lines += ["", "By case (each case's pairs alone):", "", "| case | n | method | " + " | ".join(kinds) + " | all |",
+                  "|" + "---|" * (len(kinds) + 4)]
+        lines += ["| " + " | ".join(row) + " |" for row in by_case_rows(result)]
     return "\n".join(lines) + "\n"
+
+
+def by_case_rows(result: dict[str, Any]) -> list[list[str]]:
+    """[case, n, method, r per site kind..., r over all] for each case and method (tables, CLI)."""
+    rows = []
+    for case, c in result.get("by_case", {}).items():
+        for m in result["methods"]:
+            per_kind = (c["pearson"] or {}).get(m, {})
+            rows.append([case, str(c["n"]), m, *(_fmt(per_kind.get(k)) for k in result["site_kinds"]),
+                         _fmt((c["pearson_all"] or {}).get(m))])
+    return rows
 
 
 def scatter_plot(result: dict[str, Any], stem: str | Path, title: str | None = None) -> list[Path]:

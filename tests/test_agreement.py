@@ -210,3 +210,21 @@ def test_cli_refuses_bad_arguments(model, tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
     assert main(["agreement", "--saes", "starter", "--granularity", "components", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_agreement_by_case(model, batch, tmp_path):
+    """IOI mixes two word orders: each gets its own Pearson r, computed on its pairs alone."""
+    from featcircuits.agreement import markdown_table
+
+    sm = SplicedModel(model)
+    res = run_agreement(sm, batch, "atp,relp", "components", repeats=1, progress=False, add_ah=False)
+    cases = {p.case for p in batch.pairs}
+    assert set(res["by_case"]) == cases == {"io-first", "s-first"}
+    assert sum(c["n"] for c in res["by_case"].values()) == len(batch)
+    for case, c in res["by_case"].items():
+        alone = run_agreement(sm, batch.select([i for i, p in enumerate(batch.pairs) if p.case == case]),
+                              "atp,relp", "components", repeats=1, progress=False, add_ah=False)
+        assert c["pearson_all"] == alone["pearson_all"] and "by_case" not in alone
+    assert "By case" in markdown_table(res)
+    one = run_agreement(sm, batch, "atp", "components", repeats=1, progress=False, add_ah=False, by_case=False)
+    assert "by_case" not in one

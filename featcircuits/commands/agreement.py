@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random", type=int, default=48,
                    help="features: plus this many random nodes with a nonzero estimate, per site kind (default 48)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-by-case", action="store_true",
+                   help="skip the per-case results (by default each case of a task with several, e.g. IOI's "
+                        "io-first and s-first, is rerun on its pairs alone)")
     add_out_args(p, resume=False)
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -44,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..agreement import resolve_methods, run_agreement, write_agreement
+    from ..agreement import by_case_rows, resolve_methods, run_agreement, write_agreement
     from ..dictionaries import identity_set, load_dictionary_set
     from ..errors import UserError
     from ..models import load_model
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_agreement(sm, batch, args.methods, args.granularity, rules=args.rules, steps=args.steps,
                            batch_size=args.batch_size, repeats=args.repeats, aggregation=args.aggregation,
                            top_k=args.top_k, n_random=args.random, seed=args.seed, progress=not args.quiet,
-                           add_ah=not args.no_ah_variant)
+                           add_ah=not args.no_ah_variant, by_case=not args.no_by_case)
     result = {"model": args.model, "task": args.task, "saes": saes, "seed": args.seed,
               **counts,
               "torch_threads": torch.get_num_threads(), **result}
@@ -91,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {m:<8} " + " ".join(f"{result['pearson'][m][k]:>+7.3f}" for k in kinds)
               + f" {result['seconds'][m]:>9.2f}")
     print(f"  {'exact':<8} " + " ".join(f"{'':>7}" for _ in kinds) + f" {result['seconds']['exact']:>9.2f}")
+    if result.get("by_case"):
+        print("  by case: " + " ".join(f"{k:>7}" for k in kinds) + f" {'all':>7}")
+        for row in by_case_rows(result):
+            print(f"  {row[0]:<10} n={row[1]:<3} {row[2]:<8} " + " ".join(f"{v:>7}" for v in row[3:]))
     for c in result["targets"]:
         print(f"  target {c['check']}: {'met' if c['passed'] else 'MISSED'} ({c['value']})")
     print(f"-> {out}")
