@@ -395,3 +395,20 @@ def test_evaluate_cli_on_a_discovered_circuit(tiny_folder, tmp_path, capsys):
     assert res["faithfulness"] == pytest.approx(data["faithfulness"], abs=1e-6)
     out = capsys.readouterr().out
     assert "faithfulness" in out and "completeness" in out
+
+
+def test_curves_by_case(spliced, batches):
+    """Each case (sva-nounpp: singular / plural, agreeing with the subject) gets its own
+    faithfulness curve and AUC, on its evaluation pairs alone."""
+    disc, evb = batches
+    res = E.faithfulness_curves(spliced, disc, evb, ["atp"], points=3, batch_size=4, stack=2, progress=False)
+    cases = sorted({p.case for p in evb.pairs})
+    assert len(cases) > 1 and sorted(res["by_case"]) == cases
+    by = res["by_case"]
+    assert sum(c["n_eval"] for c in by.values()) == len(evb)
+    # nothing ablated: the per-case F(M), weighted by pairs, is the whole set's F(M)
+    assert sum(c["F_M"] * c["n_eval"] for c in by.values()) / len(evb) == pytest.approx(res["F_M"], abs=1e-5)
+    assert all(len(c["faithfulness"]["atp"]) == len(res["sizes"]) for c in by.values())
+    assert "case " in E.curves_summary(res, "out")
+    assert "by_case" not in E.faithfulness_curves(spliced, disc, evb, ["atp"], points=3, batch_size=4, stack=2,
+                                                   progress=False, by_cases=False)

@@ -58,7 +58,7 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
                         start_layer: int = -1, steps: int = 10, rules=None, random_draws: int = 3,
                         seed: int = 0, batch_size: int = 16, stack: int = 4,
                         effects: dict | None = None, progress: bool = True,
-                        checkpoint_dir=None, resume: bool = False) -> dict:
+                        checkpoint_dir=None, resume: bool = False, by_cases: bool = True) -> dict:
     """Node effects per method on ``discovery``, top-k circuits on a shared log-spaced size
     grid, faithfulness and completeness of each on ``evaluation``; random circuits of the
     same sizes (``random_draws`` seeded draws, averaged). Returns the JSON-ready result.
@@ -69,7 +69,8 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
     methods it lacks are computed and added to it.
     With ``checkpoint_dir``, node effects and ablation sums are checkpointed per chunk of
     examples (one stage per method) and ``resume=True`` continues a killed run; the result
-    equals an uninterrupted run's.
+    equals an uninterrupted run's. With ``by_cases``, the same circuits are also evaluated on
+    each case's evaluation pairs alone when there are several (:func:`curves_by_case`).
     """
     from ..attribution import METHODS as EFFECT_METHODS, node_effects
 
@@ -132,12 +133,13 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
 
     out_methods: dict[str, dict] = {}
     t1 = time.perf_counter()
+    circuits_of: dict[str, list] = {}
     for m in methods:
         if m == "random":
             continue
         scores, sp = scored[m]
-        circuits = [sp.unflatten(NodeSpace.top_k(scores, k)) for k in sizes]
-        res = ev.evaluate(circuits, desc=f"ablations ({m})", checkpoint=checkpoints.get(f"curves-ablate-{m}"))
+        circuits_of[m] = [sp.unflatten(NodeSpace.top_k(scores, k)) for k in sizes]
+        res = ev.evaluate(circuits_of[m], desc=f"ablations ({m})", checkpoint=checkpoints.get(f"curves-ablate-{m}"))
         out_methods[m] = _curve(res)
     if "random" in methods:
         gen = torch.Generator().manual_seed(seed)
@@ -157,6 +159,11 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
         curve["draws"] = random_draws
         out_methods["random"] = curve
     timings["ablation_seconds"] = round(time.perf_counter() - t1, 3)
+    t2 = time.perf_counter()
+    by_case = curves_by_case(sm, evaluation, circuits_of, ablation=ablation, errors=errors, start_layer=start_layer,
+                             seed=seed, batch_size=batch_size, stack=stack, progress=progress) if by_cases else {}
+    if by_case:
+        timings["by_case_seconds"] = round(time.perf_counter() - t2, 3)
     timings["ablation_forward_passes"] = ev.forward_passes
     timings["total_seconds"] = round(time.perf_counter() - t0, 3)
 
@@ -165,6 +172,7 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
     comparison = relp_vs_ig(out_methods) if "relp" in out_methods and "ig" in out_methods else None
     return {
         "methods": out_methods,
+        **({"by_case": by_case} if by_case else {}),
         "F_M": ev.F_M, "F_empty": ev.F_empty,
         "sizes": sizes,
         "node_universe": {"total_nodes": total_nodes, "nonzero_effect_nodes_max": nonzero},
@@ -196,6 +204,25 @@ DEFINITIONS = {
               "seeded; values are the mean over draws (per-draw values and std alongside)",
     "relp_vs_ig": "faithfulness(RelP) - faithfulness(IG) at each grid size >= 50; within = |diff| <= 0.05",
 }
+
+
+def curves_by_case(sm: SplicedModel, evaluation: Batch, circuits_of: dict[str, list], **ev_kw) -> dict:
+    """Faithfulness AUC per case (template, e.g. IOI's io-first / s-first) and method: the
+    methods' circuits (random left out) evaluated on each case's evaluation pairs alone, with
+    that case's F(M), F(empty) and ablation means. Empty when the pairs have one case. Not
+    checkpointed: a run killed here redoes this part on ``--resume``."""
+    cases = sorted({p.case for p in evaluation.pairs})
+    if len(cases) < 2 or not circuits_of:
+        return {}
+    out = {}
+    for case in cases:
+        sub = evaluation.select([i for i, p in enumerate(evaluation.pairs) if p.case == case])
+        ev = Evaluator(sm, sub, **ev_kw)
+        curves = {m: _curve(ev.evaluate(c, desc=f"ablations ({m}, {case})")) for m, c in circuits_of.items()}
+        out[case] = {"n_eval": len(sub), "F_M": ev.F_M, "F_empty": ev.F_empty,
+                     "auc": {m: c["auc"] for m, c in curves.items()},
+                     "faithfulness": {m: c["faithfulness"] for m, c in curves.items()}}
+    return out
 
 
 def _curve(results: list[dict]) -> dict:

@@ -146,6 +146,9 @@ def curves_summary(result: dict, out) -> str:
         reach = c["nodes_to_0.8"]
         lines.append(f"  {m:<7} AUC {auc if auc is None else f'{auc:.3f}'}   nodes to faithfulness 0.8: "
                      f"{reach if reach is not None else 'not reached'}")
+    for case, c in result.get("by_case", {}).items():
+        lines.append(f"  case {case} (n={c['n_eval']}): AUC " + ", ".join(
+            f"{m} {'n/a' if a is None else f'{a:.3f}'}" for m, a in c["auc"].items()))
     cmp_ = result.get("relp_vs_ig")
     if cmp_:
         lines.append(f"  RelP vs IG at >= {cmp_['min_nodes']} nodes: max |diff| {cmp_['max_abs_diff']}, "
