@@ -22,7 +22,7 @@ A notebook session::
     sm = fc.SplicedModel(model, fc.load_dictionary_set("starter", model.adapter))
     batch, dropped = fc.tokenize_pairs(fc.make_pairs("sva-simple", 64), model.tokenizer)
     circuit = fc.discover_circuit(sm, batch, "relp", thresholds=fc.Thresholds(top_k=100))
-    fc.save_circuit(circuit, "runs/sva-simple")
+    fc.save_circuit(circuit, "runs/sva-simple", model="gemma-3-270m-offline", task="sva-simple", saes="starter")
 
 The metric and its sign are defined once, in ``featcircuits.metric``; the LRP rules in
 ``featcircuits.lrp`` (``with fc.lrp_rules(("ln", "identity", "half")): ...``). RelP's rule
