@@ -59,7 +59,8 @@ def runs(n_ioi: int, n_sva: int, starter: bool, methods: str, ioi_methods: str) 
     for name, args in out.items():
         if "--methods" not in args:
             args += ["--methods", methods]
-    return {name: ["agreement", *args, *common, "--out", str((OUT / name).relative_to(ROOT))]
+    # --overwrite: these runs regenerate the committed results folders in place
+    return {name: ["agreement", *args, *common, "--out", str((OUT / name).relative_to(ROOT)), "--overwrite"]
             for name, args in out.items()}
 
 

@@ -48,7 +48,7 @@ def main() -> int:
                 continue
             cmd = [sys.executable, "-m", "featcircuits.cli", "discover", "--model", args.model, "--saes", args.saes,
                    "--task", task, "--method", method, "--n", str(args.n), "--top-k", str(args.top_k),
-                   "--out", str(out)]
+                   "--out", str(out), "--overwrite"]  # regenerates the committed folder in place
             print("$", " ".join(cmd[2:]), flush=True)
             t0 = time.time()
             subprocess.run(cmd, check=True, cwd=ROOT)

@@ -82,6 +82,73 @@ def main() -> int:
                  "outcome": f"--resume exit {cresumed.returncode}; every curve point identical to uninterrupted run: "
                             f"{csame}"})
 
+    # 1d. reruns into an --out that holds a run: finished, killed, replaced (and killed mid-swap)
+    again = run(base + ["--out", str(work / "ref")])
+    rows.append({"fault": "rerun into an --out holding a finished run", "exit": again.returncode,
+                 "left": f"old summary.json kept: {(work / 'ref' / 'summary.json').exists()}",
+                 "outcome": first_line(again.stderr)})
+    run(base + ["--out", str(work / "k2")], env={"FEATCIRCUITS_FAULT_AFTER": "nodes-relp:1"})
+    again = run(base + ["--out", str(work / "k2")])
+    rows.append({"fault": "rerun without --resume into a killed run's --out", "exit": again.returncode,
+                 "left": f"checkpoint kept: {(work / 'k2' / '.checkpoint').is_dir()}",
+                 "outcome": first_line(again.stderr)})
+    (work / "ref" / "evaluation.json").write_text("{}")  # an evaluation of the old circuit
+    over = run(base + ["--out", str(work / "ref"), "--top-k", "5", "--overwrite"])
+    n_now = json.loads((work / "ref" / "summary.json").read_text())["n_nodes"] if over.returncode == 0 else None
+    rows.append({"fault": "rerun with --overwrite (old run: 12 nodes and an evaluation.json)", "exit": over.returncode,
+                 "left": f"stale evaluation.json: {(work / 'ref' / 'evaluation.json').exists()}; "
+                         f"siblings left: {sorted(p.name for p in work.glob('.ref*')) or 'none'}",
+                 "outcome": f"summary.json now describes the new run: n_nodes {n_now}"})
+    for label, extra_env in (("atomic exchange (Linux renameat2)", {}),
+                             ("two renames (no renameat2)", {"FEATCIRCUITS_NO_EXCHANGE": "1"})):
+        before = json.loads((work / "ref" / "summary.json").read_text())["n_nodes"]
+        top = "7" if before != 7 else "6"
+        dead = run(base + ["--out", str(work / "ref"), "--top-k", top, "--overwrite"],
+                   env={"FEATCIRCUITS_FAULT_AFTER": "overwrite-swap:1", **extra_env})
+        at_out = (json.loads((work / "ref" / "summary.json").read_text())["n_nodes"]
+                  if (work / "ref" / "summary.json").exists() else "nothing")
+        siblings = sorted(p.name.split("-")[0] for p in work.glob(".ref*"))
+        later = run(base + ["--out", str(work / "ref"), "--resume"], env=extra_env)  # any next run tidies up
+        after = (json.loads((work / "ref" / "summary.json").read_text())["n_nodes"]
+                 if (work / "ref" / "summary.json").exists() else "nothing")
+        rows.append({"fault": f"--overwrite killed mid-swap, {label} (old {before} nodes, new {top})",
+                     "exit": dead.returncode,
+                     "left": f"--out holds: {at_out} nodes; siblings: {', '.join(siblings) or 'none'}",
+                     "outcome": f"next run into it (exit {later.returncode}): --out holds {after} nodes; "
+                                f"siblings left: {len(list(work.glob('.ref*')))}"})
+
+    # 1e. a Ctrl-C (SIGINT) once the first checkpoint is on disk, then --resume
+    sig_args = CLI + base[:] + ["--method", "ig", "--steps", "4", "--n", "64", "--batch-size", "1",
+                                "--out", str(work / "sigint")]
+    proc = subprocess.Popen(sig_args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while not (work / "sigint" / ".checkpoint").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    said = [l for l in err.splitlines() if l.startswith("featcircuits:")]
+    rows.append({"fault": "Ctrl-C (SIGINT) during discover --method ig", "exit": proc.returncode,
+                 "left": f"checkpoint kept: {(work / 'sigint' / '.checkpoint').is_dir()}; traceback: {'Traceback' in err}",
+                 "outcome": (said[-1] if said else "no message")[:160]})
+
+    # 1f. pairs the patching cannot use, and --n larger than the file
+    mixed = work / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"clean_prefix": c, "patch_prefix": p, "clean_answer": " is",
+                                         "patch_answer": " are"}) + "\n" for c, p in [
+        ("The king near the car", "The kings near the car"),
+        ("The king said that", "The Queen of the Netherlands said that"),
+        ("The dog near the car", "The dogs near the car"),
+        ("The boy near the car", "The boys near the car")]))
+    r = run(base + ["--task", str(mixed), "--n", "16", "--out", str(work / "mixed")])
+    s = json.loads((work / "mixed" / "summary.json").read_text()) if r.returncode == 0 else {}
+    said = [l for l in r.stderr.splitlines() if l.startswith("featcircuits:")]
+    rows.append({"fault": "a clean/patch pair of different token lengths, and --n 16 on a 4-pair file",
+                 "exit": r.returncode,
+                 "left": f"pairs_requested {s.get('pairs_requested')}, available {s.get('pairs_available')}, "
+                         f"dropped {s.get('pairs_dropped')}, used {s.get('pairs_used')}",
+                 "outcome": " / ".join(said)[:300]})
+
     # 1c. kill -9 during SAE training (after 2 of 4 steps), then resume (a few sentences as corpus)
     train = ("import sys; sys.path.insert(0, %r)\n"
              "from featcircuits.testing import tiny_model\n"
