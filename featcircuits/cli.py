@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"featcircuits: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"featcircuits: {interrupted_message(args)}", file=sys.stderr)
+        from tqdm import tqdm
+
+        # tqdm.write: on a line of its own, not glued to a progress bar the interrupt left open
+        tqdm.write(f"featcircuits: {interrupted_message(args)}", file=sys.stderr)
         return 130
 
 

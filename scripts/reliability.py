@@ -105,15 +105,16 @@ def main() -> int:
         top = "7" if before != 7 else "6"
         dead = run(base + ["--out", str(work / "ref"), "--top-k", top, "--overwrite"],
                    env={"FEATCIRCUITS_FAULT_AFTER": "overwrite-swap:1", **extra_env})
-        at_out = (json.loads((work / "ref" / "summary.json").read_text())["n_nodes"]
-                  if (work / "ref" / "summary.json").exists() else "nothing")
+        at_out = (f'{json.loads((work / "ref" / "summary.json").read_text())["n_nodes"]} nodes'
+                  if (work / "ref" / "summary.json").exists() else "nothing (the old run is aside as .ref.old)")
         siblings = sorted(p.name.split("-")[0] for p in work.glob(".ref*"))
-        later = run(base + ["--out", str(work / "ref"), "--resume"], env=extra_env)  # any next run tidies up
+        # any next run into it tidies up first (here a --resume, refused: the run there is finished)
+        later = run(base + ["--out", str(work / "ref"), "--resume"], env=extra_env)
         after = (json.loads((work / "ref" / "summary.json").read_text())["n_nodes"]
                  if (work / "ref" / "summary.json").exists() else "nothing")
         rows.append({"fault": f"--overwrite killed mid-swap, {label} (old {before} nodes, new {top})",
                      "exit": dead.returncode,
-                     "left": f"--out holds: {at_out} nodes; siblings: {', '.join(siblings) or 'none'}",
+                     "left": f"--out holds: {at_out}; siblings: {', '.join(siblings) or 'none'}",
                      "outcome": f"next run into it (exit {later.returncode}): --out holds {after} nodes; "
                                 f"siblings left: {len(list(work.glob('.ref*')))}"})
 
@@ -123,8 +124,9 @@ def main() -> int:
     proc = subprocess.Popen(sig_args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 300
-    while not (work / "sigint" / ".checkpoint").is_dir() and proc.poll() is None and time.time() < deadline:
+    while not list((work / "sigint").glob(".checkpoint/*.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(0.5)  # the first checkpoint is on disk (renamed into place); let the process note it
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     said = [l for l in err.splitlines() if l.startswith("featcircuits:")]
