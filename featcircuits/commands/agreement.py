@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_model_args, check_dictionaries_early, add_out_args, add_threads_arg, add_rules_arg, add_task_args, report_pairs
+from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+               check_dictionaries_early, report_pairs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

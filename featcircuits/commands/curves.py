@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import add_model_args, check_dictionaries_early, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes
+from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+               check_dictionaries_early, default_saes)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

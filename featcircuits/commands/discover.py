@@ -6,7 +6,8 @@ import argparse
 import time
 
 from ..graph import DEFAULT_TOP_K, describe_size
-from . import add_model_args, check_dictionaries_early, add_out_args, add_threads_arg, add_rules_arg, add_task_args, default_saes, report_pairs
+from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+               check_dictionaries_early, default_saes, report_pairs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
