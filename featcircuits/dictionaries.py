@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from .adapters import Adapter, Site, transformer_lens_hooks
 from .errors import UserError
 
 REGISTRY = Path(__file__).resolve().parent / "data" / "registry.json"
@@ -188,6 +188,20 @@ class DictionarySet:
         return h.hexdigest()[:16]
 
 
+def check_hook(site: Site, dictionary: Dictionary) -> None:
+    """A hub SAE must read the activation of the site it is put at: its recorded hook (sae-lens
+    metadata: a TransformerLens ``hook_name``, and for some releases the HF module it read)
+    must name that site, else a registry entry would splice, say, a residual SAE into an MLP
+    output without a word. Dictionaries that record no hook are not checked."""
+    meta = getattr(getattr(getattr(dictionary, "sae", None), "cfg", None), "metadata", None)
+    hook, hf_hook = getattr(meta, "hook_name", None), getattr(meta, "hf_hook_name", None)
+    wrong = (hook is not None and hook not in transformer_lens_hooks(site)) or \
+        (hf_hook is not None and hf_hook != f"{site.path}.output")
+    if wrong:
+        raise UserError(f"{dictionary.source} reads {hf_hook or hook}, not the site {site.name} "
+                        f"({' or '.join(sorted(transformer_lens_hooks(site)))}); check the set's registry entry")
+
+
 def check_width(site: str, dictionary: Dictionary, d_model: int) -> None:
     if dictionary.d_in != d_model:
         raise UserError(
@@ -278,4 +292,5 @@ def _hub_set(name: str, entry: dict, adapter: Adapter) -> DictionarySet:
             continue
         sae_id = tpl["sae_id"].format(layer=site.layer)
         found[site.name] = load_dictionary(f"saelens:{tpl['release']}/{sae_id}")
+        check_hook(site, found[site.name])
     return _finish(name, found, adapter, {"kind": "saelens", "model": entry.get("model")})
