@@ -11,12 +11,14 @@ by the environment variable ``FEATCIRCUITS_SAES``, then in ``saes/`` of the sour
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -116,6 +118,35 @@ class DictionaryLearningAE(Dictionary):
         return f @ self.W_dec.T + self.b_dec
 
 
+@contextlib.contextmanager
+def _shapes_from_the_local_cache() -> Iterator[None]:
+    """sae-lens 6.54 reads the tensor shapes of Gemma Scope 2 files with HTTP range requests
+    even when the file sits in the local Hugging Face cache, so an offline user with the files
+    cached cannot load them (tests/test_hub_offline.py). While loading, read the header from
+    the cached file when it is there, and fall back to sae-lens's own request otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors import safe_open
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    original = getattr(loaders, "get_safetensors_tensor_shapes", None)
+    if original is None:  # a sae-lens without the function: nothing to work around
+        yield
+        return
+
+    def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+        cached = try_to_load_from_cache(repo_id, filename)
+        if not isinstance(cached, str):
+            return original(repo_id, filename)
+        with safe_open(cached, framework="pt") as fh:
+            return {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+
+    loaders.get_safetensors_tensor_shapes = shapes
+    try:
+        yield
+    finally:
+        loaders.get_safetensors_tensor_shapes = original
+
+
 def load_dictionary(source: str | Path, d_model: int | None = None) -> Dictionary:
     """Load one dictionary.
 
@@ -132,7 +163,8 @@ def load_dictionary(source: str | Path, d_model: int | None = None) -> Dictionar
         from sae_lens import SAE
 
         try:
-            sae = SAE.from_pretrained(release, sae_id, device="cpu")
+            with _shapes_from_the_local_cache():
+                sae = SAE.from_pretrained(release, sae_id, device="cpu")
         except Exception as exc:  # network errors, unknown ids: say which dictionary failed
             raise UserError(f"could not load sae-lens release {release!r} id {sae_id!r}: {exc}") from exc
         return SaeLensDictionary(sae, source)
