@@ -138,19 +138,39 @@ def _merge(st: dict, pre: str, score: torch.Tensor, val: torch.Tensor, pos: torc
     st[pre + "_ctx"] = both.gather(0, idx[:, :, None].expand(-1, -1, both.shape[2]))
 
 
+def _tree_max(x: torch.Tensor) -> torch.Tensor:
+    """Max over dim 1 of [b, T, n] as a pairwise tree of elementwise maxima, [b, n].
+
+    ``Tensor.max(1)`` reduces a middle dimension ~20x slower on CPU (measured: 6.7 ms vs
+    0.3 ms for [8, 127, 1024]); this runs once per site and batch, so it matters.
+    """
+    while x.shape[1] > 1:
+        h = x.shape[1] // 2
+        y = torch.maximum(x[:, :h], x[:, h:2 * h])
+        if x.shape[1] % 2:
+            y[:, :1] = torch.maximum(y[:, :1], x[:, 2 * h:])
+        x = y
+    return x[:, 0]
+
+
 def _update(st: dict, site: str, f: torch.Tensor, first_window: int, gen: torch.Generator,
             s: StoreSettings) -> None:
-    """Fold one batch of one site's features f [b, T, n] into the running state."""
-    f = f.float().clone()
-    f[:, 0] = 0.0  # BOS
+    """Fold one batch of one site's features f [b, T, n] into the running state.
+
+    Activation means positive (``f > 0``): for sparse dictionaries the same as non-zero.
+    """
     b, T, n = f.shape
-    st[f"{site}.count"] += (f > 0).sum((0, 1))
-    st[f"{site}.sum"] += f.double().sum((0, 1))
-    peak, pos = f.max(1)  # [b, n]
-    offs = torch.arange(-s.before, s.after + 1)
-    where = pos[:, :, None] + offs  # [b, n, W]
-    ctx = f.permute(0, 2, 1).gather(2, where.clamp(0, T - 1))
-    ctx = ctx.masked_fill((where < 0) | (where >= T), 0.0)
+    body = f[:, 1:].float().contiguous()  # BOS left out
+    flat = body.view(-1, n)
+    st[f"{site}.count"] += (flat > 0).float().sum(0).long()  # exact: < 2^24 per batch
+    st[f"{site}.sum"] += flat.sum(0).double()
+    peak = _tree_max(body)  # [b, n]
+    steps = torch.arange(T - 1, dtype=body.dtype)[None, :, None]
+    pos = _tree_max(torch.where(body == peak[:, None], steps, -1.0)).long() + 1
+    where = pos[:, :, None] + torch.arange(-s.before, s.after + 1)  # [b, n, W] positions
+    outside = (where < 1) | (where >= T)  # BOS shown with activation 0
+    flat_idx = (torch.arange(b)[:, None, None] * T + where.clamp(0, T - 1)) * n + torch.arange(n)[None, :, None]
+    ctx = f.float().contiguous().view(-1).take(flat_idx).masked_fill(outside, 0.0)
     win = torch.arange(first_window, first_window + b)[:, None].expand(b, n)
     active = peak > 0
     for p, score in (("top", torch.where(active, peak, -math.inf)),
@@ -175,6 +195,7 @@ def stream(sm: SplicedModel, windows: torch.Tensor, s: StoreSettings,
     if unknown:
         raise UserError(f"no site {unknown[0]!r} in this model's sites")
     visit = [site for site in sm.sites if site.name in features]
+    features = {site.name: features[site.name] for site in visit}  # forward order
     n_batches = math.ceil(windows.shape[0] / s.batch)
     ck = None
     state, start = _init_state(features, s), 0
