@@ -153,9 +153,10 @@ def _tree_max(x: torch.Tensor) -> torch.Tensor:
     return x[:, 0]
 
 
-def _update(st: dict, site: str, f: torch.Tensor, first_window: int, gen: torch.Generator,
+def _update(st: dict, site: str, f: torch.Tensor, first_window: int, keys: torch.Tensor,
             s: StoreSettings) -> None:
-    """Fold one batch of one site's features f [b, T, n] into the running state.
+    """Fold one batch of one site's features f [b, T, n] into the running state; ``keys``
+    [b, n] are the uniform random priorities of the sample.
 
     Activation means positive (``f > 0``): for sparse dictionaries the same as non-zero.
     """
@@ -174,8 +175,12 @@ def _update(st: dict, site: str, f: torch.Tensor, first_window: int, gen: torch.
     win = torch.arange(first_window, first_window + b)[:, None].expand(b, n)
     active = peak > 0
     for p, score in (("top", torch.where(active, peak, -math.inf)),
-                     ("smp", torch.where(active, torch.rand(b, n, generator=gen), -math.inf))):
+                     ("smp", torch.where(active, keys, -math.inf))):
         _merge(st, f"{site}.{p}", score, peak, pos, win, ctx)
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
 
 
 def stream(sm: SplicedModel, windows: torch.Tensor, s: StoreSettings,
@@ -209,12 +214,16 @@ def stream(sm: SplicedModel, windows: torch.Tensor, s: StoreSettings,
     for bi in tqdm(range(start, n_batches), desc="feature store", unit="batch", initial=start,
                    total=n_batches, disable=not progress):
         batch = windows[bi * s.batch:(bi + 1) * s.batch]
-        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + bi)  # per batch: resumable, same draws
 
         def hook(site: Any, x: torch.Tensor) -> None:
             f = sm.dictionary(site).encode(x.detach())
-            full = len(index[site.name]) == f.shape[-1]
-            _update(state, site.name, f if full else f[..., index[site.name]], bi * s.batch, gen, s)
+            # Keys drawn per (seed, batch, site) over the full width: a resumed run and the
+            # subset mode draw the same keys for the same feature.
+            gen = torch.Generator().manual_seed(_seed(s.seed, bi, site.name))
+            keys = torch.rand(f.shape[0], f.shape[-1], generator=gen)
+            idx = index[site.name]
+            full = len(idx) == f.shape[-1]
+            _update(state, site.name, f if full else f[..., idx], bi * s.batch, keys if full else keys[:, idx], s)
 
         with torch.no_grad():
             sm.run({"input_ids": batch, "attention_mask": torch.ones_like(batch)}, hook, visit)
