@@ -155,3 +155,50 @@ def test_jsonl_corpus_and_bad_corpora(setup, tmp_path):
         corpus_windows(str(tmp_path / "missing.csv"), tok, 10)
     with pytest.raises(UserError, match="fewer than"):
         corpus_windows(str(path), tok, 10**7)
+
+
+# --------------------------------------------------------------------------- labels
+
+from featcircuits.labels import (auto_label, label_nodes, load_annotations, neuronpedia_url,  # noqa: E402
+                                 source_neuronpedia_url)
+
+
+def test_auto_label_names_peak_tokens_and_promoted_tokens(setup):
+    store = setup[2]
+    card = store.card("resid_1", 7)
+    label = auto_label(card)
+    left, _, right = label.partition(" → ")
+    peaks = {e["tokens"][e["peak"]].strip() for e in card["top"]}
+    assert left.split("|")[0] in peaks
+    assert right.split("|")[0] == card["promoted"][0]["token"].strip()
+    assert auto_label(None) is None
+
+
+def test_annotations_override_and_error_nodes_name_their_site(tmp_path, setup):
+    store = setup[2]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"resid_1/7": "plural subject"}))
+    nodes = [{"id": "resid_1/7@2", "kind": "feature", "site": "resid_1", "position": 2},
+             {"id": "resid_1/3", "kind": "feature", "site": "resid_1", "position": -1},
+             {"id": "mlp_0/err@1", "kind": "error", "site": "mlp_0", "position": 1},
+             {"id": "metric", "kind": "metric", "site": "metric"}]
+    cards = store.cards_for_nodes(n["id"] for n in nodes)
+    labels = label_nodes(nodes, cards, load_annotations(path), prompt_tokens=["The", " keys", " are"])
+    assert labels["resid_1/7@2"] == "plural subject"
+    assert labels["resid_1/3"] == auto_label(store.card("resid_1", 3))
+    assert labels["mlp_0/err@1"] == "error at mlp_0 @ keys"
+    assert "metric" not in labels
+    path.write_text('["not", "a", "mapping"]')
+    with pytest.raises(UserError, match="mapping node ids"):
+        load_annotations(path)
+    with pytest.raises(UserError, match="cannot read"):
+        load_annotations(tmp_path / "missing.json")
+
+
+def test_neuronpedia_urls_from_the_sae_lens_directory():
+    url = neuronpedia_url("gemma-scope-2b-pt-res-canonical", "layer_20/width_16k/canonical", 1234)
+    assert url == "https://www.neuronpedia.org/gemma-2-2b/20-gemmascope-res-16k/1234"
+    assert source_neuronpedia_url("saelens:gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical", 5) \
+        .endswith("/20-gemmascope-res-16k/5")
+    assert neuronpedia_url("no-such-release", "x", 1) is None
+    assert source_neuronpedia_url("saes/starter/resid_3", 1) is None
