@@ -202,3 +202,37 @@ def test_neuronpedia_urls_from_the_sae_lens_directory():
         .endswith("/20-gemmascope-res-16k/5")
     assert neuronpedia_url("no-such-release", "x", 1) is None
     assert source_neuronpedia_url("saes/starter/resid_3", 1) is None
+
+
+# --------------------------------------------------------------------------- offline Gemma
+
+@pytest.mark.slow
+def test_starter_cards_on_offline_gemma(gemma_offline, tmp_path):
+    """The starter set's cards for a few features over ~500 tokens of real English text."""
+    from pydoc_data.topics import topics
+
+    from featcircuits.labels import auto_label
+
+    sm = SplicedModel(gemma_offline, load_dictionary_set("starter", gemma_offline.adapter))
+    corpus = tmp_path / "pydoc.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]))
+    feats = {"resid_6": list(range(0, 1024, 64)), "mlp_3": [1, 2, 3]}
+    s = StoreSettings(tokens=512, top_k=5, batch=4)
+    store = feature_store(sm, str(corpus), s, features=feats, cache=tmp_path / "cache", progress=False)
+    windows = store.tensors["windows"].long()
+    _, values = sm.cache({"input_ids": windows, "attention_mask": torch.ones_like(windows)})
+    f = values["resid_6"].f[:, 1:]
+    with_cards = 0
+    for feat in feats["resid_6"]:
+        card = store.card("resid_6", feat)
+        best = float(f[..., feat].max())
+        if best <= 0:
+            assert card["top"] == []
+            continue
+        with_cards += 1
+        assert card["top"][0]["value"] == pytest.approx(best, rel=1e-3)
+        assert auto_label(card) and " → " in auto_label(card)
+        assert all(isinstance(t["token"], str) for t in card["promoted"]) and len(card["promoted"]) == s.logit_k
+    assert with_cards >= 4  # TopK k=32 of 1024: most features fire somewhere in 500 tokens
+    g = norm_gain(final_norm(gemma_offline), gemma_offline.d_model)
+    torch.testing.assert_close(g, 1.0 + gemma_offline.hf.model.norm.weight.float())
