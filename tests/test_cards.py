@@ -21,16 +21,21 @@ from featcircuits.tracing import SplicedModel
 SETTINGS = StoreSettings(tokens=1200, top_k=5, samples=6, before=3, after=2, batch=3, checkpoint_every=1)
 
 
+def tiny_spliced(tmp, width: int, n_docs: int):
+    """A tiny random Gemma 3 with random sae-lens dictionaries and a random-word .txt corpus."""
+    model = tiny_model("gemma3")
+    random_saelens_set(model, tmp / "set", width=width)
+    sm = SplicedModel(model, load_dictionary_set(str(tmp / "set"), model.adapter))
+    rng = random.Random(0)
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choice(task_vocabulary()) for _ in range(50)) for _ in range(n_docs)))
+    return sm, corpus
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cards")
-    model = tiny_model("gemma3")
-    random_saelens_set(model, tmp / "set", width=24)
-    sm = SplicedModel(model, load_dictionary_set(str(tmp / "set"), model.adapter))
-    rng = random.Random(0)
-    words = task_vocabulary()
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(50)) for _ in range(40)))
+    sm, corpus = tiny_spliced(tmp, 24, 40)
     store = feature_store(sm, str(corpus), SETTINGS, cache=tmp / "cache", progress=False)
     return sm, corpus, store, tmp
 

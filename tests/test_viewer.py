@@ -9,22 +9,19 @@ put into a label, a card's context tokens, a promoted token and the prompt token
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 
 from featcircuits.cards import StoreSettings, circuit_features, feature_store
-from featcircuits.dictionaries import load_dictionary_set
 from featcircuits.discover import discover_circuit
 from featcircuits.export import to_node_link
 from featcircuits.graph import Thresholds
 from featcircuits.labels import label_nodes
-from featcircuits.tasks import make_pairs, task_vocabulary, tokenize_pairs
-from featcircuits.testing import random_saelens_set, tiny_model
-from featcircuits.tracing import SplicedModel
+from featcircuits.tasks import make_pairs, tokenize_pairs
 from featcircuits.viewer import embed_json, render_html, write_html
+from test_cards import tiny_spliced  # noqa: E402 (tests/ is on sys.path under pytest)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -35,16 +32,12 @@ XSS = ['<script>window.__pwned = 1</script>', '<img src=x onerror="window.__pwne
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("viewer")
-    model = tiny_model("gemma3")
-    random_saelens_set(model, tmp / "set", width=16)
-    sm = SplicedModel(model, load_dictionary_set(str(tmp / "set"), model.adapter))
+    sm, corpus = tiny_spliced(tmp, 16, 20)
+    model = sm.model
     batch, _ = tokenize_pairs(make_pairs("sva-simple", 8, seed=0), model.tokenizer)
     circuit = discover_circuit(sm, batch, "relp", thresholds=Thresholds(top_k=25), aggregation="none",
                                progress=False)
     data = to_node_link(circuit)
-    rng = random.Random(0)
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(task_vocabulary()) for _ in range(50)) for _ in range(20)))
     ids = [n["id"] for n in data["nodes"]]
     store = feature_store(sm, str(corpus), StoreSettings(tokens=800, top_k=6, batch=4),
                           features=circuit_features(ids), cache=tmp / "cache", progress=False)
