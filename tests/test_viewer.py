@@ -111,7 +111,7 @@ def test_clicking_a_node_pins_its_card_with_example_text(browser, page):
     card = browser.find_element(By.ID, "card").text
     assert page["labels"][nid] in card
     example = page["cards"][nid]["top"][0]
-    assert "".join(example["tokens"]).strip()[:20] in card.replace("\n", "")
+    assert "".join(example["tokens"]).replace("\n", "\u23ce").strip()[:20] in card.replace("\n", "")
     assert "Strongest incoming edges" in card
     assert browser.get_log("browser") == [] or all(e["level"] != "SEVERE" for e in browser.get_log("browser"))
 

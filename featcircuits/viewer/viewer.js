@@ -54,7 +54,7 @@ for (const n of nodes) {
   if (!cells.has(key)) cells.set(key, []);
   cells.get(key).push(n);
 }
-const colW = positional ? Math.max(60, ...[...cells.values()].map(c => 16 * c.length)) : 0;
+const colW = positional ? Math.max(60, 700 / Math.max(1, positions.length), ...[...cells.values()].map(c => 18 * c.length)) : 0;
 const perRow = Math.max(1, ...[...cells.values()].map(c => c.length));
 const W = M.l + M.r + (positional ? colW * Math.max(1, positions.length) : Math.max(600, 18 * perRow));
 const xy = new Map();
@@ -146,7 +146,7 @@ function context(ex, maxAct) {
   const d = el("div", { class: "ctx" });
   ex.tokens.forEach((t, i) => {
     const a = ex.acts[i] || 0, s = Math.max(0, Math.min(1, a / (maxAct || 1)));
-    const sp = el("span", { title: "act " + fmt(a) }, t);
+    const sp = el("span", { title: "act " + fmt(a) }, String(t).replace(/\n/g, "\u23ce"));  // newlines shown as symbols
     sp.style.background = "rgba(255,140,0," + (0.85 * s).toFixed(3) + ")";
     if (i === ex.peak) sp.className = "peak";
     d.append(sp);
