@@ -38,6 +38,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .io import write_json, write_tensors
+from .text_corpus import corpus_windows
 from .tracing import SplicedModel
 
 STORE_TENSORS = "store.safetensors"
@@ -63,48 +64,6 @@ class StoreSettings:
         d = asdict(self)
         d.pop("checkpoint_every")  # how often we save does not change the result
         return d
-
-
-# --------------------------------------------------------------------------- corpus
-
-def corpus_windows(spec: str, tokenizer: Any, tokens: int) -> tuple[torch.Tensor, dict]:
-    """Token windows [n, T] (BOS first) covering at least ``tokens`` tokens, and a descriptor.
-
-    ``spec``: ``offline`` (the docstring corpus of :mod:`featcircuits.training.corpus`, train
-    split, already shuffled with its seed), a ``.txt`` file (paragraphs split at blank lines)
-    or a ``.jsonl`` file (one string or ``{"text": ...}`` per line).
-    """
-    from .training.corpus import WINDOW, build_corpus, token_hash, windows_from_texts
-
-    if spec == "offline":
-        windows = build_corpus(tokenizer).train
-    else:
-        path = Path(spec)
-        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
-            raise UserError(f"--corpus must be 'offline', a .txt file or a .jsonl file; got {spec!r}")
-        raw = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix == ".txt":
-            docs = [p.strip() for p in raw.split("\n\n") if p.strip()]
-        else:
-            docs = [_jsonl_text(line, path, i) for i, line in enumerate(raw.splitlines(), 1) if line.strip()]
-        windows = windows_from_texts(docs, tokenizer, WINDOW)
-    n = max(1, math.ceil(tokens / windows.shape[1]))
-    if n > windows.shape[0]:
-        raise UserError(f"the corpus {spec!r} holds {windows.numel()} tokens, fewer than the {tokens} asked for")
-    windows = windows[:n]
-    return windows, {"source": spec if spec == "offline" else str(Path(spec).resolve()),
-                     "tokens": int(windows.numel()), "sha256": token_hash(windows)}
-
-
-def _jsonl_text(line: str, path: Path, i: int) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{i}: not JSON ({exc.msg})") from None
-    text = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
-    if not isinstance(text, str):
-        raise UserError(f"{path}:{i}: expected a string or an object with a 'text' string")
-    return text
 
 
 # --------------------------------------------------------------------------- the pass
@@ -272,6 +231,23 @@ def store_key(sm: SplicedModel, corpus: dict, s: StoreSettings, features: dict |
     return hashlib.sha256(blob.encode()).hexdigest()[:16], prov
 
 
+def _locate(sm: SplicedModel, corpus: str, s: StoreSettings, features: dict | None, cache: Path | None) -> tuple:
+    from .models import cache_dir
+
+    windows, desc = corpus_windows(corpus, sm.model.tokenizer, s.tokens)
+    feats = None if features is None else {k: torch.as_tensor(sorted(set(int(i) for i in v)), dtype=torch.long)
+                                           for k, v in features.items() if len(list(v))}
+    key, prov = store_key(sm, desc, s, feats)
+    return (cache or cache_dir() / "features") / key, windows, feats, key, prov
+
+
+def cached_store(sm: SplicedModel, corpus: str = "offline", settings: StoreSettings | None = None,
+                 features: dict[str, Iterable[int]] | None = None, cache: Path | None = None) -> "FeatureStore | None":
+    """The store :func:`feature_store` would return, if it is already cached; else None (builds nothing)."""
+    folder = _locate(sm, corpus, settings or StoreSettings(), features, cache)[0]
+    return FeatureStore.load(folder) if (folder / STORE_META).is_file() else None
+
+
 def feature_store(sm: SplicedModel, corpus: str = "offline", settings: StoreSettings | None = None,
                   features: dict[str, Iterable[int]] | None = None, cache: Path | None = None,
                   progress: bool = True) -> "FeatureStore":
@@ -280,14 +256,8 @@ def feature_store(sm: SplicedModel, corpus: str = "offline", settings: StoreSett
     ``features`` (site -> feature indices) builds cards for those features only (a
     circuit's), which is far cheaper than the whole set when the sites are few.
     """
-    from .models import cache_dir
-
     s = settings or StoreSettings()
-    windows, desc = corpus_windows(corpus, sm.model.tokenizer, s.tokens)
-    feats = None if features is None else {k: torch.as_tensor(sorted(set(int(i) for i in v)), dtype=torch.long)
-                                           for k, v in features.items() if len(list(v))}
-    key, prov = store_key(sm, desc, s, feats)
-    folder = (cache or cache_dir() / "features") / key
+    folder, windows, feats, key, prov = _locate(sm, corpus, s, features, cache)
     if (folder / STORE_META).is_file():
         return FeatureStore.load(folder)
     partial = folder.with_name(folder.name + ".partial")

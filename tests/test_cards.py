@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from featcircuits import cards
-from featcircuits.cards import StoreSettings, circuit_features, corpus_windows, feature_store, stream
+from featcircuits.cards import StoreSettings, circuit_features, feature_store, stream
+from featcircuits.text_corpus import corpus_windows
 from featcircuits.dictionaries import load_dictionary_set
 from featcircuits.direct_effect import decoder_directions, final_norm, norm_gain
 from featcircuits.errors import UserError
@@ -104,6 +105,8 @@ def test_store_is_cached_and_reused(setup, monkeypatch):
     assert again.folder == store.folder
     assert again.card("resid_0", 3) == store.card("resid_0", 3)
     other = StoreSettings(**{**SETTINGS.key_dict(), "seed": 1})
+    assert cards.cached_store(sm, str(corpus), SETTINGS, cache=tmp / "cache").folder == store.folder
+    assert cards.cached_store(sm, str(corpus), other, cache=tmp / "cache") is None
     with pytest.raises(RuntimeError, match="recomputed"):
         feature_store(sm, str(corpus), other, cache=tmp / "cache", progress=False)
 
