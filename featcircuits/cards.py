@@ -202,11 +202,11 @@ def finish(sm: SplicedModel, state: dict[str, torch.Tensor], windows: torch.Tens
     """Add each feature's direct effect on the output tokens and the token strings."""
     from tqdm import tqdm
 
-    from .direct_effect import direct_effects
+    from .direct_effect import CHUNK, direct_effects
 
     tensors = dict(state)
     sites = [k[:-len(".features")] for k in state if k.endswith(".features")]
-    chunks = sum(math.ceil(len(state[f"{x}.features"]) / 128) for x in sites)
+    chunks = sum(math.ceil(len(state[f"{x}.features"]) / CHUNK) for x in sites)
     bar = tqdm(total=chunks, desc="direct effects", unit="chunk", disable=not progress)
     used = [windows.flatten()]
     for site in sites:

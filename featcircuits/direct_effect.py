@@ -22,6 +22,8 @@ from .models import LoadedModel
 # Path of the final norm per adapter family. Kept here until the adapter carries a
 # ``final_norm`` field (see notes/FEAT_INTEGRATION.md); the unembedding comes from
 # ``get_output_embeddings()``, which every HF causal LM has.
+CHUNK = 128  # features projected at once: [CHUNK, vocab] logits (134 MB for Gemma's 262k vocabulary)
+
 FINAL_NORM = {
     "gpt_neox": "gpt_neox.final_layer_norm",
     "gpt2": "transformer.ln_f",
@@ -64,7 +66,7 @@ def decoder_directions(d: Dictionary, features: torch.Tensor) -> torch.Tensor:
 
 
 def direct_effects(model: LoadedModel, d: Dictionary, features: torch.Tensor | None = None,
-                   k: int = 10, chunk: int = 128, progress: Any = None) -> dict[str, torch.Tensor]:
+                   k: int = 10, chunk: int = CHUNK, progress: Any = None) -> dict[str, torch.Tensor]:
     """Top and bottom ``k`` output tokens of each feature's direct effect.
 
     Returns ``up_ids``/``up_val`` and ``down_ids``/``down_val`` [n, k] (ids int32, values
