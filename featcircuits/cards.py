@@ -191,6 +191,8 @@ def stream(sm: SplicedModel, windows: torch.Tensor, s: StoreSettings,
     if ck is not None:
         ck.clear()
     return state
+
+
 # --------------------------------------------------------------------------- the store
 
 def _token_strings(tokenizer: Any, ids: Iterable[int]) -> dict[str, str]:
