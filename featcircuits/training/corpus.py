@@ -274,16 +274,21 @@ def _holdout(doc: str, fraction: float) -> bool:
 def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
                  docs: dict[str, list[str]] | None = None, window: int = WINDOW,
                  cache: bool = True, log: Any = None,
-                 max_chars_per_source: int = MAX_CHARS_PER_SOURCE) -> Corpus:
+                 max_chars_per_source: int = MAX_CHARS_PER_SOURCE,
+                 samples: tuple[list[str], dict] | None = None) -> Corpus:
     """The shuffled, tokenized corpus. ``docs`` (source -> documents) overrides the
     docstring collection (tests pass a handful of strings); otherwise the collected texts
-    are used and the result is cached per tokenizer, recipe and seed."""
+    are used and the result is cached per tokenizer, recipe and seed. ``samples`` (documents
+    and recipe from ``samples.model_samples``) adds the model's own samples as the source
+    ``model_samples``; their sampling recipe goes into the corpus recipe."""
     from ..models import cache_dir
 
     collected = None
     if docs is None:
         collected = texts(log=log)
         docs = collected["sources"]
+    if samples is not None:
+        docs = {**docs, "model_samples": list(samples[0])}
     recipe = {
         "recipe_version": RECIPE_VERSION,
         "sources": {k: len(v) for k, v in sorted(docs.items())},
@@ -295,6 +300,8 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
         "vocab_size": len(tokenizer),
         "text_sha256": _sha(docs),
     }
+    if samples is not None:
+        recipe["model_samples"] = samples[1]
     key = _sha(recipe)[:16]
     path = cache_dir() / "corpus" / f"windows-{key}.pt"
     if cache and collected is not None and path.is_file():
