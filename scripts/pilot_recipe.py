@@ -46,6 +46,9 @@ RECIPES: dict[str, dict] = {
     "topk k64": {"k": 64},
     "batchtopk k64 + dim-clip 4 + resample": {"architecture": "batchtopk", "k": 64, "dim_clip": 4.0,
                                               "resample_until": 1.0, "resample_every": 5},
+    "dim-clip 2": {"dim_clip": 2.0},
+    "topk k64 + dim-clip 4 + resample": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5},
+    "dim-clip 2 + resample": {"dim_clip": 2.0, "resample_until": 1.0, "resample_every": 5},
 }
 
 
