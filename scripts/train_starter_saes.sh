@@ -11,7 +11,10 @@
 # continues it exactly (same flags, same corpus hash; the trainer refuses a mismatch).
 # It runs under `nice -n 15` so it does not starve other work on this shared machine.
 #
-# Recipe (chosen on scripts/pilot_recipe.py, results/pilot_recipe.md): see the flags below.
+# Recipe (chosen on scripts/pilot_recipe.py, results/pilot_recipe.md, by recovered share without
+# the error term): TopK k=64, massive dimensions shrunk to 4x the median std (folded back into
+# the saved weights), dead latents resampled every 5 forwards to the end. The env overrides
+# (ARCH, K, DIM_CLIP, ...) exist for experiments; a resume must use the flags it started with.
 # Corpus: docstrings of the installed packages plus SAMPLES of the model's own English
 # samples (generated once, cached under ~/.cache/featcircuits/corpus; ~57 tok/s on one core).
 #
@@ -30,9 +33,9 @@ if [ ! -f "$RUN/set.json" ]; then
   echo "train_starter_saes: $(date -u +%FT%TZ) (re)starting in $RUN" >> "$RUN/train.log"
   OMP_NUM_THREADS=$THREADS nice -n 15 "$PY" -m featcircuits.cli train-saes \
     --model gemma-3-270m-offline --sites all --width 1024 --attn-width 768 \
-    --architecture "${ARCH:-topk}" --k "${K:-32}" --dim-clip "${DIM_CLIP:-0}" \
-    --resample-until "${RESAMPLE_UNTIL:-0.8}" --resample-every "${RESAMPLE_EVERY:-0}" \
-    --tokens 1000000 --samples "${SAMPLES:-1024}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
+    --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
+    --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
+    --tokens 1000000 --samples "${SAMPLES:-768}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
     --checkpoint-every 10 --eval-tokens 16384 --threads "$THREADS" --no-progress \
     --out "$RUN" --resume "$@" >> "$RUN/train.log" 2>&1
   echo "train_starter_saes: $(date -u +%FT%TZ) training call ended after $(( $(date +%s) - start )) s" >> "$RUN/train.log"
