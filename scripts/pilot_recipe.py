@@ -144,10 +144,12 @@ def main() -> int:
             row["sites"][s.name] = r
             print(f"[{name}] {s.name}: {r}", flush=True)
         results[name] = row
-        _write(report_path, json.dumps({"tokens": n_fwd * per, "sites": [s.name for s in sites], "clean": clean,
+        n_eval = int(next(iter(blob["eval"].values())).shape[0])
+        _write(report_path, json.dumps({"tokens": n_fwd * per, "eval_tokens": n_eval,
+                                        "sites": [s.name for s in sites], "clean": clean,
                                         "corpus_sha256": corpus.recipe["train_sha256"], "recipes": results},
                                        indent=1))
-        _write(Path(args.out) / "pilot_recipe.md", render(n_fwd * per, [s.name for s in sites], clean, results))
+        _write(Path(args.out) / "pilot_recipe.md", render(n_fwd * per, [s.name for s in sites], clean, results, n_eval))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 
@@ -163,7 +165,7 @@ def _f(v, fmt="{:.2f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
-def render(tokens: int, sites: list[str], clean: dict, results: dict) -> str:
+def render(tokens: int, sites: list[str], clean: dict, results: dict, eval_tokens: int) -> str:
     lines = [
         "# Recipe pilot: which SAE recipe keeps the behaviour without the error term",
         "",
@@ -172,7 +174,8 @@ def render(tokens: int, sites: list[str], clean: dict, results: dict) -> str:
         "width 1024 (768 attn). *rec.* = share of the clean-vs-zero-ablation gap kept when that one site's "
         "SAE replaces the activation without its error term (as in `saes.md`; held-out task seed 1, "
         f"{', '.join(f'{t} clean {v:+.2f}' for t, v in clean.items())}); n/a where zero-ablation moves the "
-        "metric by < 1 logit. FVE, L0, dead on held-out docstring windows.",
+        f"metric by < 1 logit. FVE, L0 and dead (never fires) on {eval_tokens} held-out docstring tokens: "
+        "few, so dead shares are upper bounds, comparable between rows only.",
         "",
         "| recipe | median sva rec. | median ioi rec. | mean FVE | max L0 | max dead % | train s |",
         "|---|---|---|---|---|---|---|",
