@@ -175,7 +175,8 @@ def render(tokens: int, sites: list[str], clean: dict, results: dict, eval_token
         "SAE replaces the activation without its error term (as in `saes.md`; held-out task seed 1, "
         f"{', '.join(f'{t} clean {v:+.2f}' for t, v in clean.items())}); n/a where zero-ablation moves the "
         f"metric by < 1 logit. FVE, L0 and dead (never fires) on {eval_tokens} held-out docstring tokens: "
-        "few, so dead shares are upper bounds, comparable between rows only.",
+        "few, so dead shares are upper bounds, comparable between rows only. *train s*: wall time on the "
+        "shared, loaded 2-core machine (not a speed comparison).",
         "",
         "| recipe | median sva rec. | median ioi rec. | mean FVE | max L0 | max dead % | train s |",
         "|---|---|---|---|---|---|---|",
