@@ -242,3 +242,12 @@ def test_resolve_sites_keeps_forward_order(model):
     got = [s.name for s in T.resolve_sites(model.adapter, "resid_1,embed,attn_0")]
     assert got == ["embed", "attn_0", "resid_1"]
     assert Path(T.__file__).name == "trainer.py"
+
+
+def test_task_prompts_are_dropped_from_the_training_text():
+    from featcircuits.tasks import make_pairs
+
+    prompt = make_pairs("ioi", 1, 0)[0].clean_prefix
+    docs = ["An ordinary paragraph about rivers and boats.", f"Before. {prompt} after.", "The author wrote."]
+    checked, kept, dropped = C.drop_task_prompts(docs)
+    assert checked > 100 and dropped == 1 and kept == [docs[0], docs[2]]

@@ -265,6 +265,23 @@ def windows_from_texts(docs: Iterable[str], tokenizer: Any, window: int = WINDOW
     return torch.cat([torch.full((n, 1), bos, dtype=torch.int64), t], dim=1)
 
 
+def drop_task_prompts(docs: list[str], n: int = 200, min_words: int = 4) -> tuple[int, list[str], int]:
+    """Drop documents holding a prompt of a built-in task (circuits are judged on tasks the
+    dictionaries never saw). Prompts of fewer than ``min_words`` words ("The author") are
+    ordinary English, not a template, and are not looked for. Returns (prompts checked,
+    kept documents, documents dropped)."""
+    from ..tasks import BUILTIN_TASKS, make_pairs
+
+    prompts = sorted({p.clean_prefix.strip() for t in BUILTIN_TASKS for p in make_pairs(t, n, 0)
+                      if len(p.clean_prefix.split()) >= min_words})
+    big = "\n".join(docs)  # one search per prompt over the joined text; per document only on a hit
+    hits = [p for p in prompts if p in big]
+    if not hits:
+        return len(prompts), docs, 0
+    kept = [d for d in docs if not any(p in d for p in hits)]
+    return len(prompts), kept, len(docs) - len(kept)
+
+
 def _holdout(doc: str, fraction: float) -> bool:
     # By document content, not position: adding a source never moves a document across the split.
     h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big")
@@ -322,6 +339,9 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
             chosen = kept
         for d in chosen:
             (eval_docs if _holdout(d, eval_fraction) else train_docs).append(d)
+    if collected is not None:  # the built-in corpus: no built-in task prompt in the training text
+        checked, train_docs, dropped = drop_task_prompts(train_docs)
+        recipe.update(task_prompts_checked=checked, docs_dropped_for_task_prompts=dropped)
     rng.shuffle(train_docs)
     rng.shuffle(eval_docs)
     train = windows_from_texts(train_docs, tokenizer, window)

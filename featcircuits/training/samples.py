@@ -118,7 +118,8 @@ def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed
         bar = tqdm(total=len(todo) * batch * new_tokens, unit="tok", unit_scale=True, desc="model samples",
                    mininterval=5.0, dynamic_ncols=True)
     t0, generated = time.time(), 0
-    hf.eval()
+    if todo:
+        hf.eval()
     for i in todo:
         rows = [[bos, *opener_ids[(i * batch + j) % len(OPENERS)]] for j in range(batch)]
         width = max(map(len, rows))
