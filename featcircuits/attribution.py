@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import lrp
 from .adapters import Site
+from .devices import ACCUMULATE
 from .errors import UserError
 from .metric import metric
 from .tasks import Batch
@@ -88,6 +89,7 @@ def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
 
 
 def _add(acc: Acts, site: str, value: Act) -> None:
+    value = value.to(ACCUMULATE)  # sums in float32 whatever the model's dtype
     acc[site] = acc[site] + value if site in acc else value.clone()
 
 
@@ -152,6 +154,7 @@ def node_effects(
         if checkpoint is not None:
             checkpoint.save(i + 1, {"features": {s: v.f for s, v in acc.items()},
                                     "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch})
+    acc = {s: v.map(torch.Tensor.cpu) for s, v in acc.items()}  # small; selection and graphs run on the CPU
     for s, v in acc.items():
         _check_finite(s, v.f.unsqueeze(0), "feature effects")
         _check_finite(s, v.err.unsqueeze(0), "error effects")
@@ -217,7 +220,8 @@ def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], ch
     b = len(chunk)
     inputs = {k: v.repeat(steps, 1) for k, v in chunk.inputs("clean").items()}
     ca, pa = chunk.clean_answer.repeat(steps), chunk.patch_answer.repeat(steps)
-    alphas = torch.arange(steps, dtype=torch.float32).view(steps, 1, 1, 1) / steps
+    ref = next(iter(clean_vals.values())).f
+    alphas = (torch.arange(steps, dtype=torch.float32, device=ref.device).view(steps, 1, 1, 1) / steps).to(ref.dtype)
     out = {}
     for s in chosen:
         c, p = clean_vals[s.name], patch_vals[s.name]
@@ -237,7 +241,8 @@ def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], ch
 def _accumulate_effects(sg: SiteGradients, chosen: list[Site], acc: Acts) -> float:
     """Node effect = (a_p - a_c) * grad, summed over the chunk's examples."""
     for s in chosen:
-        _add(acc, s.name, (sg.patch[s.name] - sg.clean[s.name]).effect(sg.grads[s.name]).sum(0))
+        delta = sg.patch[s.name].to(ACCUMULATE) - sg.clean[s.name].to(ACCUMULATE)
+        _add(acc, s.name, delta.effect(sg.grads[s.name].to(ACCUMULATE)).sum(0))
     return float(sg.metric_clean.sum())
 
 
@@ -257,7 +262,7 @@ def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[st
             x_c = join(d, clean_vals[s.name])
             x_p = join(d, patch_vals[s.name])
             pos = torch.nonzero((x_p != x_c).any(-1).any(0)).flatten()  # positions that change
-            delta = torch.zeros(T, b)
+            delta = torch.zeros(T, b, device=m_c.device)
             if pos.numel():
                 P = pos.numel()
                 stacked = x_c.unsqueeze(0).repeat(P, 1, 1, 1)  # [P(which position), b, T, d]
@@ -267,7 +272,7 @@ def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[st
                 ca, pa = chunk.clean_answer.repeat(P), chunk.patch_answer.repeat(P)
                 logits = sm.run(inputs, lambda site, x, v=stacked: v.to(x.dtype), [s])
                 delta[pos] = (metric(logits, ca, pa) - m_c.repeat(P)).view(P, b)  # [position, example]
-            _add(acc, s.name, Act(torch.zeros(T, d.d_sae), delta.sum(1)))
+            _add(acc, s.name, Act(torch.zeros(T, d.d_sae, device=m_c.device), delta.sum(1)))
     return float(m_c.sum())
 
 
@@ -322,7 +327,7 @@ def exact_feature_effects(sm: SplicedModel, batch: Batch, nodes: list[FeatureNod
                     inputs = {key: v.repeat(k, 1) for key, v in chunk.inputs("clean").items()}
                     logits = sm.run(inputs, lambda s_, x, v=value: v.to(x.dtype), [site])
                     delta = metric(logits, chunk.clean_answer.repeat(k), chunk.patch_answer.repeat(k)) - m_c.repeat(k)
-                    out[group] += delta.view(k, b).sum(1)
+                    out[group] += delta.view(k, b).sum(1).cpu()
                     bar.update(1)
     bar.close()
     return out / len(batch)

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 
 from . import __version__, lrp
+from .devices import dtype_name
 from .attribution import GRADIENT_METHODS, check_method, node_effects
 from .edges import edge_effects
 from .graph import DEFAULT_TOP_K, Circuit, Thresholds, build_graph, count_nodes, select_nodes
@@ -97,6 +98,7 @@ def discover_circuit(
         "thresholds": {**thresholds.as_dict(), "edge_used": edge_threshold},
         "dictionaries": sm.dictionaries.name, "dictionaries_sha256": sm.dictionaries.digest(),
         "model_sha256": model_digest(sm.model.hf),
+        "device": str(sm.model.device), "dtype": dtype_name(sm.model.dtype),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
         "seconds": seconds, "passes": effects.passes, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
@@ -116,7 +118,8 @@ def model_digest(hf_model) -> str:
     h = hashlib.sha256()
     for name, t in hf_model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+        t = t.detach().cpu()
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
                  else t.numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -15,6 +15,17 @@ def add_model_args(p: argparse.ArgumentParser, saes: bool = True) -> None:
                        help="dictionary set: a registered name (e.g. 'starter'), a folder of per-site "
                             "dictionaries, or 'identity' (neurons). Default: 'starter' for the offline "
                             "model when present, else identity")
+    add_device_args(p)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` (every command that runs a model; resolved by ``featcircuits.devices``)."""
+    from ..devices import DEVICES, DTYPES
+
+    p.add_argument("--device", default="auto",
+                   help=f"where the model runs: {'|'.join(DEVICES)} (default auto: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="model and dictionary precision (default float32; effects and sums are always float32)")
 
 
 def add_rules_arg(p: argparse.ArgumentParser) -> None:

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                                          share=args.share)
     pairs = make_pairs(args.task, args.n, args.seed)
     t_load = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     saes = default_saes(args.model, args.saes)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     t_load = time.perf_counter() - t_load
