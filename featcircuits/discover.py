@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 
 from . import __version__, lrp
+from .batching import resolve_batch_size
 from .devices import dtype_name
 from .attribution import GRADIENT_METHODS, check_method, node_effects
 from .edges import edge_effects
@@ -42,7 +43,7 @@ def discover_circuit(
     aggregation: str = "sum",
     steps: int = 10,
     rules: Iterable[str] | str | None = None,
-    batch_size: int = 16,
+    batch_size: "int | str" = 16,
     edges: bool = True,
     batched_edges: bool = True,
     provenance: dict | None = None,
@@ -55,12 +56,14 @@ def discover_circuit(
     Nodes pass ``thresholds`` (absolute / top-k / share); edges are computed only into those
     nodes, from the nodes of their direct upstream sites, and kept above ``thresholds.edge``
     (default: 1 % of the largest |edge|). Nodes with no path to the metric are pruned.
+    ``batch_size``: examples per pass, or ``auto`` / ``auto:CAP`` (``featcircuits.batching``).
     With ``checkpoint_dir``, node and edge sums are checkpointed per chunk of examples and
     ``resume=True`` continues a killed run (the result equals an uninterrupted run).
     """
     check_method(method, GRADIENT_METHODS)
     thresholds = thresholds or Thresholds(top_k=DEFAULT_TOP_K)  # validated when made
     t0 = time.perf_counter()
+    batch_size, batching = resolve_batch_size(sm, batch, batch_size, method, steps=steps, rules=rules)
     ckpt_nodes = ckpt_edges = None
     if checkpoint_dir is not None:
         from .checkpoint import Checkpoint
@@ -100,7 +103,7 @@ def discover_circuit(
         "model_sha256": model_digest(sm.model.hf),
         "device": str(sm.model.device), "dtype": dtype_name(sm.model.dtype),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
-        "seconds": seconds, "passes": effects.passes, "versions": versions(),
+        "seconds": seconds, "passes": effects.passes, "batching": batching, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
         "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
         "prompt_tokens": _prompt_tokens(sm, batch),

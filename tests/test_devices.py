@@ -128,3 +128,37 @@ def test_cuda_cli_bf16(tiny_model_dir, tmp_path):
                  "--device", "cuda", "--dtype", "bfloat16", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["device"].startswith("cuda") and summary["dtype"] == "bfloat16" and summary["n_nodes"] > 0
+
+
+# ---------------------------------------------------------------- --batch-size auto
+
+
+def test_auto_batch_size_on_cpu_is_positive_and_respects_the_cap(sae_folder, monkeypatch):
+    from featcircuits import batching
+
+    sm = _spliced("gemma3", torch.float32, sae_folder)
+    batch, _ = fc.tokenize_pairs(fc.make_pairs("sva-nounpp", 32), sm.model.tokenizer)
+    size, why = batching.resolve_batch_size(sm, batch, "auto", "relp")
+    assert why["rule"] == "auto" and why["bytes_per_example"] > 0 and 1 <= size <= len(batch)
+    assert batching.resolve_batch_size(sm, batch, "auto:3", "relp")[0] == 3  # plenty free: the cap decides
+    # IG stacks steps rows per example: it costs more per example than RelP
+    assert batching.example_cost(sm, batch, "ig", steps=8) > batching.example_cost(sm, batch, "relp")
+    # the rule itself: fraction * free // per_example, at least 1
+    monkeypatch.setattr(batching, "example_cost", lambda *a, **k: 1000)
+    monkeypatch.setattr(batching, "free_memory", lambda device: 10_000)
+    assert batching.resolve_batch_size(sm, batch, "auto", "relp")[0] == 5
+    monkeypatch.setattr(batching, "free_memory", lambda device: 1)
+    assert batching.resolve_batch_size(sm, batch, "auto", "relp")[0] == 1
+    with pytest.raises(UserError, match="positive integer, 'auto'"):
+        batching.parse_batch_size("auto:0")
+
+
+def test_cli_batch_size_auto(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["discover", "--model", str(tiny_model_dir), "--saes", "identity", "--n", "6", "--top-k", "5",
+                 "--no-edges", "--batch-size", "auto:4", "--out", str(out)]) == 0
+    batching = json.loads((out / "summary.json").read_text())["batching"]
+    assert batching["rule"] == "auto" and batching["batch_size"] == 4
+    with pytest.raises(SystemExit) as exc:
+        main(["discover", "--batch-size", "lots", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2

@@ -38,13 +38,28 @@ def add_rules_arg(p: argparse.ArgumentParser) -> None:
                         f"{','.join(PAPER_RULES)}")
 
 
-def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:
+def add_task_args(p: argparse.ArgumentParser, n_default: int = 64, auto_batch: bool = False) -> None:
     p.add_argument("--task", default="sva-simple",
                    help="built-in task (sva-simple, sva-nounpp, sva-rc, sva-within-rc, ioi) or a "
                         "JSON-lines file in the Sparse Feature Circuits format")
     p.add_argument("--n", type=int, default=n_default, help="number of prompt pairs")
     p.add_argument("--seed", type=int, default=0, help="seed for task generation and sampling")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    if auto_batch:
+        p.add_argument("--batch-size", type=_batch_size, default=16,
+                       help="examples per forward pass, or 'auto' / 'auto:CAP': the largest that fits in "
+                            "free memory (measured per example; featcircuits.batching), at most CAP")
+    else:
+        p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+
+
+def _batch_size(text: str) -> "int | str":
+    from ..batching import parse_batch_size
+    from ..errors import UserError
+
+    try:
+        return parse_batch_size(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_saes(model_spec: str, saes: str | None) -> str:
