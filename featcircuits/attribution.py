@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import lrp
+from . import distributed, lrp
 from .adapters import Site
 from .devices import ACCUMULATE
 from .errors import UserError
@@ -128,16 +128,17 @@ def node_effects(
     chunks = batch.chunks(batch_size)
     if gradients is not None:
         gradients[:] = [None] * len(chunks)
+    mine = distributed.shard(chunks)  # all chunks in one process; a contiguous block per rank under torchrun
     done = 0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         done, state = saved
         acc = pack(state["features"], state["errors"])
         m_clean, m_patch = state["m_clean"], state["m_patch"]
-    bar = tqdm(chunks[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
-               initial=done, total=len(chunks))
+    bar = tqdm(mine[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
+               initial=done, total=len(mine))
     two_point = lrp.needs_reference(rule_set)
-    for i, chunk in enumerate(bar, start=done):
+    for k, (i, chunk) in enumerate(bar, start=done):
         tape = lrp.ReferenceTape() if two_point else None
         with torch.no_grad(), lrp.recording(tape):
             logits_p, patch_vals = sm.cache(chunk.inputs("patch"))
@@ -152,8 +153,11 @@ def node_effects(
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, acc)
         m_clean += mc
         if checkpoint is not None:
-            checkpoint.save(i + 1, {"features": {s: v.f for s, v in acc.items()},
+            checkpoint.save(k + 1, {"features": {s: v.f for s, v in acc.items()},
                                     "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch})
+    if distributed.world()[1] > 1:
+        distributed.all_reduce_sum([t for v in acc.values() for t in v])
+        m_clean, m_patch = distributed.all_reduce_floats(m_clean, m_patch, device=next(iter(acc.values())).f.device)
     acc = {s: v.map(torch.Tensor.cpu) for s, v in acc.items()}  # small; selection and graphs run on the CPU
     for s, v in acc.items():
         _check_finite(s, v.f.unsqueeze(0), "feature effects")

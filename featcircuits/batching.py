@@ -88,5 +88,8 @@ def resolve_batch_size(sm: SplicedModel, batch: Batch, batch_size: "int | str", 
     free = free_memory(device)
     per_example = example_cost(sm, batch, method, steps=steps, rules=rules)
     size = max(1, min(cap, int(fraction * free // per_example)))
+    from .distributed import agree_min
+
+    size = agree_min(size, device)  # under torchrun every rank must cut the same chunks
     return size, {"batch_size": size, "rule": "auto", "cap": cap, "free_bytes": free,
                   "bytes_per_example": per_example, "fraction": fraction, "device": str(device)}

@@ -23,6 +23,10 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> torch.device:
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = (spec or "auto").strip().lower()
+    if spec in ("auto", "cuda"):
+        from .distributed import local_device
+
+        spec = local_device() or spec  # under torchrun each rank takes its own GPU
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())

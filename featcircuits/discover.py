@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from . import __version__, lrp
+from . import __version__, distributed, lrp
 from .batching import resolve_batch_size
 from .devices import dtype_name
 from .attribution import GRADIENT_METHODS, check_method, node_effects
@@ -63,6 +63,9 @@ def discover_circuit(
     check_method(method, GRADIENT_METHODS)
     thresholds = thresholds or Thresholds(top_k=DEFAULT_TOP_K)  # validated when made
     t0 = time.perf_counter()
+    distributed.setup(sm.model.device)
+    rank, world_size = distributed.world()
+    progress = progress and rank == 0  # one set of bars
     batch_size, batching = resolve_batch_size(sm, batch, batch_size, method, steps=steps, rules=rules)
     ckpt_nodes = ckpt_edges = None
     if checkpoint_dir is not None:
@@ -71,8 +74,10 @@ def discover_circuit(
         config = {"method": method, "steps": steps, "rules": lrp.rules_key(rules), "batch_size": batch_size,
                   "aggregation": aggregation, "dictionaries": sm.dictionaries.digest(), "n": len(batch),
                   "inputs": _batch_digest(batch), "thresholds": thresholds.as_dict()}
-        ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}", config, resume)
-        ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}", config, resume)
+        config["world"] = [rank, world_size]
+        suffix = distributed.checkpoint_suffix()  # one checkpoint file per rank
+        ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}{suffix}", config, resume)
+        ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}{suffix}", config, resume)
     gradients: list | None = [] if edges else None  # handed to the edge stage, freed with this call
     effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
                            checkpoint=ckpt_nodes, gradients=gradients)
@@ -103,7 +108,7 @@ def discover_circuit(
         "model_sha256": model_digest(sm.model.hf),
         "device": str(sm.model.device), "dtype": dtype_name(sm.model.dtype),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
-        "seconds": seconds, "passes": effects.passes, "batching": batching, "versions": versions(),
+        "seconds": seconds, "passes": effects.passes, "batching": batching, "processes": world_size, "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
         "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
         "prompt_tokens": _prompt_tokens(sm, batch),

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import lrp
+from . import distributed, lrp
 from .adapters import Site
 from .attribution import GRADIENT_METHODS, check_aggregation, check_method, site_gradients
 from .devices import ACCUMULATE
@@ -137,17 +137,18 @@ def edge_effects(
     f0, b0 = sm.n_forward, sm.n_backward
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
-    total = len(chunks) * sum((len(v) + chunk_nodes - 1) // chunk_nodes if batched else len(v)
+    mine = distributed.shard(chunks)  # this rank's block (all chunks in one process)
+    total = len(mine) * sum((len(v) + chunk_nodes - 1) // chunk_nodes if batched else len(v)
                               for v in downstream.values())
     done = 0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         done, state = saved
         weights = {tuple(k.split("|")): Act(v["f"], v["e"]) for k, v in state.items()}
-    per_chunk = total // max(len(chunks), 1)
+    per_chunk = total // max(len(mine), 1)
     bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
                disable=not progress, leave=False, initial=done * per_chunk)
-    for ci, chunk in enumerate(chunks[done:], start=done):
+    for k, (ci, chunk) in enumerate(mine[done:], start=done):
         sg = gradients[ci] if gradients is not None and ci < len(gradients) else None
         if sg is None:
             sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
@@ -174,9 +175,10 @@ def edge_effects(
                         weights[key].err[start:start + len(part)] += w.err.detach()
                     bar.update(1 if batched else len(part))
         if checkpoint is not None:
-            checkpoint.save(ci + 1, {f"{u}|{d}": {"f": w.f, "e": w.err} for (u, d), w in weights.items()})
+            checkpoint.save(k + 1, {f"{u}|{d}": {"f": w.f, "e": w.err} for (u, d), w in weights.items()})
     bar.close()
     n = len(batch)
+    distributed.all_reduce_sum([t for w in weights.values() for t in w])  # same keys, same order on every rank
     weights = {k: (w / n).map(torch.Tensor.cpu) for k, w in weights.items()}
     return EdgeEffects(downstream, weights, aggregation, n, time.perf_counter() - t0,
                        {"forward": sm.n_forward - f0, "backward": sm.n_backward - b0})

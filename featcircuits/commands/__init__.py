@@ -42,7 +42,9 @@ def add_task_args(p: argparse.ArgumentParser, n_default: int = 64, auto_batch: b
     p.add_argument("--task", default="sva-simple",
                    help="built-in task (sva-simple, sva-nounpp, sva-rc, sva-within-rc, ioi) or a "
                         "JSON-lines file in the Sparse Feature Circuits format")
-    p.add_argument("--n", type=int, default=n_default, help="number of prompt pairs")
+    # --pairs: under torchrun, whose parser reads "--n" as an ambiguous abbreviation of its own flags
+    p.add_argument("--n", "--pairs", dest="n", type=int, default=n_default,
+                   help="number of prompt pairs (--pairs: the same, for use after torchrun)")
     p.add_argument("--seed", type=int, default=0, help="seed for task generation and sampling")
     if auto_batch:
         p.add_argument("--batch-size", type=_batch_size, default=16,
