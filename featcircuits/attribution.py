@@ -105,6 +105,7 @@ def node_effects(
     progress: bool = True,
     checkpoint: "Checkpoint | None" = None,
     gradients: list | None = None,
+    keep_bytes: int | None = None,
 ) -> NodeEffects:
     """Node effects of every feature and error node at every site (or ``sites``), by ``method``.
 
@@ -114,7 +115,8 @@ def node_effects(
     running sums are saved after every chunk and a resumed run skips the chunks done.
     ``gradients``: a list this call fills with each chunk's ``SiteGradients`` (None for
     chunks restored from a checkpoint), to hand to ``edge_effects`` so the metric's gradients
-    are not computed twice.
+    are not computed twice. ``keep_bytes`` caps what that list holds: chunks past the budget
+    get None (the edge stage recomputes them), so memory stays flat in the number of pairs.
     """
     check_method(method)
     if steps < 1:
@@ -138,6 +140,7 @@ def node_effects(
     bar = tqdm(mine[done:], desc=f"node effects ({method})", disable=not progress, leave=False,
                initial=done, total=len(mine))
     two_point = lrp.needs_reference(rule_set)
+    kept = 0  # bytes of gradients handed on to the edge stage
     for k, (i, chunk) in enumerate(bar, start=done):
         tape = lrp.ReferenceTape() if two_point else None
         with torch.no_grad(), lrp.recording(tape):
@@ -147,8 +150,9 @@ def node_effects(
             sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals,
                                 reference=tape)
             mc = _accumulate_effects(sg, chosen, acc)
-            if gradients is not None:
+            if gradients is not None and (keep_bytes is None or kept + sg.nbytes() <= keep_bytes):
                 gradients[i] = sg
+                kept += sg.nbytes()
         else:
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, acc)
         m_clean += mc
@@ -182,6 +186,13 @@ class SiteGradients:
     patch: dict[str, Act]
     metric_clean: torch.Tensor  # [b]
     reference: "lrp.ReferenceTape | None" = None  # the counterfactual values two-point rules read
+
+    def nbytes(self) -> int:
+        """Memory this chunk's gradients, values and tape hold (for the keep-or-recompute budget)."""
+        tensors = [t for part in (self.grads, self.clean, self.patch) for v in part.values() for t in v]
+        if self.reference is not None:
+            tensors += [t for _, values in self.reference.items for t in values]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Site], *, steps: int = 10,

@@ -50,6 +50,7 @@ def discover_circuit(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    keep_gradients_bytes: int | None = None,
 ) -> Circuit:
     """Discover the circuit of ``batch``'s behaviour with ``method`` (relp | ig | atp).
 
@@ -59,6 +60,10 @@ def discover_circuit(
     ``batch_size``: examples per pass, or ``auto`` / ``auto:CAP`` (``featcircuits.batching``).
     With ``checkpoint_dir``, node and edge sums are checkpointed per chunk of examples and
     ``resume=True`` continues a killed run (the result equals an uninterrupted run).
+    Pairs stream through in chunks of ``batch_size``: node and edge sums are accumulated, and
+    the node stage's gradients are handed to the edge stage only up to
+    ``keep_gradients_bytes`` (default ``keep_budget()``); later chunks are recomputed there,
+    so memory stays flat however many pairs there are.
     """
     check_method(method, GRADIENT_METHODS)
     thresholds = thresholds or Thresholds(top_k=DEFAULT_TOP_K)  # validated when made
@@ -66,7 +71,8 @@ def discover_circuit(
     distributed.setup(sm.model.device)
     rank, world_size = distributed.world()
     progress = progress and rank == 0  # one set of bars
-    batch_size, batching = resolve_batch_size(sm, batch, batch_size, method, steps=steps, rules=rules)
+    batch_size, batching = resolve_batch_size(sm, batch, batch_size, method, steps=steps, rules=rules,
+                                              edges=edges)
     ckpt_nodes = ckpt_edges = None
     if checkpoint_dir is not None:
         from .checkpoint import Checkpoint
@@ -79,8 +85,9 @@ def discover_circuit(
         ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}{suffix}", config, resume)
         ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}{suffix}", config, resume)
     gradients: list | None = [] if edges else None  # handed to the edge stage, freed with this call
+    keep = keep_budget(sm) if keep_gradients_bytes is None else keep_gradients_bytes
     effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
-                           checkpoint=ckpt_nodes, gradients=gradients)
+                           checkpoint=ckpt_nodes, gradients=gradients, keep_bytes=keep)
     mean = effects.mean(aggregation)
     masks = select_nodes(mean, thresholds)
     t_nodes = time.perf_counter() - t0
@@ -108,7 +115,9 @@ def discover_circuit(
         "model_sha256": model_digest(sm.model.hf),
         "device": str(sm.model.device), "dtype": dtype_name(sm.model.dtype),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
-        "seconds": seconds, "passes": effects.passes, "batching": batching, "processes": world_size, "versions": versions(),
+        "seconds": seconds, "passes": effects.passes, "batching": batching, "processes": world_size,
+        "gradients_kept_chunks": None if gradients is None else sum(g is not None for g in gradients),
+        "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
         "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
         "prompt_tokens": _prompt_tokens(sm, batch),
@@ -117,6 +126,17 @@ def discover_circuit(
         if ck is not None:
             ck.clear()
     return Circuit(graph, mean, prov)
+
+
+KEEP_MAX = 2 * 2**30  # bytes of node-stage gradients kept for the edge stage, at most
+
+
+def keep_budget(sm: SplicedModel) -> int:
+    """Bytes of node-stage gradients the edge stage may reuse: a quarter of the free memory,
+    at most ``KEEP_MAX`` (a fixed ceiling, so peak memory does not grow with the pairs)."""
+    from .batching import free_memory
+
+    return int(min(KEEP_MAX, 0.25 * free_memory(sm.model.device)))
 
 
 def model_digest(hf_model) -> str:
