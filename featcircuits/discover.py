@@ -128,7 +128,7 @@ def discover_circuit(
     return Circuit(graph, mean, prov)
 
 
-KEEP_MAX = 2 * 2**30  # bytes of node-stage gradients kept for the edge stage, at most
+KEEP_MAX = 2**30  # bytes of node-stage gradients kept for the edge stage, at most (1 GiB)
 
 
 def keep_budget(sm: SplicedModel) -> int:

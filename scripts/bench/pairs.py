@@ -64,4 +64,6 @@ def pairs_section(m: dict) -> str:
         L += ["", f"Largest / smallest n: peak RSS {p['peak_rss_ratio']}x (target within {t['peak_rss_ratio']}x), "
                   f"time per pair {p['time_per_pair_ratio']}x (target within {t['time_per_pair_ratio']}x), "
                   f"over n = {ns[0]}..{ns[-1]} only."]
+    if p.get("note"):
+        L += ["", p["note"]]
     return "\n".join(L)
