@@ -84,6 +84,11 @@ class SaeLensDictionary(Dictionary):
         self.d_sae = int(sae.cfg.d_sae)
         self.source = source
 
+    def to(self, *args: Any, **kwargs: Any) -> "SaeLensDictionary":
+        # sae-lens keeps its own device/dtype (cfg.dtype, used to cast inputs): move through its ``to``
+        self.sae.to(*args, **kwargs)
+        return self
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x.to(self.sae.W_enc.dtype)).to(x.dtype)
 
@@ -209,13 +214,19 @@ class DictionarySet:
     def widths(self) -> dict[str, int]:
         return {s: d.d_sae for s, d in self.dictionaries.items()}
 
+    def to(self, device: "torch.device | str", dtype: torch.dtype) -> "DictionarySet":
+        """Move every dictionary to ``device`` and ``dtype`` in place (returns self)."""
+        for d in self.dictionaries.values():
+            d.to(device=device, dtype=dtype)
+        return self
+
     def digest(self) -> str:
         """A short hash of every dictionary's weights (for provenance in summary.json)."""
         h = hashlib.sha256()
         for site, d in self.dictionaries.items():
             h.update(site.encode())
             for t in d.state_dict().values():
-                h.update(t.detach().float().contiguous().numpy().tobytes())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
             h.update(str((d.d_in, d.d_sae, d.source)).encode())
         return h.hexdigest()[:16]
 

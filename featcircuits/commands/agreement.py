@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--granularity components patches whole site vectors and uses no dictionaries; "
                         "drop --saes or use --granularity features")
     pairs = make_pairs(args.task, args.n, args.seed)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.granularity == "components":
         dicts, saes = identity_set(model.adapter), "identity"
     else:

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     t0 = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     saes = default_saes(args.model, args.saes)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     load_seconds = time.perf_counter() - t0
