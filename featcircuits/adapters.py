@@ -37,6 +37,15 @@ def site_layer(name: str) -> int:
     return -1 if name == "embed" else int(name.split("_")[1])
 
 
+def transformer_lens_hooks(site: Site) -> set[str]:
+    """The TransformerLens hook names (what sae-lens records as a hub SAE's ``hook_name``)
+    that read the same activation as ``site``: a hub dictionary trained elsewhere fits here."""
+    if site.kind == "embed":
+        return {"blocks.0.hook_resid_pre", "hook_embed"}
+    return {{"attn": f"blocks.{site.layer}.hook_attn_out", "mlp": f"blocks.{site.layer}.hook_mlp_out",
+             "resid": f"blocks.{site.layer}.hook_resid_post"}[site.kind]}
+
+
 def site_name(kind: str, layer: int) -> str:
     """The name of a site: ``site_name("resid", 5)`` -> ``"resid_5"``; layer -1 of resid is embed."""
     return "embed" if kind == "embed" or (kind == "resid" and layer < 0) else f"{kind}_{layer}"

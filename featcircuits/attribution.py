@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import lrp
+from . import distributed, lrp
 from .checkpoint import PassCounter
 from .adapters import Site
+from .devices import ACCUMULATE
 from .errors import UserError
 from .metric import metric
 from .tasks import Batch
@@ -89,6 +90,7 @@ def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
 
 
 def _add(acc: Acts, site: str, value: Act) -> None:
+    value = value.to(ACCUMULATE)  # sums in float32 whatever the model's dtype
     acc[site] = acc[site] + value if site in acc else value.clone()
 
 
@@ -104,6 +106,7 @@ def node_effects(
     progress: bool = True,
     checkpoint: "Checkpoint | None" = None,
     gradients: list | None = None,
+    keep_bytes: int | None = None,
 ) -> NodeEffects:
     """Node effects of every feature and error node at every site (or ``sites``), by ``method``.
 
@@ -113,7 +116,8 @@ def node_effects(
     running sums are saved after every chunk and a resumed run skips the chunks done.
     ``gradients``: a list this call fills with each chunk's ``SiteGradients`` (None for
     chunks restored from a checkpoint), to hand to ``edge_effects`` so the metric's gradients
-    are not computed twice.
+    are not computed twice. ``keep_bytes`` caps what that list holds: chunks past the budget
+    get None (the edge stage recomputes them), so memory stays flat in the number of pairs.
     """
     check_method(method)
     if steps < 1:
@@ -126,6 +130,7 @@ def node_effects(
     chunks = batch.chunks(batch_size)
     if gradients is not None:
         gradients[:] = [None] * len(chunks)
+    mine = distributed.shard(chunks)  # all chunks in one process; a contiguous block per rank under torchrun
     done = 0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
@@ -136,9 +141,10 @@ def node_effects(
     # IG runs one forward and backward per site and chunk: its bar counts sites, the others chunks
     per_chunk = len(chosen) if method == "ig" else 1
     bar = tqdm(desc=f"node effects ({method})", disable=not progress, leave=False,
-               initial=done * per_chunk, total=len(chunks) * per_chunk)
+               initial=done * per_chunk, total=len(mine) * per_chunk)
     two_point = lrp.needs_reference(rule_set)
-    for i, chunk in enumerate(chunks[done:], start=done):
+    kept = 0  # bytes of gradients handed on to the edge stage
+    for k, (i, chunk) in enumerate(mine[done:], start=done):
         tape = lrp.ReferenceTape() if two_point else None
         with torch.no_grad(), lrp.recording(tape):
             logits_p, patch_vals = sm.cache(chunk.inputs("patch"))
@@ -147,18 +153,23 @@ def node_effects(
             sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals,
                                 reference=tape, on_site=lambda: bar.update(1) if method == "ig" else None)
             mc = _accumulate_effects(sg, chosen, acc)
-            if gradients is not None:
+            if gradients is not None and (keep_bytes is None or kept + sg.nbytes() <= keep_bytes):
                 gradients[i] = sg
+                kept += sg.nbytes()
         else:
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, acc)
         m_clean += mc
         if method != "ig":
             bar.update(1)
         if checkpoint is not None:
-            checkpoint.save(i + 1, {"features": {s: v.f for s, v in acc.items()},
+            checkpoint.save(k + 1, {"features": {s: v.f for s, v in acc.items()},
                                     "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch,
                                     "passes": passes.counts()})
     bar.close()
+    if distributed.world()[1] > 1:
+        distributed.all_reduce_sum([t for v in acc.values() for t in v])
+        m_clean, m_patch = distributed.all_reduce_floats(m_clean, m_patch, device=next(iter(acc.values())).f.device)
+    acc = {s: v.map(torch.Tensor.cpu) for s, v in acc.items()}  # small; selection and graphs run on the CPU
     for s, v in acc.items():
         _check_finite(s, v.f.unsqueeze(0), "feature effects")
         _check_finite(s, v.err.unsqueeze(0), "error effects")
@@ -182,6 +193,13 @@ class SiteGradients:
     patch: dict[str, Act]
     metric_clean: torch.Tensor  # [b]
     reference: "lrp.ReferenceTape | None" = None  # the counterfactual values two-point rules read
+
+    def nbytes(self) -> int:
+        """Memory this chunk's gradients, values and tape hold (for the keep-or-recompute budget)."""
+        tensors = [t for part in (self.grads, self.clean, self.patch) for v in part.values() for t in v]
+        if self.reference is not None:
+            tensors += [t for _, values in self.reference.items for t in values]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Site], *, steps: int = 10,
@@ -226,7 +244,8 @@ def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], ch
     b = len(chunk)
     inputs = {k: v.repeat(steps, 1) for k, v in chunk.inputs("clean").items()}
     ca, pa = chunk.clean_answer.repeat(steps), chunk.patch_answer.repeat(steps)
-    alphas = torch.arange(steps, dtype=torch.float32).view(steps, 1, 1, 1) / steps
+    ref = next(iter(clean_vals.values())).f
+    alphas = (torch.arange(steps, dtype=torch.float32, device=ref.device).view(steps, 1, 1, 1) / steps).to(ref.dtype)
     out = {}
     for s in chosen:
         c, p = clean_vals[s.name], patch_vals[s.name]
@@ -248,7 +267,8 @@ def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], ch
 def _accumulate_effects(sg: SiteGradients, chosen: list[Site], acc: Acts) -> float:
     """Node effect = (a_p - a_c) * grad, summed over the chunk's examples."""
     for s in chosen:
-        _add(acc, s.name, (sg.patch[s.name] - sg.clean[s.name]).effect(sg.grads[s.name]).sum(0))
+        delta = sg.patch[s.name].to(ACCUMULATE) - sg.clean[s.name].to(ACCUMULATE)
+        _add(acc, s.name, delta.effect(sg.grads[s.name].to(ACCUMULATE)).sum(0))
     return float(sg.metric_clean.sum())
 
 
@@ -268,7 +288,7 @@ def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[st
             x_c = join(d, clean_vals[s.name])
             x_p = join(d, patch_vals[s.name])
             pos = torch.nonzero((x_p != x_c).any(-1).any(0)).flatten()  # positions that change
-            delta = torch.zeros(T, b)
+            delta = torch.zeros(T, b, device=m_c.device)
             if pos.numel():
                 P = pos.numel()
                 stacked = x_c.unsqueeze(0).repeat(P, 1, 1, 1)  # [P(which position), b, T, d]
@@ -278,7 +298,7 @@ def _exact_component_effects(sm: SplicedModel, chunk: Batch, patch_vals: dict[st
                 ca, pa = chunk.clean_answer.repeat(P), chunk.patch_answer.repeat(P)
                 logits = sm.run(inputs, lambda site, x, v=stacked: v.to(x.dtype), [s])
                 delta[pos] = (metric(logits, ca, pa) - m_c.repeat(P)).view(P, b)  # [position, example]
-            _add(acc, s.name, Act(torch.zeros(T, d.d_sae), delta.sum(1)))
+            _add(acc, s.name, Act(torch.zeros(T, d.d_sae, device=m_c.device), delta.sum(1)))
     return float(m_c.sum())
 
 
@@ -333,7 +353,7 @@ def exact_feature_effects(sm: SplicedModel, batch: Batch, nodes: list[FeatureNod
                     inputs = {key: v.repeat(k, 1) for key, v in chunk.inputs("clean").items()}
                     logits = sm.run(inputs, lambda s_, x, v=value: v.to(x.dtype), [site])
                     delta = metric(logits, chunk.clean_answer.repeat(k), chunk.patch_answer.repeat(k)) - m_c.repeat(k)
-                    out[group] += delta.view(k, b).sum(1)
+                    out[group] += delta.view(k, b).sum(1).cpu()
                     bar.update(1)
     bar.close()
     return out / len(batch)

@@ -27,8 +27,8 @@ def fingerprint(config: dict[str, Any]) -> str:
 def fault_point(stage: str, done: int) -> None:
     """Fault injection for the reliability tests and script: with
     ``FEATCIRCUITS_FAULT_AFTER=<stage>:<done>`` the process dies (exit 137, like kill -9)
-    right after that checkpoint is on disk."""
-    if os.environ.get("FEATCIRCUITS_FAULT_AFTER") == f"{stage}:{done}":
+    right after that checkpoint is on disk (under torchrun: every rank, ``stage`` without its rank suffix)."""
+    if os.environ.get("FEATCIRCUITS_FAULT_AFTER") == f"{stage.split('.rank')[0]}:{done}":
         os._exit(137)
 
 

@@ -11,17 +11,19 @@ by the environment variable ``FEATCIRCUITS_SAES``, then in ``saes/`` of the sour
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from .adapters import Adapter, Site, transformer_lens_hooks
 from .errors import UserError
 
 REGISTRY = Path(__file__).resolve().parent / "data" / "registry.json"
@@ -82,6 +84,11 @@ class SaeLensDictionary(Dictionary):
         self.d_sae = int(sae.cfg.d_sae)
         self.source = source
 
+    def to(self, *args: Any, **kwargs: Any) -> "SaeLensDictionary":
+        # sae-lens keeps its own device/dtype (cfg.dtype, used to cast inputs): move through its ``to``
+        self.sae.to(*args, **kwargs)
+        return self
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x.to(self.sae.W_enc.dtype)).to(x.dtype)
 
@@ -116,6 +123,35 @@ class DictionaryLearningAE(Dictionary):
         return f @ self.W_dec.T + self.b_dec
 
 
+@contextlib.contextmanager
+def _shapes_from_the_local_cache() -> Iterator[None]:
+    """sae-lens 6.54 reads the tensor shapes of Gemma Scope 2 files with HTTP range requests
+    even when the file sits in the local Hugging Face cache, so an offline user with the files
+    cached cannot load them (tests/test_hub_offline.py). While loading, read the header from
+    the cached file when it is there, and fall back to sae-lens's own request otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors import safe_open
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    original = getattr(loaders, "get_safetensors_tensor_shapes", None)
+    if original is None:  # a sae-lens without the function: nothing to work around
+        yield
+        return
+
+    def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+        cached = try_to_load_from_cache(repo_id, filename)
+        if not isinstance(cached, str):
+            return original(repo_id, filename)
+        with safe_open(cached, framework="pt") as fh:
+            return {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+
+    loaders.get_safetensors_tensor_shapes = shapes
+    try:
+        yield
+    finally:
+        loaders.get_safetensors_tensor_shapes = original
+
+
 def load_dictionary(source: str | Path, d_model: int | None = None) -> Dictionary:
     """Load one dictionary.
 
@@ -132,7 +168,8 @@ def load_dictionary(source: str | Path, d_model: int | None = None) -> Dictionar
         from sae_lens import SAE
 
         try:
-            sae = SAE.from_pretrained(release, sae_id, device="cpu")
+            with _shapes_from_the_local_cache():
+                sae = SAE.from_pretrained(release, sae_id, device="cpu")
         except Exception as exc:  # network errors, unknown ids: say which dictionary failed
             raise UserError(f"could not load sae-lens release {release!r} id {sae_id!r}: {exc}") from exc
         return SaeLensDictionary(sae, source)
@@ -177,15 +214,35 @@ class DictionarySet:
     def widths(self) -> dict[str, int]:
         return {s: d.d_sae for s, d in self.dictionaries.items()}
 
+    def to(self, device: "torch.device | str", dtype: torch.dtype) -> "DictionarySet":
+        """Move every dictionary to ``device`` and ``dtype`` in place (returns self)."""
+        for d in self.dictionaries.values():
+            d.to(device=device, dtype=dtype)
+        return self
+
     def digest(self) -> str:
         """A short hash of every dictionary's weights (for provenance in summary.json)."""
         h = hashlib.sha256()
         for site, d in self.dictionaries.items():
             h.update(site.encode())
             for t in d.state_dict().values():
-                h.update(t.detach().float().contiguous().numpy().tobytes())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
             h.update(str((d.d_in, d.d_sae, d.source)).encode())
         return h.hexdigest()[:16]
+
+
+def check_hook(site: Site, dictionary: Dictionary) -> None:
+    """A hub SAE must read the activation of the site it is put at: its recorded hook (sae-lens
+    metadata: a TransformerLens ``hook_name``, and for some releases the HF module it read)
+    must name that site, else a registry entry would splice, say, a residual SAE into an MLP
+    output without a word. Dictionaries that record no hook are not checked."""
+    meta = getattr(getattr(getattr(dictionary, "sae", None), "cfg", None), "metadata", None)
+    hook, hf_hook = getattr(meta, "hook_name", None), getattr(meta, "hf_hook_name", None)
+    wrong = (hook is not None and hook not in transformer_lens_hooks(site)) or \
+        (hf_hook is not None and hf_hook != f"{site.path}.output")
+    if wrong:
+        raise UserError(f"{dictionary.source} reads {hf_hook or hook}, not the site {site.name} "
+                        f"({' or '.join(sorted(transformer_lens_hooks(site)))}); check the set's registry entry")
 
 
 def check_width(site: str, dictionary: Dictionary | int, d_model: int) -> None:
@@ -309,4 +366,5 @@ def _hub_set(name: str, entry: dict, adapter: Adapter) -> DictionarySet:
             continue
         sae_id = tpl["sae_id"].format(layer=site.layer)
         found[site.name] = load_dictionary(f"saelens:{tpl['release']}/{sae_id}")
+        check_hook(site, found[site.name])
     return _finish(name, found, adapter, {"kind": "saelens", "model": entry.get("model")})

@@ -13,7 +13,9 @@ from typing import Iterable
 
 import torch
 
-from . import __version__, lrp
+from . import __version__, distributed, lrp
+from .batching import resolve_batch_size
+from .devices import dtype_name
 from .attribution import GRADIENT_METHODS, check_method, node_effects
 from .edges import edge_effects
 from .graph import (DEFAULT_TOP_K, METRIC, Circuit, Thresholds, build_graph, count_nodes, select_nodes,
@@ -42,25 +44,36 @@ def discover_circuit(
     aggregation: str = "sum",
     steps: int = 10,
     rules: Iterable[str] | str | None = None,
-    batch_size: int = 16,
+    batch_size: "int | str" = 16,
     edges: bool = True,
     batched_edges: bool = True,
     provenance: dict | None = None,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    keep_gradients_bytes: int | None = None,
 ) -> Circuit:
     """Discover the circuit of ``batch``'s behaviour with ``method`` (relp | ig | atp).
 
     Nodes pass ``thresholds`` (absolute / top-k / share); edges are computed only into those
     nodes, from the nodes of their direct upstream sites, and kept above ``thresholds.edge``
     (default: 1 % of the largest |edge|). Nodes with no path to the metric are pruned.
+    ``batch_size``: examples per pass, or ``auto`` / ``auto:CAP`` (``featcircuits.batching``).
     With ``checkpoint_dir``, node and edge sums are checkpointed per chunk of examples and
     ``resume=True`` continues a killed run (the result equals an uninterrupted run).
+    Pairs stream through in chunks of ``batch_size``: node and edge sums are accumulated, and
+    the node stage's gradients are handed to the edge stage only up to
+    ``keep_gradients_bytes`` (default ``keep_budget()``); later chunks are recomputed there,
+    so memory stays flat however many pairs there are.
     """
     check_method(method, GRADIENT_METHODS)
     thresholds = thresholds or Thresholds(top_k=DEFAULT_TOP_K)  # validated when made
     t0 = time.perf_counter()
+    distributed.setup(sm.model.device)
+    rank, world_size = distributed.world()
+    progress = progress and rank == 0  # one set of bars
+    batch_size, batching = resolve_batch_size(sm, batch, batch_size, method, steps=steps, rules=rules,
+                                              edges=edges)
     ckpt_nodes = ckpt_edges = None
     if checkpoint_dir is not None:
         from .checkpoint import Checkpoint
@@ -68,11 +81,14 @@ def discover_circuit(
         config = {"method": method, "steps": steps, "rules": lrp.rules_key(rules), "batch_size": batch_size,
                   "aggregation": aggregation, "dictionaries": sm.dictionaries.digest(), "n": len(batch),
                   "inputs": _batch_digest(batch), "thresholds": thresholds.as_dict()}
-        ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}", config, resume)
-        ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}", config, resume)
+        config["world"] = [rank, world_size]
+        suffix = distributed.checkpoint_suffix()  # one checkpoint file per rank
+        ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}{suffix}", config, resume)
+        ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}{suffix}", config, resume)
     gradients: list | None = [] if edges else None  # handed to the edge stage, freed with this call
+    keep = keep_budget(sm) if keep_gradients_bytes is None else keep_gradients_bytes
     effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
-                           checkpoint=ckpt_nodes, gradients=gradients)
+                           checkpoint=ckpt_nodes, gradients=gradients, keep_bytes=keep)
     mean = effects.mean(aggregation)
     masks = select_nodes(mean, thresholds)
     t_nodes = time.perf_counter() - t0
@@ -100,9 +116,13 @@ def discover_circuit(
         "thresholds": {**thresholds.as_dict(), "edge_used": edge_threshold},
         "dictionaries": sm.dictionaries.name, "dictionaries_sha256": sm.dictionaries.digest(),
         "model_sha256": model_digest(sm.model.hf),
+        "device": str(sm.model.device), "dtype": dtype_name(sm.model.dtype),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
         "seconds": seconds, "passes": {k: effects.passes[k] + edge_passes[k] for k in ("forward", "backward")},
-        "passes_by_stage": {"nodes": effects.passes, "edges": edge_passes}, "versions": versions(),
+        "passes_by_stage": {"nodes": effects.passes, "edges": edge_passes},
+        "batching": batching, "processes": world_size,
+        "gradients_kept_chunks": None if gradients is None else sum(g is not None for g in gradients),
+        "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
         "circuit_size": size_report(thresholds.top_k, NodeSpace.of(mean).size, count_nodes(masks), sum(1 for n in graph if n != METRIC)),
         "metric_description": "logit[patch_answer] - logit[clean_answer] at the last token (clean run)",
@@ -114,6 +134,17 @@ def discover_circuit(
     return Circuit(graph, mean, prov)
 
 
+KEEP_MAX = 2**30  # bytes of node-stage gradients kept for the edge stage, at most (1 GiB)
+
+
+def keep_budget(sm: SplicedModel) -> int:
+    """Bytes of node-stage gradients the edge stage may reuse: a quarter of the free memory,
+    at most ``KEEP_MAX`` (a fixed ceiling, so peak memory does not grow with the pairs)."""
+    from .batching import free_memory
+
+    return int(min(KEEP_MAX, 0.25 * free_memory(sm.model.device)))
+
+
 def model_digest(hf_model) -> str:
     """A short sha256 of the model's weights (provenance: which model produced a circuit)."""
     import hashlib
@@ -121,7 +152,8 @@ def model_digest(hf_model) -> str:
     h = hashlib.sha256()
     for name, t in hf_model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+        t = t.detach().cpu()
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
                  else t.numpy().tobytes())
     return h.hexdigest()[:16]
 

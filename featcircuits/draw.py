@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from . import distributed
 from .adapters import site_row
 from .graph import Circuit
 from .plotting import METHOD_LABELS, save_figure
@@ -96,6 +97,8 @@ def draw_circuit(circuit: Circuit, path_stem: str | Path, max_nodes: int | None 
 
     ``max_nodes``: draw at most this many nodes (largest |effect|; the title says so);
     ``n_labels``: name the nodes of largest |effect| (their ``label`` or id)."""
+    if not distributed.is_writer():  # under torchrun rank 0 alone writes
+        return []
     from matplotlib.collections import LineCollection
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure

@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import lrp
+from . import distributed, lrp
 from .checkpoint import PassCounter
 from .adapters import Site
 from .attribution import GRADIENT_METHODS, check_aggregation, check_method, site_gradients
+from .devices import ACCUMULATE
 from .nodes import Act, Acts, node_id
 from .tasks import Batch
 from .tracing import SplicedModel, grad_leaves
@@ -88,20 +89,20 @@ def node_scalars(d, x: torch.Tensor, g: Act, nodes: list[tuple[int, int]]) -> to
     out = []
     feat_nodes = [(k, i, t) for k, (i, t) in enumerate(nodes) if i >= 0]
     err_nodes = [(k, t) for k, (i, t) in enumerate(nodes) if i < 0]
-    s = torch.zeros(len(nodes), dtype=x.dtype)
+    s = torch.zeros(len(nodes), dtype=x.dtype, device=x.device)
     if feat_nodes:
-        idx = torch.tensor([i for _, i, _ in feat_nodes])
+        idx = torch.tensor([i for _, i, _ in feat_nodes], device=x.device)
         prod = g.f[..., idx] * f[..., idx]  # [b, T, k]
-        pos = torch.tensor([t for _, _, t in feat_nodes])
+        pos = torch.tensor([t for _, _, t in feat_nodes], device=x.device)
         summed = prod.sum((0, 1))
-        at_pos = prod.sum(0)[pos.clamp(min=0), torch.arange(len(feat_nodes))]
+        at_pos = prod.sum(0)[pos.clamp(min=0), torch.arange(len(feat_nodes), device=x.device)]
         vals = torch.where(pos < 0, summed, at_pos)
-        s = s.index_put((torch.tensor([k for k, _, _ in feat_nodes]),), vals)
+        s = s.index_put((torch.tensor([k for k, _, _ in feat_nodes], device=x.device),), vals.to(s.dtype))
     if err_nodes:
         err = x - d.decode(f)
         per_pos = (g.err * err).sum(-1).sum(0)  # [T]
         vals = torch.stack([per_pos.sum() if t < 0 else per_pos[t] for _, t in err_nodes])
-        s = s.index_put((torch.tensor([k for k, _ in err_nodes]),), vals)
+        s = s.index_put((torch.tensor([k for k, _ in err_nodes], device=x.device),), vals.to(s.dtype))
     out.append(s)
     return out[0]
 
@@ -136,7 +137,8 @@ def edge_effects(
     weights: dict[tuple[str, str], Act] = {}
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
-    total = len(chunks) * sum((len(v) + chunk_nodes - 1) // chunk_nodes if batched else len(v)
+    mine = distributed.shard(chunks)  # this rank's block (all chunks in one process)
+    total = len(mine) * sum((len(v) + chunk_nodes - 1) // chunk_nodes if batched else len(v)
                               for v in downstream.values())
     done = 0
     saved = checkpoint.load() if checkpoint is not None else None
@@ -144,10 +146,10 @@ def edge_effects(
         done, state = saved
         weights = {tuple(k.split("|")): Act(v["f"], v["e"]) for k, v in state["weights"].items()}
     passes = PassCounter(sm, state.get("passes") if saved is not None else None)
-    per_chunk = total // max(len(chunks), 1)
+    per_chunk = total // max(len(mine), 1)
     bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
                disable=not progress, leave=False, initial=done * per_chunk)
-    for ci, chunk in enumerate(chunks[done:], start=done):
+    for k, (ci, chunk) in enumerate(mine[done:], start=done):
         sg = gradients[ci] if gradients is not None and ci < len(gradients) else None
         if sg is None:
             sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
@@ -156,28 +158,30 @@ def edge_effects(
             for d_site, nodes in downstream.items():
                 ups = adapter.upstream(d_site)
                 inputs = [t for u in ups for t in leaves[u]]
-                deltas = [(sg.patch[u] - sg.clean[u]).map(lambda t: t.unsqueeze(0)) for u in ups]
+                deltas = [(sg.patch[u].to(ACCUMULATE) - sg.clean[u].to(ACCUMULATE)).map(lambda t: t.unsqueeze(0))
+                          for u in ups]
                 for start in range(0, len(nodes), chunk_nodes):
                     part = nodes[start:start + chunk_nodes]
                     s = node_scalars(sm.dictionary(d_site), real[d_site], sg.grads[d_site], part)
                     grads = vjps(sm, s, inputs, batched)
                     for ui, u in enumerate(ups):
                         # [K, b, T, d_U], [K, b, T, d_model] -> edge weights [K, b, T, d_U], [K, b, T]
-                        w = Act(grads[2 * ui], grads[2 * ui + 1]).effect(deltas[ui])
+                        w = Act(grads[2 * ui], grads[2 * ui + 1]).to(ACCUMULATE).effect(deltas[ui])
                         w = w.sum((1, 2)) if aggregation == "sum" else w.sum(1)
                         key = (u, d_site)
                         if key not in weights:
-                            weights[key] = Act(torch.zeros(len(nodes), *w.f.shape[1:]),
-                                               torch.zeros(len(nodes), *w.err.shape[1:]))
+                            weights[key] = Act(torch.zeros(len(nodes), *w.f.shape[1:], device=w.f.device),
+                                               torch.zeros(len(nodes), *w.err.shape[1:], device=w.f.device))
                         weights[key].f[start:start + len(part)] += w.f.detach()
                         weights[key].err[start:start + len(part)] += w.err.detach()
                     bar.update(1 if batched else len(part))
         if checkpoint is not None:
-            checkpoint.save(ci + 1, {"weights": {f"{u}|{d}": {"f": w.f, "e": w.err} for (u, d), w in weights.items()},
+            checkpoint.save(k + 1, {"weights": {f"{u}|{d}": {"f": w.f, "e": w.err} for (u, d), w in weights.items()},
                                      "passes": passes.counts()})
     bar.close()
     n = len(batch)
-    weights = {k: w / n for k, w in weights.items()}
+    distributed.all_reduce_sum([t for w in weights.values() for t in w])  # same keys, same order on every rank
+    weights = {k: (w / n).map(torch.Tensor.cpu) for k, w in weights.items()}
     return EdgeEffects(downstream, weights, aggregation, n, time.perf_counter() - t0,
                        passes.counts())
 
@@ -187,9 +191,10 @@ def vjps(sm: SplicedModel, s: torch.Tensor, inputs: list[torch.Tensor], batched:
     batched backward (``batched``) or one backward per k (the reference)."""
     K = s.shape[0]
     if batched:
-        eye = torch.eye(K, dtype=s.dtype)
+        eye = torch.eye(K, dtype=s.dtype, device=s.device)
         grads = sm.grad(s, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True)
-        return [torch.zeros(K, *x.shape) if g is None else g for g, x in zip(grads, inputs)]
+        return [torch.zeros(K, *x.shape, dtype=x.dtype, device=x.device) if g is None else g
+                for g, x in zip(grads, inputs)]
     per_k = []
     for k in range(K):
         g = sm.grad(s[k], inputs, retain_graph=True, allow_unused=True)

@@ -208,14 +208,17 @@ def _if_active(rule: str, ref: tuple[torch.Tensor, ...] | None) -> tuple[torch.T
 def secant_rule(x: torch.Tensor, y: torch.Tensor, x_ref: torch.Tensor, y_ref: torch.Tensor, fn: Any) -> torch.Tensor:
     """``y = fn(x)`` whose backward multiplies by the secant slope between ``x_ref`` and ``x``.
 
-    Where the two points (nearly) coincide the slope is ``fn'`` at their mean."""
-    dx = x - x_ref
+    Where the two points (nearly) coincide the slope is ``fn'`` at their mean. The slope is
+    computed in float32 (in bfloat16 a difference quotient keeps ~2 significant digits) and
+    cast back, so the forward value and dtype stay ``y``'s."""
+    xf, rf, yf, yrf = x.float(), x_ref.float(), y.float(), y_ref.float()
+    dx = xf - rf
     far = dx.abs() > 1e-4
     with torch.enable_grad():
-        mid = (0.5 * (x + x_ref)).detach().requires_grad_(True)
+        mid = (0.5 * (xf + rf)).detach().requires_grad_(True)
         (slope_mid,) = torch.autograd.grad(fn(mid).sum(), mid)
-    slope = torch.where(far, (y - y_ref) / torch.where(far, dx, torch.ones_like(dx)), slope_mid)
-    return straight(y, x * slope.detach())
+    slope = torch.where(far, (yf - yrf) / torch.where(far, dx, torch.ones_like(dx)), slope_mid)
+    return straight(y, x * slope.detach().to(x.dtype))
 
 
 def mid_product(a: torch.Tensor, b: torch.Tensor, a_ref: torch.Tensor, b_ref: torch.Tensor,
@@ -228,20 +231,23 @@ def mid_product(a: torch.Tensor, b: torch.Tensor, a_ref: torch.Tensor, b_ref: to
 
 
 def straight(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
-    return value.detach() + (surrogate - surrogate.detach())
+    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass (in
+    ``value``'s dtype: a float32 surrogate must not promote a bfloat16 forward)."""
+    return value.detach() + (surrogate - surrogate.detach()).to(value.dtype)
 
 
 def identity_rule(x: torch.Tensor, y: torch.Tensor, fn: Any) -> torch.Tensor:
     """``y = fn(x)`` whose backward multiplies by ``y / x`` (the identity rule).
 
-    Near ``x = 0`` the ratio is replaced by its limit ``fn(eps) / eps``.
+    Near ``x = 0`` the ratio is replaced by its limit ``fn(eps) / eps``. The ratio is taken in
+    float32 and cast back to ``x``'s dtype (forward value and dtype unchanged).
     """
     eps = 1e-6
-    small = x.abs() < eps
-    limit = fn(torch.full((), eps, dtype=x.dtype)) / eps
-    ratio = torch.where(small, limit, y / torch.where(small, torch.ones_like(x), x))
-    return straight(y, x * ratio.detach())
+    xf = x.float()
+    small = xf.abs() < eps
+    limit = fn(torch.full((), eps, dtype=torch.float32, device=x.device)) / eps
+    ratio = torch.where(small, limit, y.float() / torch.where(small, torch.ones_like(xf), xf))
+    return straight(y, x * ratio.detach().to(x.dtype))
 
 
 def half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -467,7 +473,7 @@ def _softmax_at_mean(scores: torch.Tensor, scores_ref: torch.Tensor) -> torch.Te
     ``scores_ref`` to ``scores``, it reproduces the change of the pattern exactly. Masked
     (-inf / finfo.min) entries stay out."""
     finite = torch.isfinite(scores) & (scores > torch.finfo(scores.dtype).min / 2)
-    zero = torch.zeros((), dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=scores.device)
     mean = torch.where(finite, 0.5 * (scores + scores_ref), scores)
     p = torch.softmax(mean.float(), dim=-1).detach()
     z = torch.where(finite, scores, zero).float()

@@ -15,9 +15,13 @@ import torch
 
 
 def metric(logits: torch.Tensor, clean_answer: torch.Tensor, patch_answer: torch.Tensor) -> torch.Tensor:
-    """Discovery metric per example: logit[patch] - logit[clean]. ``logits`` is [b, vocab]."""
-    idx = torch.arange(logits.shape[0])
-    return logits[idx, patch_answer] - logits[idx, clean_answer]
+    """Discovery metric per example: logit[patch] - logit[clean]. ``logits`` is [b, vocab].
+
+    Computed in float32 whatever the model's dtype (``featcircuits.devices.ACCUMULATE``), on
+    the logits' device."""
+    idx = torch.arange(logits.shape[0], device=logits.device)
+    logits = logits.float()
+    return logits[idx, patch_answer.to(logits.device)] - logits[idx, clean_answer.to(logits.device)]
 
 
 def preference(logits: torch.Tensor, clean_answer: torch.Tensor, patch_answer: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,16 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
     @property
+    def device(self) -> torch.device:
+        """The device the model's weights are on."""
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights."""
+        return next(self.hf.parameters()).dtype
+
+    @property
     def n_layers(self) -> int:
         return self.adapter.n_layers
 
@@ -97,10 +107,16 @@ def _contiguous_unembedding(hf_model: Any) -> None:
     head._featcircuits_contiguous = True
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model by hub id, local HF folder, local ``.gguf`` file or ``gemma-3-270m-offline``."""
+def load_model(spec: str, device: "str | torch.device" = "cpu",
+               dtype: "str | torch.dtype" = torch.float32) -> LoadedModel:
+    """Load a model by hub id, local HF folder, local ``.gguf`` file or ``gemma-3-270m-offline``,
+    onto ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) in ``dtype`` (``float32``,
+    ``bfloat16``, ``float16``). An unavailable device is a ``UserError`` before anything loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .devices import resolve_device, resolve_dtype
+
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     t0 = time.time()
     if spec == OFFLINE_ALIAS:
         folder = offline_gemma_folder()
@@ -126,6 +142,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
                 f"could not load model {spec!r} ({str(exc).splitlines()[0]}); give a hub id that is "
                 f"reachable, a local HF folder, a .gguf file, or {OFFLINE_ALIAS!r}"
             ) from exc
+    hf = hf.to(device=device, dtype=dtype)  # a no-op on the CPU in float32
     return wrap(hf, tok, spec=spec, info={"load_seconds": round(time.time() - t0, 2)})
 
 

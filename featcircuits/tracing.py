@@ -74,6 +74,8 @@ class SplicedModel:
         self.model = model
         self.adapter = model.adapter
         self.dictionaries = dictionaries if dictionaries is not None else identity_set(model.adapter)
+        # dictionaries follow the model: same device, same dtype (the splice adds them to its values)
+        self.dictionaries.to(model.device, model.dtype)
         self.sites: list[Site] = self.adapter.sites()
         missing = [s.name for s in self.sites if s.name not in self.dictionaries]
         if missing:
@@ -110,6 +112,8 @@ class SplicedModel:
         """
         visit = list(self.sites if sites is None else sites)
         lm = self.model.lm
+        device = self.model.device
+        inputs = {k: v.to(device) for k, v in inputs.items()}  # batches are built on the CPU
         rows = int(next(iter(inputs.values())).shape[0])
         self.n_forward += 1
         self.rows_forward += rows

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-only", action="store_true",
                     help="re-measure only the peak RSS of the real `featcircuits discover` on Gemma (e.g. once "
                          "the starter set exists) and merge it into the existing benchmarks.json")
+    ap.add_argument("--pairs-scaling", default=None, metavar="N,N,...",
+                    help="run only the pairs-scaling row on Gemma (the real CLI per n; full row "
+                         "64,128,256,512,1024,2048) and merge it into benchmarks.json")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite README and plots from the existing benchmarks.json, measure nothing")
     args = ap.parse_args(argv)
@@ -118,7 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         gemma["cli_discover"]["command_of_this_measurement"] = command
         log(f"    -> {gemma['cli_discover']}")
         write_json(path, data)
-    keys = [] if args.report_only or args.cli_only else [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.pairs_scaling:
+        from bench.pairs import run_pairs_scaling
+
+        ns = [int(x) for x in args.pairs_scaling.split(",") if x.strip()]
+        saes = gemma_config(args)["saes"]
+        log(f"[gemma] pairs scaling n={ns}, dictionaries {saes}")
+        gemma = data["models"].setdefault("gemma", {})
+        gemma["pairs_scaling"] = run_pairs_scaling(ns, saes, log)
+        gemma["pairs_scaling"]["command_of_this_measurement"] = command
+        write_json(path, data)
+    keys = [] if args.report_only or args.cli_only or args.pairs_scaling else [m.strip() for m in args.models.split(",") if m.strip()]
     for key in keys:
         if key == "tiny":
             cfg = tiny_config(args)

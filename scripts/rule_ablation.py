@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Which LRP rules make RelP agree with exact patching? (issue 3: the IOI residual gap)
 
+(Over 400 lines because it is one study end to end: runs, four tables, two plots and the
+README section read one result dict; split, each part would import the others' layout.)
+
 For each task, on the same ``n`` pairs of the offline Gemma 3 270M at components
 granularity: exact activation patching once, AtP, and RelP under each rule set below.
 Pearson r against exact over the prompt-averaged layer x position grid, per site kind, as

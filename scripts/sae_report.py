@@ -2,7 +2,7 @@
 """Quality report of a trained SAE set: results/saes.md and results/saes.json.
 
 Per site: fraction of variance explained (FVE), L0 and never-firing latents on held-out
-docstring text (the corpus split the trainer never saw), and the task metric when that
+text (the corpus split the trainer never saw), and the task metric when that
 one site's SAE replaces the activation *without the error term* (the site is patched to
 ``decode(encode(x))``), on ``sva-simple`` and ``ioi``, next to the clean model and to
 zero-ablating the same positions. Every number in the outputs is computed here or read
@@ -35,6 +35,7 @@ from featcircuits.models import load_model  # noqa: E402
 from featcircuits.tasks import make_pairs, tokenize_pairs  # noqa: E402
 from featcircuits.tracing import SplicedModel  # noqa: E402
 from featcircuits.training.corpus import build_corpus  # noqa: E402
+from featcircuits.training.samples import model_samples  # noqa: E402
 from featcircuits.training.trainer import evaluate  # noqa: E402
 
 TASKS = ("sva-simple", "ioi")
@@ -46,6 +47,8 @@ MIN_GAP = 1.0
 
 
 MODES = ("sae", "zero", "sae_all")
+PILOT_NOTE = ("How other training recipes compare on the same measure (5 sites, ~100k tokens each): "
+              "[pilot_recipe.md](pilot_recipe.md), written by `scripts/pilot_recipe.py`.")
 
 
 def site_metrics(spliced: SplicedModel, batch, site, dictionary, bos: int) -> dict[str, float]:
@@ -96,7 +99,15 @@ def main() -> int:
         print("the set has no trained dictionaries", file=sys.stderr)
         return 2
     seed = int(set_meta.get("config", {}).get("seed", 0))
-    corpus = build_corpus(model.tokenizer, seed=seed)
+    # The held-out text of the corpus the set was trained on: with the model's own samples
+    # when its recipe has them (regenerated from the cache, or sampled again, same settings).
+    ms = (set_meta.get("corpus") or {}).get("model_samples")
+    samples = None
+    if ms:
+        samples = model_samples(model.hf, model.tokenizer, ms["model"], ms["chunks"] * ms["batch"], seed=ms["seed"],
+                                new_tokens=ms["new_tokens"], batch=ms["batch"], temperature=ms["temperature"],
+                                top_k=ms["top_k"])
+    corpus = build_corpus(model.tokenizer, seed=seed, samples=samples)
     if set_meta.get("corpus_sha256") and set_meta["corpus_sha256"] != corpus.recipe["train_sha256"]:
         print("warning: this machine's corpus differs from the one the set was trained on "
               "(other package versions); held-out text may differ", file=sys.stderr)
@@ -164,6 +175,18 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_ARCH = {"topk": "TopK", "batchtopk": "BatchTopK (saved as JumpReLU)"}
+
+
+def _sources(corpus: dict) -> str:
+    docs = corpus.get("sources") or {}
+    ms = corpus.get("model_samples")
+    text = "docstrings of " + ", ".join(k for k in docs if k != "model_samples")
+    if ms:
+        text += f" + {ms['kept']} of the model's own samples kept as English prose"
+    return text
+
+
 def _f(v, fmt="{:.3f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
@@ -182,10 +205,13 @@ def render(r: dict) -> str:
         "",
         "## Summary",
         "",
-        f"- {s['sites']} TopK SAEs (k={cfg.get('k')}, width {cfg.get('width')} for embed/mlp/resid, "
-        f"{cfg.get('attn_width')} for attn), trained on {s.get('tokens_trained')} tokens "
-        f"({meta.get('optimizer_steps')} Adam steps, lr {cfg.get('lr')}) of the offline docstring corpus "
-        f"(train sha256 `{str(corpus.get('train_sha256'))[:16]}…`).",
+        f"- {s['sites']} {_ARCH.get(cfg.get('architecture', 'topk'), cfg.get('architecture'))} SAEs "
+        f"(k={cfg.get('k')}, width {cfg.get('width')} for embed/mlp/resid, "
+        f"{cfg.get('attn_width')} for attn; massive dimensions shrunk: "
+        f"{'x' + str(cfg['dim_clip']) + ' median std' if cfg.get('dim_clip') else 'no'}; dead latents resampled "
+        f"until {100 * cfg.get('resample_until', 0.8):.0f} % of training), trained on {s.get('tokens_trained')} tokens "
+        f"({meta.get('optimizer_steps')} Adam steps, lr {cfg.get('lr')}) of the offline corpus "
+        f"({_sources(corpus)}; train sha256 `{str(corpus.get('train_sha256'))[:16]}…`).",
         f"- Training wall time: {_f(wall, '{:.0f}')} s ({_f(wall / 60 if wall else None, '{:.1f}')} min) with "
         f"{meta.get('threads')} torch thread(s) on this shared 2-core CPU (`scripts/train_starter_saes.sh`).",
         f"- Held-out text: {s['eval_tokens']} tokens (BOS excluded).",
@@ -233,6 +259,8 @@ def render(r: dict) -> str:
             f"{_f(io['recovered'], '{:.2f}')} | {_f(io['recovered_all'], '{:.2f}')} |")
     lines += ["", f"Clean metric: sva-simple {r['tasks']['sva-simple']['clean']:+.3f}, "
                   f"ioi {r['tasks']['ioi']['clean']:+.3f}. Report computed in {r['report_wall_s']:.0f} s.", ""]
+    if (ROOT / "results" / "pilot_recipe.md").is_file():
+        lines += [PILOT_NOTE, ""]
     return "\n".join(lines)
 
 

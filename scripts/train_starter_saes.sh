@@ -1,20 +1,56 @@
 #!/usr/bin/env bash
-# Train the `starter` SAE set for gemma-3-270m-offline from scratch: builds (or reuses the
-# cached) docstring corpus, trains all 55 TopK SAEs (embed + attn/mlp/resid x 18 layers)
-# together, writes saes/starter/ (sae-lens folders + set.json). Safe to rerun after a kill:
-# it resumes from saes/starter/checkpoint.pt. Extra flags are passed to train-saes.
+# The `starter` SAE set for gemma-3-270m-offline: (re)start or resume the training run, and
+# once it is complete write the set into saes/starter/.
 #
-# The token count fits a ~50-minute budget on an otherwise idle 2-core CPU: one forward
-# collects the 55 sites at ~385 tokens/s, and a dense optimizer step of all 55 SAEs runs at
-# ~150 tokens/s (fp32 matmuls near the cores' peak; a gather/embedding_bag sparse decode
-# measured 2-4x slower here), so ~100 tokens/s end to end.
+#   bash scripts/train_starter_saes.sh            # resume (or start) the run; install when it completes
+#   INSTALL=0 bash scripts/train_starter_saes.sh  # train only (what the background launch uses)
+#
+# The run lives OUTSIDE the git tree (RUN, default /work/sae-runs/starter-v2): checkpoint.pt
+# every few forwards, progress lines (tokens/s, ETA, FVE and dead share per site) appended to
+# RUN/train.log. Killing it loses at most one checkpoint interval; rerunning this script
+# continues it exactly (same flags, same corpus hash; the trainer refuses a mismatch).
+# It runs under `nice -n 15` so it does not starve other work on this shared machine.
+#
+# Recipe (chosen on scripts/pilot_recipe.py, results/pilot_recipe.md, by recovered share without
+# the error term): TopK k=64, massive dimensions shrunk to 4x the median std (folded back into
+# the saved weights), dead latents resampled every 5 forwards to the end. The env overrides
+# (ARCH, K, DIM_CLIP, ...) exist for experiments; a resume must use the flags it started with.
+# Corpus: docstrings of the installed packages plus SAMPLES of the model's own English
+# samples (generated once, cached under ~/.cache/featcircuits/corpus; ~57 tok/s on one core).
+#
+# Installing replaces saes/starter/ (site folders + set.json) with the finished run; commit
+# it in ONE commit (`git add -A saes/starter`; the set is ~130 MiB and every recommit adds its
+# full size to history), then regenerate results/saes.md with scripts/sae_report.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-OUT=${OUT:-saes/starter}
+RUN=${RUN:-/work/sae-runs/starter-v2}
+INSTALL=${INSTALL:-1}
+THREADS=${THREADS:-1}
+mkdir -p "$RUN"
 start=$(date +%s)
-OMP_NUM_THREADS=1 "$PY" -m featcircuits.training.trainer \
-  --model gemma-3-270m-offline --sites all --width 1024 --attn-width 768 --k 32 \
-  --tokens 300000 --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
-  --checkpoint-every 5 --threads 2 --out "$OUT" --resume "$@"
-echo "train_starter_saes: wall time $(( $(date +%s) - start )) s"
+if [ ! -f "$RUN/set.json" ]; then
+  echo "train_starter_saes: $(date -u +%FT%TZ) (re)starting in $RUN" >> "$RUN/train.log"
+  OMP_NUM_THREADS=$THREADS nice -n 15 "$PY" -m featcircuits.cli train-saes \
+    --model gemma-3-270m-offline --sites all --width 1024 --attn-width 768 \
+    --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
+    --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
+    --tokens 1000000 --samples "${SAMPLES:-768}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
+    --checkpoint-every 10 --eval-tokens 16384 --threads "$THREADS" --no-progress \
+    --out "$RUN" --resume "$@" >> "$RUN/train.log" 2>&1
+  echo "train_starter_saes: $(date -u +%FT%TZ) training call ended after $(( $(date +%s) - start )) s" >> "$RUN/train.log"
+fi
+if [ ! -f "$RUN/set.json" ]; then
+  echo "train_starter_saes: not finished; rerun to resume ($RUN/train.log)" >&2
+  exit 1
+fi
+if [ "$INSTALL" = "1" ]; then
+  tmp=saes/.starter.new
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  cp "$RUN/set.json" "$tmp/"
+  for d in "$RUN"/*/; do [ -f "$d/cfg.json" ] && cp -r "$d" "$tmp/"; done
+  rm -rf saes/.starter.old
+  [ -d saes/starter ] && mv saes/starter saes/.starter.old
+  mv "$tmp" saes/starter && rm -rf saes/.starter.old
+  echo "train_starter_saes: installed saes/starter ($(du -sh saes/starter | cut -f1)); commit it in one commit"
+fi

@@ -130,15 +130,104 @@ def test_user_errors(model, corpus, tmp_path):
         T.train_saes(model, corpus, tmp_path, _cfg(k=64), progress=False)
 
 
-def test_cli_parser_registers_train_saes():
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    T.add_train_saes_parser(sub)
-    args = parser.parse_args(["train-saes", "--model", "m", "--sites", "resid_0,mlp_0", "--width", "64",
-                              "--k", "8", "--tokens", "1000", "--out", "o", "--seed", "3",
-                              "--batch-size", "4", "--lr", "0.01", "--resume"])
-    assert args.func is T.train_saes_main and args.resume and args.width == 64 and args.seed == 3
-    assert args.sites == "resid_0,mlp_0" and args.batch_size == 4 and args.lr == 0.01
+def test_train_saes_subcommand_trains_a_tiny_set(tiny_model_dir, tmp_path, capsys):
+    from featcircuits.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(d for docs in _docs().values() for d in docs))
+    out = tmp_path / "set"
+    args = ["train-saes", "--model", str(tiny_model_dir), "--sites", "embed,resid_1", "--width", "16", "--k", "4",
+            "--tokens", "300", "--batch-size", "8", "--sae-batch", "60", "--window", "16", "--text", str(text),
+            "--checkpoint-every", "1", "--eval-tokens", "60", "--seed", "3", "--no-progress",
+            "--architecture", "batchtopk", "--dim-clip", "2", "--out", str(out)]
+    assert main(args + ["--max-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "tok/s" in printed and "resid_1 " in printed and "dead median" in printed
+    assert (out / T.CHECKPOINT).is_file() and not (out / "set.json").exists()
+    assert main(args) == 2  # an unfinished run is not overwritten without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    meta = json.loads((out / "set.json").read_text())
+    assert meta["config"]["seed"] == 3 and meta["architecture"] == "batchtopk" and meta["config"]["dim_clip"] == 2
+    assert meta["corpus"]["train_sha256"] == meta["corpus_sha256"] and set(meta["sites"]) == {"embed", "resid_1"}
+    from sae_lens import SAE
+
+    assert SAE.load_from_disk(out / "resid_1").cfg.architecture() == "jumprelu"
+    assert main(["train-saes", "--model", str(tiny_model_dir), "--out", str(out), "--text", "nope.txt"]) == 2
+
+
+def test_train_saes_help_lists_the_recipe_flags(capsys):
+    from featcircuits.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train-saes", "--help"])
+    assert exc.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--resume", "--seed", "--architecture", "--dim-clip", "--resample-until", "--samples", "--text"):
+        assert flag in shown
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_folded_weights_on_raw_activations_equal_training_units(architecture):
+    """The saved SAE on raw x computes exactly the training SAE on x / (scale * dims), rescaled."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    from featcircuits.adapters import Site
+    from featcircuits.training import sae_step as S
+
+    site = Site("resid_0", "resid", 0, "model.layers.0", True)
+    sae = S.new_sae(site, 8, 12, 3, "m", 0, architecture)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=gen) * torch.tensor([50.0, 1, 1, 2, 1, 1, 1, 1]) + 3
+    dims = S.dim_scales(x, 2.0)
+    assert dims[0] > 10 and bool((dims >= 1).all()) and int((dims > 1).sum()) <= 2
+    scale = 4.0
+    z = x / (dims * scale)
+    with torch.no_grad():
+        sae.b_dec.copy_(z.mean(0))
+        if architecture == "batchtopk":
+            sae.encode(z)
+            sae.topk_threshold.fill_(0.05)
+    state = S.folded_state(sae, scale, dims)
+    common = dict(d_in=8, d_sae=12, dtype="float32", device="cpu", apply_b_dec_to_input=True)
+    if architecture == "topk":
+        inf = TopKSAE(TopKSAEConfig(k=3, rescale_acts_by_decoder_norm=False, **common))
+        want_f = sae.encode(z)
+    else:
+        inf = JumpReLUSAE(JumpReLUSAEConfig(**common))
+        pre = (z - sae.b_dec) @ sae.W_enc + sae.b_enc
+        want_f = pre.relu() * (pre > 0.05)
+    inf.load_state_dict(state)
+    with torch.no_grad():
+        f = inf.encode(x)
+        torch.testing.assert_close((f != 0), (want_f != 0))
+        want_x = (want_f @ sae.W_dec + sae.b_dec) * dims * scale
+        torch.testing.assert_close(inf.decode(f), want_x, rtol=1e-4, atol=1e-3)
+
+
+def test_english_prose_filter():
+    from featcircuits.training.samples import english_prose
+
+    text = ("<p>The river was quiet in the evening, and the people of the town walked along it to see "
+            "the boats that had come in from the sea.</p>")
+    assert english_prose(text) == text[3:-4]
+    assert english_prose("罗伯德说道：你，你放心。" * 10) is None
+    assert english_prose("def f(x): return x + 1; y = [1, 2, 3] " * 5) is None
+    assert english_prose("Short.") is None
+
+
+def test_model_samples_are_chunked_seeded_and_resumable(model, tmp_path):
+    from featcircuits.training.samples import model_samples
+
+    kw = dict(new_tokens=6, batch=4, cache=tmp_path, progress=False)
+    kept, rec = model_samples(model.hf, model.tokenizer, "tiny", 6, seed=0, **kw)
+    assert rec["generated"] == 8 and rec["chunks"] == 2 and len(kept) == rec["kept"]
+    folder = next(tmp_path.glob("samples-*"))
+    (folder / "chunk-00001.json").unlink()  # a run killed before the second chunk
+    again, rec2 = model_samples(model.hf, model.tokenizer, "tiny", 6, seed=0, **kw)
+    assert rec2["raw_sha256"] == rec["raw_sha256"]
+    _, other = model_samples(model.hf, model.tokenizer, "tiny", 6, seed=1, **kw)
+    assert other["raw_sha256"] != rec["raw_sha256"]
 
 
 def test_corpus_from_windows_holds_out_the_tail():
@@ -153,3 +242,12 @@ def test_resolve_sites_keeps_forward_order(model):
     got = [s.name for s in T.resolve_sites(model.adapter, "resid_1,embed,attn_0")]
     assert got == ["embed", "attn_0", "resid_1"]
     assert Path(T.__file__).name == "trainer.py"
+
+
+def test_task_prompts_are_dropped_from_the_training_text():
+    from featcircuits.tasks import make_pairs
+
+    prompt = make_pairs("ioi", 1, 0)[0].clean_prefix
+    docs = ["An ordinary paragraph about rivers and boats.", f"Before. {prompt} after.", "The author wrote."]
+    checked, kept, dropped = C.drop_task_prompts(docs)
+    assert checked > 100 and dropped == 1 and kept == [docs[0], docs[2]]

@@ -15,6 +15,17 @@ def add_model_args(p: argparse.ArgumentParser, saes: bool = True) -> None:
                        help="dictionary set: a registered name (e.g. 'starter'), a folder of per-site "
                             "dictionaries, or 'identity' (neurons). Default: 'starter' for the offline "
                             "model when present, else identity")
+    add_device_args(p)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` (every command that runs a model; resolved by ``featcircuits.devices``)."""
+    from ..devices import DEVICES, DTYPES
+
+    p.add_argument("--device", default="auto",
+                   help=f"where the model runs: {'|'.join(DEVICES)} (default auto: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="model and dictionary precision (default float32; effects and sums are always float32)")
 
 
 def add_rules_arg(p: argparse.ArgumentParser) -> None:
@@ -27,13 +38,30 @@ def add_rules_arg(p: argparse.ArgumentParser) -> None:
                         f"{','.join(PAPER_RULES)}")
 
 
-def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:
+def add_task_args(p: argparse.ArgumentParser, n_default: int = 64, auto_batch: bool = False) -> None:
     p.add_argument("--task", default="sva-simple",
                    help="built-in task (sva-simple, sva-nounpp, sva-rc, sva-within-rc, ioi) or a "
                         "JSON-lines file in the Sparse Feature Circuits format")
-    p.add_argument("--n", type=int, default=n_default, help="number of prompt pairs")
+    # --pairs: under torchrun, whose parser reads "--n" as an ambiguous abbreviation of its own flags
+    p.add_argument("--n", "--pairs", dest="n", type=int, default=n_default,
+                   help="number of prompt pairs (--pairs: the same, for use after torchrun)")
     p.add_argument("--seed", type=int, default=0, help="seed for task generation and sampling")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    if auto_batch:
+        p.add_argument("--batch-size", type=_batch_size, default=16,
+                       help="examples per forward pass, or 'auto' / 'auto:CAP': the largest that fits in "
+                            "free memory (measured per example; featcircuits.batching), at most CAP")
+    else:
+        p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+
+
+def _batch_size(text: str) -> "int | str":
+    from ..batching import parse_batch_size
+    from ..errors import UserError
+
+    try:
+        return parse_batch_size(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_saes(model_spec: str, saes: str | None) -> str:

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "agreement", help="compare node-effect estimators with exact activation patching",
         description="Compute exact activation patching and each estimator (AtP, RelP with the given rules and "
-                    "with the AH-rule added, IG) on the same pairs; write agreement.json (Pearson r per method "
+                    "beside it the RelP authors' rules, IG) on the same pairs; write agreement.json (Pearson r per method "
                     "and site kind, seconds per method), agreement.md and scatter plots into --out.")
     add_model_args(p)
     add_task_args(p, n_default=32)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = make_pairs(args.task, args.n, args.seed)
     if args.granularity == "features":
         check_dictionaries_early(args.model, args.saes)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.granularity == "components":
         dicts, saes = identity_set(model.adapter), "identity"
     else:

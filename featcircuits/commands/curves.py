@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     saes = default_saes(args.model, args.saes)
     check_dictionaries_early(args.model, saes)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     load_seconds = time.perf_counter() - t0
     work = run_folder.open()

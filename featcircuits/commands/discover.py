@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Compute node effects, threshold them, compute edges into the kept nodes, and write "
                     "graph.graphml/.dot/.json, node effects, summary.json and pictures into --out.")
     add_model_args(p)
-    add_task_args(p)
+    add_task_args(p, auto_batch=True)
     p.add_argument("--method", default="relp", choices=["relp", "ig", "atp"],
                    help="estimator for nodes and edges (default relp)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
@@ -55,17 +55,17 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     run_folder = prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
-    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
+    if args.n < 1 or args.steps < 1:  # --batch-size is checked by its parser
         from ..errors import UserError
 
-        raise UserError("--n, --batch-size and --steps must be positive")
+        raise UserError("--n and --steps must be positive")
     thresholds = Thresholds.with_default(node=args.node_threshold, edge=args.edge_threshold, top_k=args.top_k,
                                          share=args.share)
     pairs = make_pairs(args.task, args.n, args.seed)
     t_load = time.perf_counter()
     saes = default_saes(args.model, args.saes)
     check_dictionaries_early(args.model, saes)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     t_load = time.perf_counter() - t_load
     batch, dropped = tokenize_pairs(pairs, model.tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import check_dictionaries_early
+from . import add_device_args, check_dictionaries_early
 from .curves import add_eval_args
 
 
@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="override the discovery seed recorded in the provenance")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     add_eval_args(p)
+    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON file to write (default: CIRCUIT/evaluation.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation at --out")
     p.set_defaults(func=run)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.circuit} does not record its {', '.join(missing)} (a circuit saved without them): "
                         f"add {flags} (or save it with save_circuit(..., model=, task=, saes=))")
     check_dictionaries_early(model_spec, saes)
-    model = load_model(model_spec)
+    model = load_model(model_spec, device=args.device, dtype=args.dtype)
     dicts = load_dictionary_set(saes, model.adapter, model_spec)
     result = evaluate_circuit(model, dicts, circuit, task=task, n_eval=args.n, seed=args.seed,
                               ablation=args.ablation, errors=args.errors, start_layer=args.start_layer,

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from ..dictionaries import load_dictionary_set
     from ..models import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     saes = default_saes(args.model, args.saes)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     a = model.adapter

@@ -107,7 +107,7 @@ class Evaluator:
         start = sum(len(c) for c in chunks[:done])
         for n_done, chunk in enumerate(chunks[done:], start=done + 1):
             for g in groups:
-                total[g] += self._run(chunk, start, [circuits[i] for i in g]).sum(1).double()
+                total[g] += self._run(chunk, start, [circuits[i] for i in g]).sum(1).double().cpu()
                 bar.update(1)
             start += len(chunk)
             if checkpoint is not None:
@@ -125,7 +125,7 @@ class Evaluator:
             stacked[s.name] = _stack_site(circuits, s.name, d.d_sae, T, self.errors)
 
         def hook(site: Site, x: torch.Tensor) -> torch.Tensor | None:
-            mf, me, full, empty = stacked[site.name]
+            mf, me, full, empty = (t.to(x.device) for t in stacked[site.name])  # masks are built on the CPU
             if bool(full.all()):
                 return None  # nothing ablated here: the site stays exactly x
             d = sm.dictionary(site)

@@ -114,6 +114,7 @@ def _ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation
             _, vals = sm.cache(chunk.inputs("patch"))
         w = chunk.patch_mask.to(torch.float32)  # [b, T]
         weight += w.sum(0)
+        w = w.to(sm.model.device)  # the values are on the model's device
         for s in names:
             v = vals[s]
             if ablation == "mean":
@@ -125,7 +126,7 @@ def _ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation
                 per_e[s].append(v.err)
     out = {}
     if ablation == "mean":
-        denom = weight.clamp(min=1.0).view(-1, 1)  # positions where every prompt is padding: zero
+        denom = weight.clamp(min=1.0).view(-1, 1).to(sm.model.device)  # all-padding positions: zero
         for s in names:
             out[s] = Act((sums_f[s] / denom).unsqueeze(0), (sums_e[s] / denom).unsqueeze(0))
         return out
@@ -134,5 +135,5 @@ def _ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation
     donor = torch.tensor([rng.randrange(n) for _ in range(n)], dtype=torch.long)
     for s in names:
         f, e = torch.cat(per_f[s]), torch.cat(per_e[s])
-        out[s] = Act(f[donor], e[donor])
+        out[s] = Act(f[donor.to(f.device)], e[donor.to(f.device)])
     return out

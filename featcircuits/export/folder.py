@@ -12,6 +12,7 @@ from typing import Iterable
 
 import networkx as nx
 
+from .. import distributed
 from ..adapters import site_sort_key
 from ..errors import UserError
 from ..graph import Circuit
@@ -82,6 +83,8 @@ def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] =
     summary last; ``max_draw_nodes`` caps the picture; the DOT is rendered with Graphviz
     only up to ``graphviz_max_edges`` edges."""
     formats = tuple(formats)
+    if not distributed.is_writer():  # under torchrun rank 0 alone writes; the others hold the same circuit
+        return {}
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")

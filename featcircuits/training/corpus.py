@@ -265,6 +265,23 @@ def windows_from_texts(docs: Iterable[str], tokenizer: Any, window: int = WINDOW
     return torch.cat([torch.full((n, 1), bos, dtype=torch.int64), t], dim=1)
 
 
+def drop_task_prompts(docs: list[str], n: int = 200, min_words: int = 4) -> tuple[int, list[str], int]:
+    """Drop documents holding a prompt of a built-in task (circuits are judged on tasks the
+    dictionaries never saw). Prompts of fewer than ``min_words`` words ("The author") are
+    ordinary English, not a template, and are not looked for. Returns (prompts checked,
+    kept documents, documents dropped)."""
+    from ..tasks import BUILTIN_TASKS, make_pairs
+
+    prompts = sorted({p.clean_prefix.strip() for t in BUILTIN_TASKS for p in make_pairs(t, n, 0)
+                      if len(p.clean_prefix.split()) >= min_words})
+    big = "\n".join(docs)  # one search per prompt over the joined text; per document only on a hit
+    hits = [p for p in prompts if p in big]
+    if not hits:
+        return len(prompts), docs, 0
+    kept = [d for d in docs if not any(p in d for p in hits)]
+    return len(prompts), kept, len(docs) - len(kept)
+
+
 def _holdout(doc: str, fraction: float) -> bool:
     # By document content, not position: adding a source never moves a document across the split.
     h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big")
@@ -274,16 +291,21 @@ def _holdout(doc: str, fraction: float) -> bool:
 def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
                  docs: dict[str, list[str]] | None = None, window: int = WINDOW,
                  cache: bool = True, log: Any = None,
-                 max_chars_per_source: int = MAX_CHARS_PER_SOURCE) -> Corpus:
+                 max_chars_per_source: int = MAX_CHARS_PER_SOURCE,
+                 samples: tuple[list[str], dict] | None = None) -> Corpus:
     """The shuffled, tokenized corpus. ``docs`` (source -> documents) overrides the
     docstring collection (tests pass a handful of strings); otherwise the collected texts
-    are used and the result is cached per tokenizer, recipe and seed."""
+    are used and the result is cached per tokenizer, recipe and seed. ``samples`` (documents
+    and recipe from ``samples.model_samples``) adds the model's own samples as the source
+    ``model_samples``; their sampling recipe goes into the corpus recipe."""
     from ..models import cache_dir
 
     collected = None
     if docs is None:
         collected = texts(log=log)
         docs = collected["sources"]
+    if samples is not None:
+        docs = {**docs, "model_samples": list(samples[0])}
     recipe = {
         "recipe_version": RECIPE_VERSION,
         "sources": {k: len(v) for k, v in sorted(docs.items())},
@@ -295,6 +317,8 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
         "vocab_size": len(tokenizer),
         "text_sha256": _sha(docs),
     }
+    if samples is not None:
+        recipe["model_samples"] = samples[1]
     key = _sha(recipe)[:16]
     path = cache_dir() / "corpus" / f"windows-{key}.pt"
     if cache and collected is not None and path.is_file():
@@ -315,6 +339,9 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
             chosen = kept
         for d in chosen:
             (eval_docs if _holdout(d, eval_fraction) else train_docs).append(d)
+    if collected is not None:  # the built-in corpus: no built-in task prompt in the training text
+        checked, train_docs, dropped = drop_task_prompts(train_docs)
+        recipe.update(task_prompts_checked=checked, docs_dropped_for_task_prompts=dropped)
     rng.shuffle(train_docs)
     rng.shuffle(eval_docs)
     train = windows_from_texts(train_docs, tokenizer, window)

@@ -7,6 +7,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -314,12 +315,17 @@ def profile_relp(sm: SplicedModel, chunk, bs: int) -> dict:
 def cli_peak_rss(argv: list[str]) -> dict:
     """Run the real CLI in a subprocess; its max RSS from /usr/bin/time -v (else getrusage)."""
     out = Path(tempfile.mkdtemp(prefix="fc-bench-cli-"))
-    cmd = [str(ROOT / ".venv" / "bin" / "featcircuits"), *argv, "--out", str(out / "run")]
+    venv_cli = ROOT / ".venv" / "bin" / "featcircuits"
+    # the source tree's own venv as the README sets it up, else this interpreter on this tree
+    launcher = [str(venv_cli)] if venv_cli.is_file() else [sys.executable, "-m", "featcircuits.cli"]
+    cmd = [*launcher, *argv, "--out", str(out / "run")]
     use_time = Path("/usr/bin/time").is_file()
     full = (["/usr/bin/time", "-v"] if use_time else []) + cmd
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run(full, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(full, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     rec: dict[str, Any] = {"command": "featcircuits " + " ".join(argv) + " --out DIR", "returncode": proc.returncode,
                            "wall_s": round(wall, 1), "load1": round((load0 + os.getloadavg()[0]) / 2, 2),

@@ -1,0 +1,50 @@
+"""Build (or reuse) the feature store of a dictionary set and record time and size.
+
+    PYTHONPATH=$PWD nice -n 10 python scripts/build_feature_store.py \
+        --model gemma-3-270m-offline --saes starter --tokens 200000 --out results/feature_store/starter.json
+
+Stand-in for ``featcircuits features`` until the CLI command exists (see notes/FEAT_INTEGRATION.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gemma-3-270m-offline")
+    ap.add_argument("--saes", default="starter")
+    ap.add_argument("--corpus", default="offline")
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default="results/feature_store/starter.json")
+    a = ap.parse_args()
+    from featcircuits.cards import StoreSettings, feature_store
+    from featcircuits.dictionaries import load_dictionary_set
+    from featcircuits.models import load_model
+    from featcircuits.tracing import SplicedModel
+
+    t0 = time.time()
+    model = load_model(a.model)
+    sm = SplicedModel(model, load_dictionary_set(a.saes, model.adapter, a.model))
+    t1 = time.time()
+    store = feature_store(sm, a.corpus, StoreSettings(tokens=a.tokens, batch=a.batch))
+    t2 = time.time()
+    size = sum(p.stat().st_size for p in Path(store.folder).iterdir())
+    row = {"model": a.model, "saes": a.saes, "corpus": a.corpus, "tokens": store.n_tokens,
+           "sites": len(store.meta["sites"]), "features": sum(len(store.tensors[f"{s}.features"]) for s in store.meta["sites"]),
+           "load_seconds": round(t1 - t0, 1), "store_seconds": round(t2 - t1, 1), "store_bytes": size,
+           "folder": str(store.folder), "torch_threads": torch.get_num_threads()}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(row, indent=1) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

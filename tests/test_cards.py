@@ -1,0 +1,246 @@
+"""Feature store: the streamed statistics against a dense brute force, direct effects,
+caching, resuming, the subset mode, and labels."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from featcircuits import cards
+from featcircuits.cards import StoreSettings, circuit_features, feature_store, stream
+from featcircuits.text_corpus import corpus_windows
+from featcircuits.dictionaries import load_dictionary_set
+from featcircuits.direct_effect import decoder_directions, final_norm, norm_gain
+from featcircuits.errors import UserError
+from featcircuits.tasks import task_vocabulary
+from featcircuits.testing import random_saelens_set, tiny_model
+from featcircuits.tracing import SplicedModel
+
+SETTINGS = StoreSettings(tokens=1200, top_k=5, samples=6, before=3, after=2, batch=3, checkpoint_every=1)
+
+
+def tiny_spliced(tmp, width: int, n_docs: int):
+    """A tiny random Gemma 3 with random sae-lens dictionaries and a random-word .txt corpus."""
+    model = tiny_model("gemma3")
+    random_saelens_set(model, tmp / "set", width=width)
+    sm = SplicedModel(model, load_dictionary_set(str(tmp / "set"), model.adapter))
+    rng = random.Random(0)
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choice(task_vocabulary()) for _ in range(50)) for _ in range(n_docs)))
+    return sm, corpus
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cards")
+    sm, corpus = tiny_spliced(tmp, 24, 40)
+    store = feature_store(sm, str(corpus), SETTINGS, cache=tmp / "cache", progress=False)
+    return sm, corpus, store, tmp
+
+
+def _dense(sm, windows, site):
+    """Every window's features at ``site`` [n, T, d] from the plain cache pass."""
+    out = []
+    for i in range(0, len(windows), 4):
+        batch = windows[i:i + 4]
+        _, values = sm.cache({"input_ids": batch, "attention_mask": torch.ones_like(batch)})
+        out.append(values[site].f)
+    return torch.cat(out)
+
+
+def test_store_matches_dense_brute_force(setup):
+    sm, corpus, store, _ = setup
+    windows = store.tensors["windows"].long()
+    site = "resid_1"
+    f = _dense(sm, windows, site)[:, 1:]  # BOS left out, as the store does
+    for feat in (0, 7, 23):
+        card = store.card(site, feat)
+        per_window = f[..., feat].max(1).values
+        want = per_window[per_window > 0].sort(descending=True).values[:SETTINGS.top_k]
+        got = torch.tensor([e["value"] for e in card["top"]])
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+        assert card["density"] == pytest.approx(float((f[..., feat] > 0).float().mean()), abs=1e-6)
+        assert card["mean"] == pytest.approx(float(f[..., feat].mean()), rel=1e-4, abs=1e-6)
+        for e in card["top"]:
+            # the context's peak token is the window's token at the peak, with the peak value
+            assert e["acts"][e["peak"]] == pytest.approx(e["value"], rel=1e-2)
+            assert e["tokens"][e["peak"]] == sm.model.tokenizer.decode([int(windows[e["window"], e["position"]])])
+            assert len(e["tokens"]) == len(e["acts"]) <= SETTINGS.before + 1 + SETTINGS.after
+        # lower-quantile examples are real active windows, ordered by activation
+        vals = [e["value"] for e in card["quantiles"]]
+        assert vals == sorted(vals) and all(v > 0 for v in vals)
+        assert all(per_window[e["window"]] == pytest.approx(e["value"], rel=1e-3) for e in card["quantiles"])
+
+
+def test_direct_effect_is_unembedding_of_gained_decoder(setup):
+    sm, _, store, _ = setup
+    norm = final_norm(sm.model)
+    g = norm_gain(norm, sm.model.d_model)
+    torch.testing.assert_close(g, 1.0 + norm.weight.float())  # Gemma's RMSNorm scales by (1 + weight)
+    d = sm.dictionary("mlp_0")
+    logits = (decoder_directions(d, torch.arange(d.d_sae)) * g) @ sm.model.hf.get_output_embeddings().weight.T
+    card = store.card("mlp_0", 5)
+    top = logits[5].topk(SETTINGS.logit_k)
+    assert [t["token"] for t in card["promoted"]] == [sm.model.tokenizer.decode([i]) for i in top.indices.tolist()]
+    assert card["suppressed"][0]["value"] == pytest.approx(float(logits[5].min()), rel=1e-4)
+
+
+def test_norm_gain_plain_rmsnorm():
+    model = tiny_model("llama")
+    norm = final_norm(model)
+    torch.testing.assert_close(norm_gain(norm, model.d_model), norm.weight.float())
+
+
+def _refuse(*a, **k):
+    raise RuntimeError("recomputed a cached store")
+
+
+def test_store_is_cached_and_reused(setup, monkeypatch):
+    sm, corpus, store, tmp = setup
+    monkeypatch.setattr(cards, "stream", _refuse)
+    again = feature_store(sm, str(corpus), SETTINGS, cache=tmp / "cache", progress=False)
+    assert again.folder == store.folder
+    assert again.card("resid_0", 3) == store.card("resid_0", 3)
+    other = StoreSettings(**{**SETTINGS.key_dict(), "seed": 1})
+    assert cards.cached_store(sm, str(corpus), SETTINGS, cache=tmp / "cache").folder == store.folder
+    assert cards.cached_store(sm, str(corpus), other, cache=tmp / "cache") is None
+    with pytest.raises(RuntimeError, match="recomputed"):
+        feature_store(sm, str(corpus), other, cache=tmp / "cache", progress=False)
+
+
+def test_resume_after_a_crash_gives_the_same_state(setup, tmp_path):
+    sm, corpus, _, _ = setup
+    windows, _ = corpus_windows(str(corpus), sm.model.tokenizer, SETTINGS.tokens)
+    full = stream(sm, windows, SETTINGS, progress=False)
+    real_run, calls = sm.run, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(*a, **k)
+
+    sm.run = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stream(sm, windows, SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    finally:
+        del sm.run
+    assert (tmp_path / ".checkpoint" / "features.pt").is_file()
+    resumed = stream(sm, windows, SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], msg=k)
+
+
+def test_subset_mode_matches_full_store(setup):
+    sm, corpus, store, tmp = setup
+    feats = circuit_features(["resid_1/7", "resid_1/3@4", "mlp_0/err", "metric", "embed/2"])
+    assert feats == {"resid_1": [3, 7], "embed": [2]}
+    sub = feature_store(sm, str(corpus), SETTINGS, features=feats, cache=tmp / "cache", progress=False)
+    assert sub.meta["subset"] and sub.meta["sites"] == ["embed", "resid_1"]
+    assert sub.card("resid_1", 7) == store.card("resid_1", 7)
+    assert sub.card("resid_1", 8) is None
+    got = sub.cards_for_nodes(["resid_1/7@2", "resid_1/err", "metric"])
+    assert list(got) == ["resid_1/7@2"]
+
+
+def test_jsonl_corpus_and_bad_corpora(setup, tmp_path):
+    sm = setup[0]
+    tok = sm.model.tokenizer
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "the keys to the cabinet are here " * 20}) for _ in range(5)))
+    windows, desc = corpus_windows(str(path), tok, 300)
+    assert windows.shape[0] * windows.shape[1] >= 300 and desc["tokens"] == windows.numel()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1"):
+        corpus_windows(str(bad), tok, 10)
+    with pytest.raises(UserError, match="--corpus"):
+        corpus_windows(str(tmp_path / "missing.csv"), tok, 10)
+    with pytest.raises(UserError, match="fewer than"):
+        corpus_windows(str(path), tok, 10**7)
+
+
+# --------------------------------------------------------------------------- labels
+
+from featcircuits.labels import (auto_label, label_nodes, load_annotations, neuronpedia_url,  # noqa: E402
+                                 source_neuronpedia_url)
+
+
+def test_auto_label_names_peak_tokens_and_promoted_tokens(setup):
+    store = setup[2]
+    card = store.card("resid_1", 7)
+    label = auto_label(card)
+    left, _, right = label.partition(" → ")
+    peaks = {e["tokens"][e["peak"]].strip() for e in card["top"]}
+    assert left.split("|")[0] in peaks
+    assert right.split("|")[0] == card["promoted"][0]["token"].strip()
+    assert auto_label(None) is None
+
+
+def test_annotations_override_and_error_nodes_name_their_site(tmp_path, setup):
+    store = setup[2]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"resid_1/7": "plural subject"}))
+    nodes = [{"id": "resid_1/7@2", "kind": "feature", "site": "resid_1", "position": 2},
+             {"id": "resid_1/3", "kind": "feature", "site": "resid_1", "position": -1},
+             {"id": "mlp_0/err@1", "kind": "error", "site": "mlp_0", "position": 1},
+             {"id": "metric", "kind": "metric", "site": "metric"}]
+    cards = store.cards_for_nodes(n["id"] for n in nodes)
+    labels = label_nodes(nodes, cards, load_annotations(path), prompt_tokens=["The", " keys", " are"])
+    assert labels["resid_1/7@2"] == "plural subject"
+    assert labels["resid_1/3"] == auto_label(store.card("resid_1", 3))
+    assert labels["mlp_0/err@1"] == "error at mlp_0 @ keys"
+    assert "metric" not in labels
+    path.write_text('["not", "a", "mapping"]')
+    with pytest.raises(UserError, match="mapping node ids"):
+        load_annotations(path)
+    with pytest.raises(UserError, match="cannot read"):
+        load_annotations(tmp_path / "missing.json")
+
+
+def test_neuronpedia_urls_from_the_sae_lens_directory():
+    url = neuronpedia_url("gemma-scope-2b-pt-res-canonical", "layer_20/width_16k/canonical", 1234)
+    assert url == "https://www.neuronpedia.org/gemma-2-2b/20-gemmascope-res-16k/1234"
+    assert source_neuronpedia_url("saelens:gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical", 5) \
+        .endswith("/20-gemmascope-res-16k/5")
+    assert neuronpedia_url("no-such-release", "x", 1) is None
+    assert source_neuronpedia_url("saes/starter/resid_3", 1) is None
+
+
+# --------------------------------------------------------------------------- offline Gemma
+
+@pytest.mark.slow
+def test_starter_cards_on_offline_gemma(gemma_offline, tmp_path):
+    """The starter set's cards for a few features over ~500 tokens of real English text."""
+    from pydoc_data.topics import topics
+
+    from featcircuits.labels import auto_label
+
+    sm = SplicedModel(gemma_offline, load_dictionary_set("starter", gemma_offline.adapter))
+    corpus = tmp_path / "pydoc.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]))
+    feats = {"resid_6": list(range(0, 1024, 64)), "mlp_3": [1, 2, 3]}
+    s = StoreSettings(tokens=512, top_k=5, batch=4)
+    store = feature_store(sm, str(corpus), s, features=feats, cache=tmp_path / "cache", progress=False)
+    windows = store.tensors["windows"].long()
+    _, values = sm.cache({"input_ids": windows, "attention_mask": torch.ones_like(windows)})
+    f = values["resid_6"].f[:, 1:]
+    with_cards = 0
+    for feat in feats["resid_6"]:
+        card = store.card("resid_6", feat)
+        best = float(f[..., feat].max())
+        if best <= 0:
+            assert card["top"] == []
+            continue
+        with_cards += 1
+        assert card["top"][0]["value"] == pytest.approx(best, rel=1e-3)
+        assert auto_label(card) and " → " in auto_label(card)
+        assert all(isinstance(t["token"], str) for t in card["promoted"]) and len(card["promoted"]) == s.logit_k
+    assert with_cards >= 4  # TopK k=32 of 1024: most features fire somewhere in 500 tokens
+    g = norm_gain(final_norm(gemma_offline), gemma_offline.d_model)
+    torch.testing.assert_close(g, 1.0 + gemma_offline.hf.model.norm.weight.float())
