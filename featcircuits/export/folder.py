@@ -16,14 +16,15 @@ from ..errors import UserError
 from ..graph import Circuit
 from ..io import write_json
 from ..nodes import Acts
-from .common import (CIRCUIT_TRACER, CIRCUIT_TRACER_INDEX, DEFAULT_FORMATS, DOT, EFFECTS, FORMATS, GRAPHML,
-                     JSON, PICTURE, SUMMARY, _jsonable, _seconds)
+from .common import (CARDS, CIRCUIT_TRACER, CIRCUIT_TRACER_INDEX, DEFAULT_FORMATS, DOT, EFFECTS, FORMATS, GRAPHML,
+                     HTML, JSON, PICTURE, SUMMARY, _jsonable, _seconds)
 from .graphml import write_graphml
 from . import dot
 from .dot import GRAPHVIZ_MISSING, render_dot_many, write_dot
 from .nodelink import from_node_link, write_json_graph
 from .circuit_tracer import write_circuit_tracer
 from .effects import read_effects, write_effects
+from .html import write_cards, write_circuit_html
 
 log = logging.getLogger("featcircuits.export")
 
@@ -66,7 +67,7 @@ def summary_dict(circuit: Circuit, extra: dict | None = None, files: Iterable[st
 
 def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] = DEFAULT_FORMATS,
                  extra: dict | None = None, max_draw_nodes: int = 200,
-                 graphviz_max_edges: int = 5000) -> dict:
+                 graphviz_max_edges: int = 5000, cards: dict[str, dict] | None = None) -> dict:
     """Write ``circuit`` to ``out_dir`` in ``formats`` (default :data:`DEFAULT_FORMATS`;
     add ``"png"``/``"svg"`` for the picture ``circuit.png``/``circuit.svg``).
 
@@ -74,7 +75,9 @@ def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] =
     ``formats``), whose ``files`` lists what was written and ``notes`` what was not (e.g.
     the DOT not rendered because Graphviz is missing). ``extra`` is merged into the
     summary last; ``max_draw_nodes`` caps the picture; the DOT is rendered with Graphviz
-    only up to ``graphviz_max_edges`` edges."""
+    only up to ``graphviz_max_edges`` edges. ``cards`` (node id -> feature card) go into
+    ``cards.json`` and the viewer ``circuit.html`` (format ``html``; without cards the page
+    still shows the graph, labels and node facts)."""
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -109,6 +112,10 @@ def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] =
         files.append(CIRCUIT_TRACER_INDEX)
     if "effects" in formats:
         files.append(write_effects(circuit, out / EFFECTS).name)
+    if cards:
+        files.append(write_cards(cards, out / CARDS).name)
+    if "html" in formats:
+        files.append(write_circuit_html(circuit, out / HTML, cards).name)
     pics = tuple(f for f in ("png", "svg") if f in formats)
     if pics:
         from ..draw import draw_circuit
