@@ -48,26 +48,36 @@ def _feature_nodes(circuit: Circuit) -> dict[str, list[tuple[str, int, int]]]:
 
 def node_facts(sm: SplicedModel, batch: Batch, circuit: Circuit, prompt_tokens: list[str] | None = None,
                batch_size: int = 16) -> None:
-    """Set ``activation_clean``/``activation_patch`` on feature nodes and ``token`` on positional nodes.
+    """Set ``activation_clean``/``activation_patch`` on feature nodes and ``token`` on positional
+    nodes, and ``provenance["answer_probability"]`` (mean softmax probability of the clean and
+    the patch answer at the last token of the clean prompts).
 
     One no-grad forward per chunk and side, hooking only the circuit's sites (cheap next to
     the attribution's passes). Positions are the left-padded batch's (as node ids use them).
     """
     nodes = _feature_nodes(circuit)
-    if nodes:
-        sites = [s for s in sm.sites if s.name in nodes]
-        index = {s: torch.tensor([f for _, f, _ in v]) for s, v in nodes.items()}
-        for side in ("clean", "patch"):
-            sums = {s: torch.zeros(batch.seq_len, len(v), dtype=torch.float64) for s, v in nodes.items()}
-            for chunk in batch.chunks(batch_size):
-                mask = chunk.inputs(side)["attention_mask"].to(torch.float64)
+    sites = [s for s in sm.sites if s.name in nodes]
+    index = {s: torch.tensor([f for _, f, _ in v]) for s, v in nodes.items()}
+    p_clean = p_patch = 0.0
+    for side in ("clean", "patch"):
+        if side == "patch" and not nodes:
+            break
+        sums = {s: torch.zeros(batch.seq_len, len(v), dtype=torch.float64) for s, v in nodes.items()}
+        for chunk in batch.chunks(batch_size):
+            mask = chunk.inputs(side)["attention_mask"].to(torch.float64)
 
-                def hook(site, x, mask=mask):
-                    f = sm.dictionary(site).encode(x.detach())[..., index[site.name]]
-                    sums[site.name] += (f.double() * mask[..., None]).sum(0)
+            def hook(site, x, mask=mask):
+                f = sm.dictionary(site).encode(x.detach())[..., index[site.name]]
+                sums[site.name] += (f.double() * mask[..., None]).sum(0)
 
-                with torch.no_grad():
-                    sm.run(chunk.inputs(side), hook, sites)
+            with torch.no_grad():
+                logits = sm.run(chunk.inputs(side), hook, sites)
+            if side == "clean":
+                probs = logits.float().softmax(-1)
+                rows = torch.arange(len(chunk))
+                p_clean += float(probs[rows, chunk.clean_answer].sum())
+                p_patch += float(probs[rows, chunk.patch_answer].sum())
+        if nodes:
             real = batch.inputs(side)["attention_mask"].to(torch.float64).sum(0)  # [T] examples per position
             for s, v in nodes.items():
                 for j, (nid, _, pos) in enumerate(v):
@@ -76,6 +86,8 @@ def node_facts(sm: SplicedModel, batch: Batch, circuit: Circuit, prompt_tokens: 
                     else:
                         val = sums[s][:, j].sum() / max(1.0, float(real.sum()))
                     circuit.graph.nodes[nid][f"activation_{side}"] = round(float(val), 6)
+    circuit.provenance["answer_probability"] = {"clean_answer_on_clean": round(p_clean / max(1, len(batch)), 6),
+                                                "patch_answer_on_clean": round(p_patch / max(1, len(batch)), 6)}
     if prompt_tokens:
         for n, d in circuit.graph.nodes(data=True):
             pos = d.get("position", -1)

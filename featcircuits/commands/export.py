@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     elif fmt == "json":
         export.write_json_graph(circuit, out)
     elif fmt == "circuit-tracer":
-        export.write_circuit_tracer(circuit, out)
+        export.write_circuit_tracer(circuit, out, cards=export.read_cards(src))
     elif fmt == "html":
         export.write_circuit_html(circuit, out, export.read_cards(src))
     elif args.graphviz:

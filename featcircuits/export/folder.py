@@ -16,13 +16,13 @@ from ..errors import UserError
 from ..graph import Circuit
 from ..io import write_json
 from ..nodes import Acts
-from .common import (CARDS, CIRCUIT_TRACER, CIRCUIT_TRACER_INDEX, DEFAULT_FORMATS, DOT, EFFECTS, FORMATS, GRAPHML,
+from .common import (CARDS, CIRCUIT_TRACER, DEFAULT_FORMATS, DOT, EFFECTS, FORMATS, GRAPHML,
                      HTML, JSON, PICTURE, SUMMARY, _jsonable, _seconds)
 from .graphml import write_graphml
 from . import dot
 from .dot import GRAPHVIZ_MISSING, render_dot_many, write_dot
 from .nodelink import from_node_link, write_json_graph
-from .circuit_tracer import write_circuit_tracer
+from .circuit_tracer import SERVE_DIR, write_circuit_tracer
 from .effects import read_effects, write_effects
 from .html import write_cards, write_circuit_html
 
@@ -108,8 +108,8 @@ def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] =
     if "json" in formats:
         files.append(write_json_graph(circuit, out / JSON).name)
     if "circuit-tracer" in formats:
-        files.append(write_circuit_tracer(circuit, out / CIRCUIT_TRACER).name)
-        files.append(CIRCUIT_TRACER_INDEX)
+        files.append(write_circuit_tracer(circuit, out / CIRCUIT_TRACER, cards=cards).name)
+        files.append(f"{SERVE_DIR}/")
     if "effects" in formats:
         files.append(write_effects(circuit, out / EFFECTS).name)
     if cards:
