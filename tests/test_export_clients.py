@@ -71,3 +71,20 @@ def test_dot_edges_visible(circuit):
     dot = export.to_dot(circuit)
     alphas = [int(a, 16) for a in re.findall(r'color="#[0-9a-f]{6}([0-9a-f]{2})"', dot)]
     assert len(alphas) == circuit.n_edges and min(alphas) >= 0x60
+
+
+def test_picture_names_features_by_label_with_text_in_svg(tmp_path):
+    c = make_circuit("none")
+    for n, d in c.graph.nodes(data=True):
+        if d["kind"] == "error":
+            d["effect"] = 100.0 * (1 if d["effect"] >= 0 else -1)  # error nodes far larger than features
+        elif d["kind"] in ("feature", "embed"):
+            d["label"] = f"plural nouns {n} → are|were|have many more words"
+    from featcircuits.draw import MAX_LABEL, draw_circuit
+
+    (svg,) = draw_circuit(c, tmp_path / "circuit", formats=("svg",), n_labels=5)
+    text = svg.read_text()
+    assert "<text" in text  # svg.fonttype none: text, not glyph paths
+    shown = re.findall(r"plural nouns [^<]*", text)
+    assert len(shown) == 5 and all(len(t.strip()) <= MAX_LABEL for t in shown)  # features named, not errors
+    assert "sva-simple" in text and "feature effect" in text and "error-node effect" in text
