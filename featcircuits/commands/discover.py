@@ -82,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from ..readable import DEFAULT_CARD_TOKENS, annotate, circuit_cards, node_facts
 
     annotations = load_annotations(args.annotations)  # a bad file fails before the model loads
-    if args.cards != "off" and args.corpus != "offline" and not Path(args.corpus).is_file():
-        from ..errors import UserError
+    if args.cards != "off":
+        from ..text_corpus import check_corpus
 
-        raise UserError(f"--corpus {args.corpus}: no such file (give 'offline', a .txt or a .jsonl file)")
+        check_corpus(args.corpus)
     card_tokens = DEFAULT_CARD_TOKENS if args.card_tokens is None else args.card_tokens
     n_eval = DEFAULT_N_EVAL if args.n_eval is None else args.n_eval
     if card_tokens < 1 or n_eval < 1:

@@ -34,16 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..tracing import SplicedModel
 
-    from pathlib import Path
-
     from ..errors import UserError
+    from ..text_corpus import check_corpus
 
     bad = [f for f, v in (("--tokens", args.tokens), ("--top-k", args.top_k), ("--batch-size", args.batch_size))
            if v is not None and v < 1]
     if bad:  # checked before the model loads
         raise UserError(f"{', '.join(bad)} must be positive")
-    if args.corpus != "offline" and not Path(args.corpus).is_file():
-        raise UserError(f"--corpus {args.corpus}: no such file (give 'offline', a .txt or a .jsonl file)")
+    check_corpus(args.corpus)
     t0 = time.perf_counter()
     model = load_model(args.model)
     saes = default_saes(args.model, args.saes)
