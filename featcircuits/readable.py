@@ -119,7 +119,7 @@ def circuit_cards(sm: SplicedModel, circuit: Circuit, mode: str = "auto", corpus
             store = None
     if store is None:
         if not feats:
-            return {}, {"store": None, "subset": True, "tokens": 0, "n_cards": 0}
+            return {}, {"store": None, "subset": True, "tokens": 0, "n_cards": 0, "n_feature_nodes": 0}
         if on_subset is not None:
             on_subset(sum(len(v) for v in feats.values()), tokens)
         store = feature_store(sm, corpus, StoreSettings(tokens=tokens), features=feats, progress=progress)
