@@ -240,7 +240,9 @@ def _locate(sm: SplicedModel, corpus: str, s: StoreSettings, features: dict | No
     feats = None if features is None else {k: torch.as_tensor(sorted(set(int(i) for i in v)), dtype=torch.long)
                                            for k, v in features.items() if len(list(v))}
     key, prov = store_key(sm, desc, s, feats)
-    return (cache or cache_dir() / "features") / key, windows, feats, key, prov
+    # $FEATCIRCUITS_FEATURES moves only the stores (tests point it at a temporary folder)
+    root = cache or Path(os.environ.get("FEATCIRCUITS_FEATURES") or cache_dir() / "features")
+    return root / key, windows, feats, key, prov
 
 
 def cached_store(sm: SplicedModel, corpus: str = "offline", settings: StoreSettings | None = None,
@@ -360,7 +362,7 @@ class FeatureStore:
 
     def cards_for_nodes(self, node_ids: Iterable[str]) -> dict[str, dict]:
         """Cards of the feature nodes among ``node_ids`` (``site/feature[@pos]``) the store holds."""
-        from .graph import parse_node_id
+        from .nodes import parse_node_id
 
         out = {}
         for nid in node_ids:
@@ -376,7 +378,7 @@ class FeatureStore:
 
 def circuit_features(node_ids: Iterable[str]) -> dict[str, list[int]]:
     """site -> feature indices of the feature nodes among ``node_ids`` (for the subset mode)."""
-    from .graph import parse_node_id
+    from .nodes import parse_node_id
 
     out: dict[str, set[int]] = {}
     for nid in node_ids:

@@ -4,9 +4,11 @@ Rows bottom to top: the embed site, then for every layer its ``attn``, ``mlp`` a
 ``resid`` sites (three bands per layer), the metric on top. Columns: token positions when
 the circuit keeps them (aggregation ``none``), one column otherwise. Nodes: circles for
 features, squares for error nodes, a star for the metric; colour and size by effect (blue
-positive, red negative). Edges: blue positive, red negative, opacity and width by
-|weight|. Large circuits are cut to the ``max_nodes`` nodes of largest |effect| and the
-title says so.
+positive, red negative), features and error nodes on separate scales (error nodes are often
+far larger and would wash the feature signs out). The strongest features are named by their
+label (truncated), set beside the marker, never on it. Edges: blue positive, red negative,
+opacity and width by |weight|. Large circuits are cut to the ``max_nodes`` nodes of largest
+|effect| and the title says so. The title is the task's short name; SVG text stays text.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ POSITIVE = "#1f5ac8"
 NEGATIVE = "#d62b2b"
 
 
+MAX_LABEL = 28  # characters of a label in the picture
+
+
 def _short(nid: str, d: dict) -> str:
-    """A node's label, or its id without the position (the column shows it)."""
-    if d.get("label"):
-        return str(d["label"])
-    return str(nid).partition("@")[0]
+    """A node's label (truncated to ``MAX_LABEL``), or its id without the position (the column shows it)."""
+    text = str(d["label"]) if d.get("label") else str(nid).partition("@")[0]
+    return text if len(text) <= MAX_LABEL else text[:MAX_LABEL - 1] + "…"
 
 
 def select_drawn(circuit: Circuit, max_nodes: int | None) -> list[str]:
@@ -79,8 +83,10 @@ def _title(circuit: Circuit, shown: int) -> str:
         task = task.get("name") or task.get("path")
     method = prov.get("method")
     method = METHOD_LABELS.get(str(method), str(method)) if method else "?"
-    line1 = f"{task or 'circuit'} · {method} · {circuit.n_nodes} nodes, {circuit.n_edges} edges"
-    bits = [str(prov[k]) for k in ("model", "dictionaries") if prov.get(k)]
+    name = Path(str(task)).stem if task else "circuit"  # a task file by its short name
+    line1 = name
+    bits = [f"{method} · {circuit.n_nodes} nodes, {circuit.n_edges} edges"]
+    bits += [str(prov[k]) for k in ("model", "dictionaries") if prov.get(k)]
     if prov.get("aggregation"):
         bits.append(f"aggregation {prov['aggregation']}")
     line2 = " · ".join(bits)
@@ -142,18 +148,27 @@ def draw_circuit(circuit: Circuit, path_stem: str | Path, max_nodes: int | None 
     d_max = min(16.7, 0.85 * pt_per_unit * 0.9 / max(grid["per_cell"], 1))
     s_max = d_max ** 2
     s_min = min(18.0, 0.3 * s_max)
-    norm = TwoSlopeNorm(vmin=-emax, vcenter=0.0, vmax=emax)
-    cmap = "RdBu"  # red negative, blue positive
-    mappable = None
-    for kind, marker in (("feature", "o"), ("embed", "o"), ("error", "s")):
-        members = [n for n in body if g.nodes[n].get("kind") == kind]
+    # features and error nodes on their own scales: one sign colour map each
+    scales = {}
+    for group, kinds, cmap in (("feature", ("feature", "embed"), "RdBu"), ("error", ("error",), "PuOr")):
+        members = [n for n in body if g.nodes[n].get("kind") in kinds]
+        top = max((abs(float(g.nodes[n].get("effect", 0.0))) for n in members), default=0.0) or 1.0
+        scales[group] = (members, TwoSlopeNorm(vmin=-top, vcenter=0.0, vmax=top), cmap, top)
+    radius: dict[str, float] = {}
+    mappables = {}
+    for group, (members, norm, cmap, top) in scales.items():
         if not members:
             continue
         eff = [float(g.nodes[n].get("effect", 0.0)) for n in members]
-        sizes = [s_min + (s_max - s_min) * math.sqrt(abs(e) / emax) for e in eff]
-        mappable = ax.scatter([xy[n][0] for n in members], [xy[n][1] for n in members], s=sizes, c=eff,
-                              cmap=cmap, norm=norm, marker=marker, edgecolors="#333333",
-                              linewidths=0.9 if kind == "error" else 0.4, zorder=3)
+        sizes = [s_min + (s_max - s_min) * math.sqrt(abs(e) / top) for e in eff]
+        radius.update({n: math.sqrt(a) / 2 for n, a in zip(members, sizes)})
+        for marker, kinds in (("o", ("feature", "embed")), ("s", ("error",))):
+            idx = [i for i, n in enumerate(members) if g.nodes[n].get("kind") in kinds]
+            if idx:
+                mappables[group] = ax.scatter(
+                    [xy[members[i]][0] for i in idx], [xy[members[i]][1] for i in idx], s=[sizes[i] for i in idx],
+                    c=[eff[i] for i in idx], cmap=cmap, norm=norm, marker=marker, edgecolors="#333333",
+                    linewidths=0.9 if marker == "s" else 0.4, zorder=3)
     metric = [n for n in nodes if g.nodes[n].get("kind") == "metric"]
     if metric:
         ax.scatter([xy[n][0] for n in metric], [xy[n][1] for n in metric], s=320, marker="*", c="#222222",
@@ -161,16 +176,21 @@ def draw_circuit(circuit: Circuit, path_stem: str | Path, max_nodes: int | None 
         for n in metric:
             ax.annotate("metric", xy[n], xytext=(8, 0), textcoords="offset points", fontsize=8, va="center")
 
-    # name the strongest nodes; neighbours in a row alternate above / below
-    named = sorted(body, key=lambda n: -abs(float(g.nodes[n].get("effect", 0.0))))[:n_labels]
+    # name the strongest features (by label) first, then error nodes if room is left; the text
+    # starts past the marker's radius, neighbours in a row alternate above / below
+    by_effect = sorted(body, key=lambda n: -abs(float(g.nodes[n].get("effect", 0.0))))
+    named = [n for n in by_effect if g.nodes[n].get("kind") != "error"][:n_labels]
+    named += [n for n in by_effect if g.nodes[n].get("kind") == "error"][:max(0, n_labels - len(named))]
     by_row: dict[float, list[str]] = {}
     for n in named:
         by_row.setdefault(xy[n][1], []).append(n)
     for row in by_row.values():
         for i, n in enumerate(sorted(row, key=lambda n: xy[n][0])):
             up = i % 2 == 0
-            ax.annotate(_short(n, g.nodes[n]), xy[n], xytext=(0, 7 if up else -7), textcoords="offset points",
-                        fontsize=5.5, ha="center", va="bottom" if up else "top", zorder=5, color="#111111")
+            off = radius.get(n, 3.0) + 2.0
+            ax.annotate(_short(n, g.nodes[n]), xy[n], xytext=(0, off if up else -off), textcoords="offset points",
+                        fontsize=5.5, ha="center", va="bottom" if up else "top", zorder=5, color="#111111",
+                        bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
 
     # axes: rows named by site, columns by position
     row_names = {}
@@ -204,16 +224,22 @@ def draw_circuit(circuit: Circuit, path_stem: str | Path, max_nodes: int | None 
         Line2D([], [], color=NEGATIVE, lw=2, label="negative edge"),
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
-              title="size, colour: effect\nopacity, width: |weight|", title_fontsize=7)
-    if mappable is not None:
-        cb = fig.colorbar(mappable, ax=ax, fraction=0.025, pad=0.12, shrink=0.5, anchor=(0.0, 0.0))
-        cb.set_label("node effect", fontsize=7)
-        cb.ax.tick_params(labelsize=6)
+              title="size, colour: effect (features and\nerror nodes on separate scales)\nopacity, width: |weight|",
+              title_fontsize=7)
+    for i, (group, label) in enumerate((("feature", "feature effect"), ("error", "error-node effect"))):
+        if group in mappables:
+            cb = fig.colorbar(mappables[group], ax=ax, fraction=0.025, pad=0.12 + 0.08 * i, shrink=0.45,
+                              anchor=(0.0, 0.0))
+            cb.set_label(label, fontsize=7)
+            cb.ax.tick_params(labelsize=6)
     ax.set_title(title or _title(circuit, shown), fontsize=9)
     stem = Path(path_stem)
     if stem.suffix and stem.suffix.lstrip(".").lower() not in ("png", "svg", "pdf"):
         stem = stem.with_name(stem.name + ".x")  # keep "a.b" whole: save_figure swaps the last suffix
-    return save_figure(fig, stem, formats=tuple(formats))
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text as <text>, searchable and editable
+        return save_figure(fig, stem, formats=tuple(formats))
 
 
 def _rgba(hex_colour: str, alpha: float) -> tuple[float, float, float, float]:

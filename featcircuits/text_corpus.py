@@ -12,6 +12,14 @@ import torch
 from .errors import UserError
 
 
+def check_corpus(spec: str) -> None:
+    """Raise UserError unless ``spec`` is ``offline`` or an existing .txt / .jsonl file (cheap:
+    commands call it before loading the model)."""
+    if spec != "offline" and (not Path(spec).is_file() or Path(spec).suffix not in (".txt", ".jsonl")):
+        raise UserError(f"--corpus must be 'offline', a .txt file or a .jsonl file; got {spec!r}"
+                        + ("" if Path(spec).exists() else " (no such file)"))
+
+
 def corpus_windows(spec: str, tokenizer: Any, tokens: int) -> tuple[torch.Tensor, dict]:
     """Token windows [n, T] (BOS first) covering at least ``tokens`` tokens, and a descriptor.
 
@@ -24,9 +32,8 @@ def corpus_windows(spec: str, tokenizer: Any, tokens: int) -> tuple[torch.Tensor
     if spec == "offline":
         windows = build_corpus(tokenizer).train
     else:
+        check_corpus(spec)
         path = Path(spec)
-        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
-            raise UserError(f"--corpus must be 'offline', a .txt file or a .jsonl file; got {spec!r}")
         raw = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix == ".txt":
             docs = [p.strip() for p in raw.split("\n\n") if p.strip()]

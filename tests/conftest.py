@@ -6,6 +6,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "FEATCIRCUITS_FEATURES" not in os.environ:  # feature stores built by tests stay out of the user's cache
+    import tempfile
+
+    os.environ["FEATCIRCUITS_FEATURES"] = tempfile.mkdtemp(prefix="featcircuits-features-")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from ..graph import DEFAULT_TOP_K, describe_size
@@ -14,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "discover", help="discover a sparse feature circuit and write graph, exports and plots",
         description="Compute node effects, threshold them, compute edges into the kept nodes, and write "
-                    "graph.graphml/.dot/.json, node effects, summary.json and pictures into --out.")
+                    "graph.graphml/.dot/.json, node effects, summary.json, pictures and the viewer circuit.html "
+                    "(labelled from feature cards) into --out; a quick evaluation reports faithfulness, "
+                    "completeness and the error nodes' share of |effect|.")
     add_model_args(p)
     add_task_args(p, auto_batch=True)
     p.add_argument("--method", default="relp", choices=["relp", "ig", "atp"],
@@ -35,6 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one backward per downstream node (the slow reference path)")
     p.add_argument("--compare", default=None, choices=["ig", "relp", "atp"],
                    help="also time this method's nodes+edges on the same data (recorded in summary.json)")
+    p.add_argument("--cards", default="auto", choices=["auto", "subset", "off"],
+                   help="feature cards for the circuit's nodes (labels, example contexts in circuit.html): "
+                        "auto = the set's cached feature store (`featcircuits features`) if built, else cards "
+                        "for the circuit's features only; subset = always the latter; off = none")
+    p.add_argument("--no-cards", dest="cards", action="store_const", const="off", help="same as --cards off")
+    p.add_argument("--corpus", default="offline",
+                   help="text for the cards: 'offline' (the bundled corpus), a .txt or a .jsonl file")
+    p.add_argument("--card-tokens", type=int, default=None,
+                   help="corpus tokens of the circuit-only cards (default 4096)")
+    p.add_argument("--annotations", default=None, metavar="FILE.json",
+                   help="JSON object node id -> label; overrides the automatic labels")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the quick evaluation (faithfulness/completeness on held-out pairs)")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out pairs of the quick evaluation (default 32)")
     add_out_args(p)
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -59,6 +76,21 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import UserError
 
         raise UserError("--n and --steps must be positive")
+    from ..evaluation.quick import DEFAULT_N_EVAL, circuit_quality, quality_lines
+    from ..labels import load_annotations
+    from ..readable import DEFAULT_CARD_TOKENS, annotate, circuit_cards, node_facts
+
+    annotations = load_annotations(args.annotations)  # a bad file fails before the model loads
+    if args.cards != "off":
+        from ..text_corpus import check_corpus
+
+        check_corpus(args.corpus)
+    card_tokens = DEFAULT_CARD_TOKENS if args.card_tokens is None else args.card_tokens
+    n_eval = DEFAULT_N_EVAL if args.n_eval is None else args.n_eval
+    if card_tokens < 1 or n_eval < 1:
+        from ..errors import UserError
+
+        raise UserError("--card-tokens and --n-eval must be positive")
     thresholds = Thresholds.with_default(node=args.node_threshold, edge=args.edge_threshold, top_k=args.top_k,
                                          share=args.share)
     pairs = make_pairs(args.task, args.n, args.seed)
@@ -78,7 +110,28 @@ def run(args: argparse.Namespace) -> int:
                                steps=args.steps, rules=args.rules, batch_size=args.batch_size,
                                edges=not args.no_edges, batched_edges=not args.unbatched_edges,
                                provenance=provenance, checkpoint_dir=out, resume=args.resume)
-    circuit.provenance["seconds"]["load"] = round(t_load, 3)
+    secs = circuit.provenance["seconds"]
+    secs["load"] = round(t_load, 3)
+    t = time.perf_counter()
+    node_facts(sm, batch, circuit, circuit.provenance.get("prompt_tokens"), batch_size=args.batch_size)
+    secs["facts"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+
+    def say_subset(n_features: int, tokens: int) -> None:
+        print(f"featcircuits: no feature store for this set yet: building cards for the circuit's {n_features} "
+              f"features only ({tokens} corpus tokens; `featcircuits features` builds the full store once)",
+              file=sys.stderr)
+
+    cards, card_info = circuit_cards(sm, circuit, args.cards, args.corpus, card_tokens, on_subset=say_subset)
+    annotate(sm, circuit, cards, annotations)
+    secs["cards"] = round(time.perf_counter() - t, 3)
+    if card_info is not None:
+        circuit.provenance["cards"] = card_info
+    if not args.no_eval:
+        t = time.perf_counter()
+        circuit.provenance["quality"] = circuit_quality(sm, circuit, args.task, pairs, n_eval=n_eval, seed=args.seed,
+                                                        batch_size=args.batch_size)
+        secs["quality"] = round(time.perf_counter() - t, 3)
     extra = {}
     if args.compare and args.compare != args.method:
         other = discover_circuit(sm, batch, args.compare, thresholds=thresholds, aggregation=args.aggregation,
@@ -89,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                             "n_edges": other.n_edges,
                             "ratio_total": round(mine["total"] / theirs["total"], 4) if theirs["total"] else None,
                             **compare_circuits(circuit, other)}
-    save_circuit(circuit, out, extra=extra)
+    save_circuit(circuit, out, extra=extra, cards=cards)
     out = run_folder.commit()
     s = circuit.provenance["seconds"]
     print(f"circuit: {circuit.n_nodes} nodes, {circuit.n_edges} edges  (nodes {s['nodes']:.1f}s, "
@@ -103,5 +156,12 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(f"  {note}")
     for nid, eff in circuit.top_nodes(8):
-        print(f"  {nid:<22} effect {eff:+.4f}")
+        label = circuit.graph.nodes[nid].get("label") or ""
+        print(f"  {nid:<22} effect {eff:+.4f}  {label}")
+    if card_info is not None:
+        print(f"cards: {card_info['n_cards']} of {card_info['n_feature_nodes']} feature nodes "
+              f"({'circuit-only' if card_info['subset'] else 'full'} store, {card_info['tokens']} tokens)")
+    if "quality" in circuit.provenance:
+        for line in quality_lines(circuit.provenance["quality"]):
+            print(line, file=sys.stderr if line.startswith("featcircuits: warning") else sys.stdout)
     return 0

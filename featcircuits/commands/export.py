@@ -13,6 +13,7 @@ CLI_FORMATS = {
     "dot": "graph.dot",
     "json": "graph.json",
     "circuit-tracer": "graph.circuit-tracer.json",
+    "html": "circuit.html",
     "png": "circuit.png",
     "svg": "circuit.svg",
 }
@@ -20,7 +21,7 @@ CLI_FORMATS = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="re-export a saved circuit folder (GraphML, DOT, JSON, circuit-tracer JSON, PNG, SVG)",
+        "export", help="re-export a saved circuit folder (GraphML, DOT, JSON, circuit-tracer JSON, HTML viewer, PNG, SVG)",
         description="Load a circuit folder written by `featcircuits discover` (graph.json, "
                     "node_effects.safetensors, summary.json) and write it in one format. png/svg draw "
                     "the circuit with matplotlib (layers bottom to top); add --graphviz to render the "
@@ -48,6 +49,8 @@ def output_path(dir_: Path, fmt: str, out: str | None, graphviz: bool = False) -
         return path / default
     if fmt in ("png", "svg") and path.suffix.lower() != f".{fmt}":
         raise UserError(f"--out {out} must end in .{fmt} for --format {fmt}")
+    if fmt == "html" and path.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--out {out} must end in .html for --format html")
     if fmt == "circuit-tracer" and path.suffix.lower() != ".json":
         raise UserError(f"--out {out} must end in .json (circuit-tracer's front end loads <slug>.json)")
     return path
@@ -74,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     elif fmt == "json":
         export.write_json_graph(circuit, out)
     elif fmt == "circuit-tracer":
-        export.write_circuit_tracer(circuit, out)
+        export.write_circuit_tracer(circuit, out, cards=export.read_cards(src))
+    elif fmt == "html":
+        export.write_circuit_html(circuit, out, export.read_cards(src))
     elif args.graphviz:
         if not export.graphviz_available():
             raise UserError("the Graphviz `dot` binary is not installed (apt-get install graphviz); "

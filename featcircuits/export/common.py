@@ -16,19 +16,22 @@ CIRCUIT_TRACER = "graph.circuit-tracer.json"
 CIRCUIT_TRACER_INDEX = "graph-metadata.json"
 EFFECTS = "node_effects.safetensors"
 SUMMARY = "summary.json"
+HTML = "circuit.html"
+CARDS = "cards.json"  # the cards of the circuit's feature nodes (node id -> card), read by the html export
 PICTURE = "circuit"  # stem: circuit.png, circuit.svg
 
 #: Every format :func:`save_circuit` knows, in the order it writes them.
-FORMATS = ("graphml", "dot", "json", "circuit-tracer", "effects", "summary", "png", "svg")
-#: What it writes by default: everything, the matplotlib picture ``circuit.png``/``.svg``
-#: included, so a circuit saved from Python holds what ``featcircuits discover`` writes.
+FORMATS = ("graphml", "dot", "json", "circuit-tracer", "effects", "html", "summary", "png", "svg")
+#: What it writes by default: everything, the matplotlib picture ``circuit.png``/``.svg`` and
+#: the viewer ``circuit.html`` included, so a circuit saved from Python holds what
+#: ``featcircuits discover`` writes.
 DEFAULT_FORMATS = FORMATS
 JSON_FORMAT_VERSION = "featcircuits.circuit/1"
 
 # Node attributes and their types (GraphML/DOT need one type per attribute).
 _INT_ATTRS = ("layer", "feature", "position")
-_FLOAT_ATTRS = ("effect",)
-_STR_ATTRS = ("site", "kind", "label")
+_FLOAT_ATTRS = ("effect", "activation_clean", "activation_patch")
+_STR_ATTRS = ("site", "kind", "label", "neuronpedia", "token")
 
 
 # --------------------------------------------------------------------------- helpers

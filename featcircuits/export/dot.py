@@ -106,7 +106,7 @@ def to_dot(circuit: Circuit) -> str:
         w = float(data.get("weight", 0.0))
         strength = min(1.0, abs(w) / wmax)
         colour = "#1f5ac8" if w >= 0 else "#d62b2b"
-        alpha = max(0x20, round(0xFF * strength))
+        alpha = round(0x60 + 0x9F * strength)  # the faintest edge still visible (was 0x20: invisible)
         parts = [f"circuit_weight={_dot_quote(_fmt(w))}", f"color={_dot_quote(colour + '%02x' % alpha)}",
                  f"penwidth={0.5 + 3.0 * strength:.2f}"]
         for k, x in data.items():

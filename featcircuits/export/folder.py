@@ -18,14 +18,15 @@ from ..errors import UserError
 from ..graph import Circuit
 from ..io import write_json
 from ..nodes import Acts
-from .common import (CIRCUIT_TRACER, CIRCUIT_TRACER_INDEX, DEFAULT_FORMATS, DOT, EFFECTS, FORMATS, GRAPHML,
-                     JSON, PICTURE, SUMMARY, _jsonable, _seconds)
+from .common import (CARDS, CIRCUIT_TRACER, DEFAULT_FORMATS, DOT, EFFECTS, FORMATS, GRAPHML,
+                     HTML, JSON, PICTURE, SUMMARY, _jsonable, _seconds)
 from .graphml import write_graphml
 from . import dot
 from .dot import GRAPHVIZ_MISSING, render_dot_many, write_dot
 from .nodelink import from_node_link, write_json_graph
-from .circuit_tracer import write_circuit_tracer
+from .circuit_tracer import SERVE_DIR, write_circuit_tracer
 from .effects import read_effects, write_effects
+from .html import write_cards, write_circuit_html
 
 log = logging.getLogger("featcircuits.export")
 
@@ -69,9 +70,9 @@ def summary_dict(circuit: Circuit, extra: dict | None = None, files: Iterable[st
 def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] = DEFAULT_FORMATS,
                  extra: dict | None = None, max_draw_nodes: int = 200,
                  graphviz_max_edges: int = 5000, *, model: str | None = None, task: str | None = None,
-                 saes: str | None = None, seed: int | None = None) -> dict:
+                 saes: str | None = None, seed: int | None = None, cards: dict[str, dict] | None = None) -> dict:
     """Write ``circuit`` to ``out_dir`` in ``formats`` (default :data:`DEFAULT_FORMATS`: every
-    format, the picture ``circuit.png``/``circuit.svg`` included).
+    format, the picture ``circuit.png``/``circuit.svg`` and the viewer ``circuit.html`` included).
 
     ``model``, ``task``, ``saes`` (and ``seed``), when given, are merged into the saved
     provenance: they are what ``featcircuits evaluate`` rebuilds the run from (a circuit from
@@ -81,7 +82,9 @@ def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] =
     ``formats``), whose ``files`` lists what was written and ``notes`` what was not (e.g.
     the DOT not rendered because Graphviz is missing). ``extra`` is merged into the
     summary last; ``max_draw_nodes`` caps the picture; the DOT is rendered with Graphviz
-    only up to ``graphviz_max_edges`` edges."""
+    only up to ``graphviz_max_edges`` edges. ``cards`` (node id -> feature card) go into
+    ``cards.json`` and the viewer ``circuit.html`` (format ``html``; without cards the page
+    still shows the graph, labels and node facts)."""
     formats = tuple(formats)
     if not distributed.is_writer():  # under torchrun rank 0 alone writes; the others hold the same circuit
         return {}
@@ -117,10 +120,14 @@ def save_circuit(circuit: Circuit, out_dir: str | Path, formats: Iterable[str] =
     if "json" in formats:
         files.append(write_json_graph(circuit, out / JSON).name)
     if "circuit-tracer" in formats:
-        files.append(write_circuit_tracer(circuit, out / CIRCUIT_TRACER).name)
-        files.append(CIRCUIT_TRACER_INDEX)
+        files.append(write_circuit_tracer(circuit, out / CIRCUIT_TRACER, cards=cards).name)
+        files.append(f"{SERVE_DIR}/")
     if "effects" in formats:
         files.append(write_effects(circuit, out / EFFECTS).name)
+    if cards:
+        files.append(write_cards(cards, out / CARDS).name)
+    if "html" in formats:
+        files.append(write_circuit_html(circuit, out / HTML, cards).name)
     pics = tuple(f for f in ("png", "svg") if f in formats)
     if pics:
         from ..draw import draw_circuit
