@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
                                provenance=provenance, checkpoint_dir=out, resume=args.resume)
     secs = circuit.provenance["seconds"]
     secs["load"] = round(t_load, 3)
+    batch_size = circuit.provenance["batching"]["batch_size"]  # --batch-size auto resolved once, by discover
     t = time.perf_counter()
-    node_facts(sm, batch, circuit, circuit.provenance.get("prompt_tokens"), batch_size=args.batch_size)
+    node_facts(sm, batch, circuit, circuit.provenance.get("prompt_tokens"), batch_size=batch_size)
     secs["facts"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
 
@@ -130,12 +131,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_eval:
         t = time.perf_counter()
         circuit.provenance["quality"] = circuit_quality(sm, circuit, args.task, pairs, n_eval=n_eval, seed=args.seed,
-                                                        batch_size=args.batch_size)
+                                                        batch_size=batch_size)
         secs["quality"] = round(time.perf_counter() - t, 3)
     extra = {}
     if args.compare and args.compare != args.method:
         other = discover_circuit(sm, batch, args.compare, thresholds=thresholds, aggregation=args.aggregation,
-                                 steps=args.steps, rules=args.rules, batch_size=args.batch_size,
+                                 steps=args.steps, rules=args.rules, batch_size=batch_size,
                                  edges=not args.no_edges, batched_edges=not args.unbatched_edges)
         mine, theirs = circuit.provenance["seconds"], other.provenance["seconds"]
         extra["compare"] = {"method": args.compare, "seconds": theirs, "n_nodes": other.n_nodes,
