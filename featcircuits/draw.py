@@ -117,8 +117,6 @@ def draw_circuit(circuit: Circuit, path_stem: str | Path, max_nodes: int | None 
     drawn = set(nodes)
 
     body = [n for n in nodes if g.nodes[n].get("kind") != "metric"]
-    effects = [float(g.nodes[n].get("effect", 0.0)) for n in body]
-    emax = max((abs(e) for e in effects), default=0.0) or 1.0
     edges = [(u, v, float(w)) for u, v, w in g.edges(data="weight", default=0.0) if u in drawn and v in drawn]
     wmax = max((abs(w) for _, _, w in edges), default=0.0) or 1.0
 

@@ -157,7 +157,7 @@ def main() -> int:
         summary[f"{task}_sites_recovered_over_half"] = sum(v >= 0.5 for v in rec)
         deltas = [r["sae"] - t["clean"] for r in t["sites"].values()]
         summary[f"{task}_mean_abs_shift"] = sum(abs(v) for v in deltas) / len(deltas)
-    report = {"set": args.saes, "model": args.model, "summary": summary, "quality": quality, "tasks": tasks,
+    report = {"set": args.saes, "model": args.model, "dictionaries_sha256": dset.digest(), "summary": summary, "quality": quality, "tasks": tasks,
               "set_meta": {k: set_meta.get(k) for k in ("config", "corpus", "tokens_trained", "optimizer_steps",
                                                         "wall_s", "threads", "torch")},
               "report_wall_s": round(time.time() - t0, 1)}
