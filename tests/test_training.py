@@ -121,6 +121,26 @@ def test_resume_after_kill_equals_uninterrupted_run(model, corpus, tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
 
 
+def test_snapshot_of_an_unfinished_run_is_a_loadable_set_and_leaves_the_run(model, corpus, tmp_path):
+    cfg = _cfg(sites=["embed", "mlp_0", "resid_1"], tokens=480, checkpoint_every=1)
+    run, snap = tmp_path / "run", tmp_path / "snap"
+    T.train_saes(model, corpus, run, cfg, max_steps=2, progress=False, log=lambda s: None)
+    before = (run / T.CHECKPOINT).read_bytes()
+    meta = T.snapshot_run(model, run, snap)
+    assert (run / T.CHECKPOINT).read_bytes() == before and not (run / "set.json").exists()
+    assert meta["complete"] is False and meta["forward"] == 2
+    assert meta["tokens_trained"] == 2 * cfg.batch_size * (16 - 1)  # window 16, BOS skipped
+    dset = load_dictionary_set(str(snap), model.adapter)
+    assert not {"embed", "mlp_0", "resid_1"} & set(dset.meta.get("identity_sites", []))
+    # the snapshot is the checkpoint's state, folded as a finished run saves it
+    ckpt = torch.load(run / T.CHECKPOINT, weights_only=False)
+    w = load_file(snap / "resid_1" / "sae_weights.safetensors")
+    assert w["W_enc"].shape == ckpt["saes"]["resid_1"]["W_enc"].shape
+    assert not torch.equal(w["W_enc"], torch.zeros_like(w["W_enc"]))
+    with pytest.raises(UserError, match="no checkpoint.pt"):
+        T.snapshot_run(model, snap, tmp_path / "again")
+
+
 def test_user_errors(model, corpus, tmp_path):
     with pytest.raises(UserError, match="unknown site"):
         T.train_saes(model, corpus, tmp_path, _cfg(sites=["resid_9"]), progress=False)
@@ -143,6 +163,9 @@ def test_train_saes_subcommand_trains_a_tiny_set(tiny_model_dir, tmp_path, capsy
     assert main(args + ["--max-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "tok/s" in printed and "resid_1 " in printed and "dead median" in printed
+    assert (out / T.CHECKPOINT).is_file() and not (out / "set.json").exists()
+    assert main(args + ["--snapshot", str(tmp_path / "snap")]) == 0  # inspect midway: the run stays
+    assert "at forward 1" in capsys.readouterr().out and (tmp_path / "snap" / "resid_1" / "cfg.json").is_file()
     assert (out / T.CHECKPOINT).is_file() and not (out / "set.json").exists()
     assert main(args) == 2  # an unfinished run is not overwritten without --resume
     assert "--resume" in capsys.readouterr().err

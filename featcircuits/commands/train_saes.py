@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt after a kill")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-checkpoint lines stay)")
+    p.add_argument("--snapshot", metavar="DIR", default=None,
+                   help="do not train: write the SAEs of the unfinished run in --out (its last checkpoint) as a "
+                        "set in DIR, to inspect it midway; the run is left as it is")
     p.set_defaults(func=run)
     return p
 
@@ -77,10 +80,15 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..training.corpus import build_corpus
     from ..training.samples import model_samples
-    from ..training.trainer import resolve_sites, train_saes
+    from ..training.trainer import resolve_sites, snapshot_run, train_saes
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.snapshot:
+        meta = snapshot_run(load_model(args.model), args.out, args.snapshot)
+        print(f"featcircuits: wrote {len(meta['config']['sites'])} SAEs of {args.out} at forward {meta['forward']} "
+              f"({meta['tokens_trained']} tokens) -> {args.snapshot}")
+        return 0
     if args.samples < 0 or args.window < 2:
         raise UserError("--samples must be >= 0 and --window >= 2")
     docs = None

@@ -277,7 +277,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
 
     def save_checkpoint(fwd: int, wall: float) -> None:
         state = {
-            "config": asdict(cfg), "corpus_sha256": corpus.recipe.get("train_sha256"), "forward": fwd,
+            "config": asdict(cfg), "corpus_sha256": corpus.recipe.get("train_sha256"), "forward": fwd, "window": window,
             "wall_s": wall, "saes": {k: v.state_dict() for k, v in saes.items()}, "scales": scales,
             "dims": dims, "since": since, "optimizer": opt.state_dict(), "fve_ema": fve_ema,
         }
@@ -398,4 +398,37 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
         fves = [m["fve"] for m in metrics.values()]
         log(f"trained {len(sites)} SAEs on {n_fwd * per_fwd} tokens in {wall / 60:.1f} min; held-out FVE "
             f"mean {sum(fves) / len(fves):.3f} min {min(fves):.3f}")
+    return meta
+
+
+def snapshot_run(model: Any, run: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the SAEs of an unfinished run's checkpoint (``run/checkpoint.pt``) as a set in
+    ``out``, to inspect a long run midway (``featcircuits train-saes --out RUN --snapshot OUT``).
+
+    The weights are folded and saved exactly as a finished run saves them; ``out/set.json``
+    says ``complete: false`` and how far the run was. The run itself is not touched."""
+    run, out = Path(run), Path(out)
+    ckpt_path = run / CHECKPOINT
+    if not ckpt_path.is_file():
+        raise UserError(f"{run} has no {CHECKPOINT} (a finished run is already a set: use it directly)")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    cfg = TrainConfig(**{**asdict(TrainConfig(sites=[])), **ckpt["config"]})
+    sites = resolve_sites(model.adapter, cfg.sites)
+    out.mkdir(parents=True, exist_ok=True)
+    d = model.adapter.d_model
+    extra = {"corpus_sha256": ckpt["corpus_sha256"], "architecture_trained": cfg.architecture}
+    for i, s in enumerate(sites):
+        sae = sae_step.new_sae(s, d, cfg.width_of(s.name), cfg.k, model.spec, cfg.seed * 100_003 + i, cfg.architecture)
+        sae.load_state_dict(ckpt["saes"][s.name])
+        dims = ckpt.get("dims", {}).get(s.name, torch.ones(d))
+        sae_step.save_site(sae, ckpt["scales"][s.name], dims, out, s, cfg.save_dtype, extra)
+    dead = {n: float((v >= cfg.dead_tokens).float().mean()) for n, v in ckpt["since"].items()}
+    fwd = int(ckpt["forward"])
+    meta = {"model": model.spec, "architecture": cfg.architecture, "config": asdict(cfg),
+            "corpus_sha256": ckpt["corpus_sha256"], "complete": False, "snapshot_of": str(run),
+            "forward": fwd, # checkpoints before "window" was recorded used the CLI default, 128
+            "tokens_trained": fwd * cfg.batch_size * (int(ckpt.get("window", 128)) - int(cfg.skip_bos)),
+            "wall_s": round(float(ckpt["wall_s"]), 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "sites": {n: {"train_fve_ema": ckpt["fve_ema"].get(n), "train_dead_frac": dead.get(n)} for n in cfg.sites}}
+    write_text(out / SET_META, json.dumps(meta, indent=1))
     return meta
