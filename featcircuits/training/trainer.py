@@ -424,11 +424,12 @@ def snapshot_run(model: Any, run: str | Path, out: str | Path) -> dict[str, Any]
         sae_step.save_site(sae, ckpt["scales"][s.name], dims, out, s, cfg.save_dtype, extra)
     dead = {n: float((v >= cfg.dead_tokens).float().mean()) for n, v in ckpt["since"].items()}
     fwd = int(ckpt["forward"])
+    # checkpoints made before "window" was recorded used the CLI default, 128
+    per_fwd = cfg.batch_size * (int(ckpt.get("window", 128)) - int(cfg.skip_bos))
     meta = {"model": model.spec, "architecture": cfg.architecture, "config": asdict(cfg),
             "corpus_sha256": ckpt["corpus_sha256"], "complete": False, "snapshot_of": str(run),
-            "forward": fwd, # checkpoints before "window" was recorded used the CLI default, 128
-            "tokens_trained": fwd * cfg.batch_size * (int(ckpt.get("window", 128)) - int(cfg.skip_bos)),
-            "wall_s": round(float(ckpt["wall_s"]), 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "forward": fwd, "tokens_trained": fwd * per_fwd, "optimizer_steps": fwd * max(1, round(per_fwd / cfg.sae_batch)),
+            "wall_s": round(float(ckpt["wall_s"]), 1), "threads": None, "torch": torch.__version__,
             "sites": {n: {"train_fve_ema": ckpt["fve_ema"].get(n), "train_dead_frac": dead.get(n)} for n in cfg.sites}}
     write_text(out / SET_META, json.dumps(meta, indent=1))
     return meta
