@@ -148,7 +148,7 @@ def render(r: dict) -> str:
 
 def render_table(results: list[dict]) -> str:
     """Before/after: one column per label."""
-    head = "| | " + " | ".join(f"`{r['saes']}` ({r['label']})" for r in results) + " |"
+    head = "| | " + " | ".join(r["label"] for r in results) + " |"
     lines = ["# Starter set: before and after", "",
              "Written by `scripts/starter_targets.py --table " + " ".join(r["label"] for r in results) + "` from the "
              "per-set files beside this one (each rerunnable with its own command there).", "", head,
@@ -163,6 +163,7 @@ def render_table(results: list[dict]) -> str:
                 cells.append("n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
+    row("set (sha256)", lambda r: f"`{Path(r['saes']).name}` ({r['dictionaries_sha256'][:12]})")
     for kind in ("embed", "attn", "mlp", "resid"):
         row(f"median recovered share, {kind} sites", lambda r, k=kind: f"{r['sites']['recovered_by_kind'][k]:.2f}")
     for task in ("sva-simple", "ioi"):
