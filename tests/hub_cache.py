@@ -35,10 +35,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Per registered set: the model family and widths of the stand-in. Gemma Scope's loader
 # (``gemma_2``) takes d_in from the repo name (2b -> 2304) and d_sae from the folder
 # (width_16k -> 16384) whatever the file holds, so that stand-in must have those sizes; the
-# other loaders read the sizes from the files, so those stand-ins stay tiny.
+# other loaders read the sizes from the files, so those stand-ins stay tiny. Gemma Scope's
+# attention SAEs read hook_z, whose width the loader also fixes (2b -> 2048): that stand-in has
+# Gemma 2 2B's 8 heads of 256 (``heads``), and its attention SAEs are written at hook_z's width.
 STAND_INS: dict[str, dict[str, Any]] = {
     "pythia-70m-deduped": {"family": "gpt_neox", "d_model": 32, "d_sae": 64},
-    "gemma-scope-2b": {"family": "gemma2", "d_model": 2304, "d_sae": 16384},
+    "gemma-scope-2b": {"family": "gemma2", "d_model": 2304, "d_sae": 16384, "heads": (8, 256), "attn_at_z": True},
     "gemma-scope-2-270m": {"family": "gemma3", "d_model": 32, "d_sae": 64},
 }
 
@@ -87,6 +89,9 @@ def stand_in_model(set_name: str, n_layers: int, seed: int = 0):
     tok = tiny_tokenizer()
     config = tiny_config(spec["family"], len(tok), n_layers, spec["d_model"])
     config.intermediate_size = 64  # keeps the 2304-wide Gemma 2 stand-in small
+    if "heads" in spec:
+        config.num_attention_heads, config.head_dim = spec["heads"]
+        config.num_key_value_heads = 1
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -192,7 +197,9 @@ def build_hub_cache(root: Path, set_name: str, n_layers: int = 2) -> dict[str, A
     for i, (site, (release, sae_id)) in enumerate(requested.items()):
         if (release, sae_id) in written:
             continue
-        if write_sae(hub, release, sae_id, adapter.d_model, STAND_INS[set_name]["d_sae"], seed=i):
+        at_z = STAND_INS[set_name].get("attn_at_z") and site.startswith("attn_")
+        d_in = adapter.z_width if at_z else adapter.d_model
+        if write_sae(hub, release, sae_id, d_in, STAND_INS[set_name]["d_sae"], seed=i):
             written.add((release, sae_id))
         else:
             missing.append(site)
@@ -266,11 +273,11 @@ def _drive(spec: dict[str, Any]) -> int:
         model = load_model(spec["model"])
         dicts = load_dictionary_set(spec["saes"], model.adapter, spec["model"])
         sites = {}
-        for s in model.adapter.sites():
+        for s in model.adapter.sites(dicts.z_sites()):
             d = dicts[s.name]
             cfg = getattr(getattr(d, "sae", None), "cfg", None)
             meta = getattr(cfg, "metadata", None)
-            sites[s.name] = {"path": s.path, "source": d.source, "d_in": d.d_in, "d_sae": d.d_sae,
+            sites[s.name] = {"path": s.path, "reads": s.reads, "source": d.source, "d_in": d.d_in, "d_sae": d.d_sae,
                              "hook_name": getattr(meta, "hook_name", None),
                              "hf_hook_name": getattr(meta, "hf_hook_name", None)}
         result["sites"] = sites
