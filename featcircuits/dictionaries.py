@@ -267,26 +267,20 @@ def check_hook(site: Site, dictionary: Dictionary) -> None:
                         f"({' or '.join(sorted(transformer_lens_hooks(site)))}); check the set's registry entry")
 
 
-def check_width(site: str | Site, dictionary: Dictionary | int, width: int, adapter: Adapter | None = None) -> None:
-    """A dictionary (or its ``d_in``) must read the site's width. With the ``adapter``, a
-    mismatch at an attention site says which of its two points (output, hook_z) has which width."""
-    d_in = dictionary if isinstance(dictionary, int) else dictionary.d_in
+def check_width(site: Site, dictionary: Dictionary | int, adapter: Adapter) -> None:
+    """A dictionary (or its ``d_in``) must read the site's width (``Adapter.site_width``); at an
+    attention site the message says which of its two points (output, hook_z) has which width."""
+    d_in, width = dictionary if isinstance(dictionary, int) else dictionary.d_in, adapter.site_width(site)
     if d_in == width:
         return
-    name = site if isinstance(site, str) else site.name
-    hint = ""
-    if adapter is not None and not isinstance(site, str) and site.kind == "attn":
-        if site.reads_input:
-            hint = (f"; this SAE records hook blocks.{site.layer}.attn.hook_z (the heads before o_proj, "
-                    f"width {adapter.z_width}), a d_model ({adapter.d_model}) SAE must record the attention output")
-        elif d_in == adapter.z_width:
-            hint = (f"; {d_in} is the width of hook_z (the heads before o_proj): an SAE that reads it must "
-                    f"record hook_name blocks.{site.layer}.attn.hook_z in its cfg.json metadata")
-    raise UserError(
-        f"dictionary for site {name}{' (hook_z)' if not isinstance(site, str) and site.reads_input else ''} "
-        f"reads width {d_in} but the site has width {width}: this dictionary was trained for another "
-        f"model or site{hint}"
-    )
+    hint, z = "", f"blocks.{site.layer}.attn.hook_z"
+    if site.reads_input:
+        hint = f"; it records hook {z} (the heads before o_proj, width {width}), not the attention output"
+    elif site.kind == "attn" and d_in == adapter.z_width:
+        hint = f"; {d_in} is hook_z's width: an SAE that reads it must record hook_name {z} in its metadata"
+    raise UserError(f"dictionary for site {site.name}{' (hook_z)' if site.reads_input else ''} reads width "
+                    f"{d_in} but the site has width {width}: this dictionary was trained for another model "
+                    f"or site{hint}")
 
 
 def _check_site_names(name: str, found: Iterable[str], adapter: Adapter) -> None:
@@ -321,7 +315,7 @@ def precheck_dictionary_set(spec: str | None, adapter: Adapter) -> None:
     sites = {s.name: s for s in adapter.sites([s for s, h in hooks.items() if reads_for_hook(h) == READS_Z])}
     for site, cfg in read.items():
         if isinstance(cfg.get("d_in"), int):
-            check_width(sites[site], cfg["d_in"], adapter.site_width(sites[site]), adapter)
+            check_width(sites[site], cfg["d_in"], adapter)
 
 
 def identity_set(adapter: Adapter) -> DictionarySet:
@@ -372,7 +366,7 @@ def _finish(name: str, found: dict[str, Dictionary], adapter: Adapter, meta: dic
     identity_sites = []
     for site in adapter.sites(z_sites(found)):
         if site.name in found:
-            check_width(site, found[site.name], adapter.site_width(site), adapter)
+            check_width(site, found[site.name], adapter)
             out[site.name] = found[site.name]
         else:
             out[site.name] = IdentityDictionary(adapter.d_model)

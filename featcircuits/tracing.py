@@ -85,7 +85,7 @@ class SplicedModel:
         if missing:
             raise UserError(f"dictionary set {self.dictionaries.name!r} lacks sites {', '.join(missing[:5])}")
         for s in self.sites:  # a set built by hand is checked too: a wrong width must not splice
-            check_width(s, self.dictionaries[s.name], self.adapter.site_width(s), self.adapter)
+            check_width(s, self.dictionaries[s.name], self.adapter)
         self.n_forward = 0  # passes counted for provenance and benchmarks
         self.n_backward = 0
         self.rows_forward = 0  # example rows through the model (a stacked batch counts every row)
