@@ -226,6 +226,7 @@ def test_discover_cli_runs_with_z_sites(z_set, tmp_path, capsys):
                  "--task", "ioi", "--n", "4", "--batch-size", "4", "--top-k", "12"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_nodes"] > 0
+    assert summary["hook_z_sites"] == ["attn_0", "attn_1"]
 
 
 def test_wrong_point_is_refused(tmp_path):
