@@ -38,10 +38,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # other loaders read the sizes from the files, so those stand-ins stay tiny. Gemma Scope's
 # attention SAEs read hook_z, whose width the loader also fixes (2b -> 2048): that stand-in has
 # Gemma 2 2B's 8 heads of 256 (``heads``), and its attention SAEs are written at hook_z's width.
+# Gemma Scope 2's attention SAEs read hook_z too; that stand-in's z (4 x 12) is wider than d_model.
 STAND_INS: dict[str, dict[str, Any]] = {
     "pythia-70m-deduped": {"family": "gpt_neox", "d_model": 32, "d_sae": 64},
     "gemma-scope-2b": {"family": "gemma2", "d_model": 2304, "d_sae": 16384, "heads": (8, 256), "attn_at_z": True},
-    "gemma-scope-2-270m": {"family": "gemma3", "d_model": 32, "d_sae": 64},
+    "gemma-scope-2-270m": {"family": "gemma3", "d_model": 32, "d_sae": 64, "heads": (4, 12), "attn_at_z": True},
 }
 
 
