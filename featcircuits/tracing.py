@@ -3,9 +3,10 @@
 At a site with activation ``x``: ``f = encode(x)``, ``x_hat = decode(f)``, ``err = x - x_hat``
 and the model continues with ``x_hat + err``. A site is a module's output, or for attention
 sites whose dictionary reads hook_z the first input of the output projection (the adapter
-says which, ``Site.reads``): the splice replaces that input and ``o_proj`` runs on it. ``SplicedModel.run`` visits the sites in
-forward order inside one nnsight trace and lets a *site hook* read or replace each site's
-value; every estimator, edge computation and ablation in featcircuits is such a hook.
+says which, ``Site.reads``): the splice replaces that input and ``o_proj`` runs on it.
+``SplicedModel.run`` visits the sites in forward order inside one nnsight trace and lets a
+*site hook* read or replace each site's value; every estimator, edge computation and ablation
+in featcircuits is such a hook.
 Logits are computed at the last position only (``logits_to_keep=1``): the offline Gemma
 has a 262k vocabulary and the metric reads only that position.
 """
