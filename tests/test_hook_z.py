@@ -282,3 +282,24 @@ def test_wrong_point_is_refused(tmp_path):
         check_hook(z_site, sae("blocks.0.hook_attn_out"))
     with pytest.raises(UserError, match="not the site attn_0"):
         check_hook(z_site, sae("blocks.0.attn.hook_z", "model.layers.0.self_attn.o_proj.output"))
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_evaluation_ablates_at_z(z_set, ablation):
+    """Ablation values at a z site have z's width; F(M) is the spliced model's clean preference
+    and ablating every node moves it (the z values reach the output through o_proj)."""
+    from featcircuits import evaluation as E
+    from featcircuits.metric import preference
+
+    sm, batch, _ = z_set
+    ev = E.Evaluator(sm, batch, ablation=ablation)
+    assert ev.values["attn_0"].err.shape[-1] == sm.adapter.z_width
+    with torch.no_grad():
+        logits, _ = sm.cache(batch.inputs("clean"))
+    assert ev.F_M == pytest.approx(float(preference(logits, batch.clean_answer, batch.patch_answer).mean()), abs=1e-5)
+    assert abs(ev.F_M - ev.F_empty) > 1e-3
+    # only attn_0 (at z) ablated, every other site kept whole: the output moves
+    masks = E.full_masks(sm, ev.sites)
+    masks["attn_0"] = masks["attn_0"].map(torch.zeros_like)
+    (f_c,) = ev.scores([masks])
+    assert abs(f_c - ev.F_M) > 1e-4
