@@ -1,15 +1,22 @@
 """Per-family module paths: the only place in featcircuits that knows where sites live.
 
-A *site* is a place in the model whose activation (batch x pos x d_model) gets a
+A *site* is a place in the model whose activation (batch x pos x width) gets a
 dictionary: ``embed``, and for every layer ``attn_l`` (attention block output before it
 joins the residual), ``mlp_l`` (MLP block output) and ``resid_l`` (the block's output).
 Sites are always listed in forward order, which is the order nnsight must visit them.
+
+An attention site is read at one of two points, chosen by its dictionary's hook: the
+attention block's output (width d_model, the default), or ``hook_z``, the heads' outputs
+concatenated before the output projection (width n_heads * head_dim; Gemma Scope's
+attention SAEs). At z the site is the *input* of ``o_proj``: features and error live
+there, ``o_proj`` (and Gemma's post-attention norm) act on ``z_hat + err`` after the
+splice, so every site downstream sees ``o_proj(z_hat + err)`` with no special case.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Collection
 
 from .errors import UserError
 
@@ -25,6 +32,15 @@ class Site:
     layer: int  # -1 for embed
     path: str  # module path in the HF model, e.g. "model.layers.3.post_attention_layernorm"
     tuple_output: bool  # the module returns (tensor, ...) and the site is element 0
+    reads: str = "output"  # READS_OUTPUT: the module's output; READS_Z: hook_z, the first input of ``path`` (o_proj)
+
+    @property
+    def reads_input(self) -> bool:
+        """The site is the first input of its module (hook_z at o_proj), not its output."""
+        return self.reads == READS_Z
+
+
+READS_OUTPUT, READS_Z = "output", "z"
 
 
 def site_kind(name: str) -> str:
@@ -42,8 +58,18 @@ def transformer_lens_hooks(site: Site) -> set[str]:
     that read the same activation as ``site``: a hub dictionary trained elsewhere fits here."""
     if site.kind == "embed":
         return {"blocks.0.hook_resid_pre", "hook_embed"}
+    if site.reads == READS_Z:
+        return {f"blocks.{site.layer}.attn.hook_z"}
     return {{"attn": f"blocks.{site.layer}.hook_attn_out", "mlp": f"blocks.{site.layer}.hook_mlp_out",
              "resid": f"blocks.{site.layer}.hook_resid_post"}[site.kind]}
+
+
+def reads_for_hook(hook_name: str | None) -> str:
+    """Where a dictionary recorded as reading the TransformerLens hook ``hook_name`` sits:
+    ``READS_Z`` for ``blocks.L.attn.hook_z``, ``READS_OUTPUT`` otherwise (or unrecorded)."""
+    parts = (hook_name or "").split(".")
+    is_z = len(parts) == 4 and parts[0] == "blocks" and parts[1].isdigit() and parts[2:] == ["attn", "hook_z"]
+    return READS_Z if is_z else READS_OUTPUT
 
 
 def site_name(kind: str, layer: int) -> str:
@@ -90,16 +116,40 @@ class Adapter:
     n_layers: int
     d_model: int
     mlp_module: str = "mlp"  # path inside a block of the MLP itself (the site may sit after its post-norm)
+    # paths inside a block from hook_z to the attention site's output: the output projection
+    # (whose input is z), then any norm before the site (Gemma's post-attention norm)
+    z_readout: tuple[str, ...] = ()
+    z_width: int = 0  # n_heads * head_dim: the width of hook_z
 
-    def sites(self) -> list[Site]:
-        """All sites in forward order: embed, then attn_l, mlp_l, resid_l per layer."""
+    def sites(self, z: Collection[str] = ()) -> list[Site]:
+        """All sites in forward order: embed, then attn_l, mlp_l, resid_l per layer.
+
+        ``z``: names of attention sites read at hook_z (the input of the output projection)
+        instead of the attention block's output; same names, same place in the data flow."""
+        z = set(z)
+        bad = sorted(z - {f"attn_{layer}" for layer in range(self.n_layers)})
+        if bad:
+            raise UserError(f"only attention sites (attn_L) can read hook_z, not {', '.join(bad)}")
         out = [Site("embed", "embed", -1, self.embed, False)]
         for layer in range(self.n_layers):
             block = f"{self.layers}.{layer}"
-            out.append(Site(f"attn_{layer}", "attn", layer, f"{block}.{self.attn}", self.attn_tuple))
+            attn = f"attn_{layer}"
+            if attn in z:
+                out.append(Site(attn, "attn", layer, f"{block}.{self.z_readout[0]}", False, READS_Z))
+            else:
+                out.append(Site(attn, "attn", layer, f"{block}.{self.attn}", self.attn_tuple))
             out.append(Site(f"mlp_{layer}", "mlp", layer, f"{block}.{self.mlp}", False))
             out.append(Site(f"resid_{layer}", "resid", layer, block, False))
         return out
+
+    def site_width(self, site: Site) -> int:
+        """The width of a site's activation: ``z_width`` at hook_z, ``d_model`` elsewhere."""
+        return self.z_width if site.reads == READS_Z else self.d_model
+
+    def z_readout_modules(self, model: Any, layer: int) -> list[Any]:
+        """The modules of ``layer`` that take hook_z to the attention site's output, in order
+        (the output projection first): what a z feature's direct effect passes through."""
+        return [resolve(self.block(model, layer), path) for path in self.z_readout]
 
     def site(self, name: str) -> Site:
         for s in self.sites():
@@ -154,28 +204,28 @@ class MLPParts:
 _FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_neox": dict(
         family="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-        attn="attention", attn_tuple=True, mlp="mlp",
+        attn="attention", attn_tuple=True, mlp="mlp", z_readout=("attention.dense",),
     ),
     "gpt2": dict(
         # transformer.drop is the dropout after wte + wpe: the residual entering block 0.
         family="gpt2", layers="transformer.h", embed="transformer.drop",
-        attn="attn", attn_tuple=True, mlp="mlp", parallel=False,
+        attn="attn", attn_tuple=True, mlp="mlp", parallel=False, z_readout=("attn.c_proj",),
     ),
     "llama": dict(
         family="llama", layers="model.layers", embed="model.embed_tokens",
-        attn="self_attn", attn_tuple=True, mlp="mlp", parallel=False,
+        attn="self_attn", attn_tuple=True, mlp="mlp", parallel=False, z_readout=("self_attn.o_proj",),
     ),
     # Gemma 2 / 3 normalise each block's output before it joins the residual; Gemma Scope
     # dictionaries read after those post-norms, so the sites sit there too.
     "gemma2": dict(
         family="gemma2", layers="model.layers", embed="model.embed_tokens",
         attn="post_attention_layernorm", attn_tuple=False, mlp="post_feedforward_layernorm",
-        parallel=False,
+        parallel=False, z_readout=("self_attn.o_proj", "post_attention_layernorm"),
     ),
     "gemma3": dict(
         family="gemma3", layers="model.layers", embed="model.embed_tokens",
         attn="post_attention_layernorm", attn_tuple=False, mlp="post_feedforward_layernorm",
-        parallel=False,
+        parallel=False, z_readout=("self_attn.o_proj", "post_attention_layernorm"),
     ),
 }
 _ALIASES = {
@@ -202,7 +252,9 @@ def adapter_for(config: Any) -> Adapter:
         spec["parallel"] = bool(getattr(config, "use_parallel_residual", True))
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
     d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    return Adapter(n_layers=int(n_layers), d_model=int(d_model), **spec)
+    n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    head_dim = getattr(config, "head_dim", None) or int(d_model) // int(n_heads)
+    return Adapter(n_layers=int(n_layers), d_model=int(d_model), z_width=int(n_heads) * int(head_dim), **spec)
 
 
 def resolve(root: Any, path: str) -> Any:

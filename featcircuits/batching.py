@@ -77,7 +77,7 @@ def example_cost(sm: SplicedModel, batch: Batch, method: str = "relp", *, steps:
     sm.n_forward, sm.n_backward, sm.rows_forward, sm.rows_backward = counters  # a probe, not the run's work
     # kept per example and site: gradient, clean and counterfactual value of features and error
     element = torch.finfo(sm.model.dtype).bits // 8
-    kept = 3 * batch.seq_len * element * sum(sm.dictionary(s).d_sae + sm.adapter.d_model for s in sm.sites)
+    kept = 3 * batch.seq_len * element * sum(sm.dictionary(s).d_sae + sm.dictionary(s).d_in for s in sm.sites)
     return max(1, sum(seen.values()) // len(chunk) + kept + (edge_cost(sm, batch.seq_len, element) if edges else 0))
 
 
@@ -86,7 +86,7 @@ def edge_cost(sm: SplicedModel, seq_len: int, element: int, chunk_nodes: int = 6
     gradients of every upstream leaf of the widest downstream site, twice (the K-batched
     intermediate gradients of the backward are about as large). Computed, not measured: the
     probe above does not run the edge stage."""
-    widest = max((sum(sm.dictionary(u).d_sae + sm.adapter.d_model for u in sm.adapter.upstream(s.name))
+    widest = max((sum(sm.dictionary(u).d_sae + sm.dictionary(u).d_in for u in sm.adapter.upstream(s.name))
                   for s in sm.sites), default=0)
     return 2 * chunk_nodes * seq_len * element * widest
 

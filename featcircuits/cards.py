@@ -212,7 +212,8 @@ def finish(sm: SplicedModel, state: dict[str, torch.Tensor], windows: torch.Tens
     bar = tqdm(total=chunks, desc="direct effects", unit="chunk", disable=not progress)
     used = [windows.flatten()]
     for site in sites:
-        eff = direct_effects(sm.model, sm.dictionary(site), state[f"{site}.features"], k=s.logit_k, progress=bar)
+        eff = direct_effects(sm.model, sm.dictionary(site), state[f"{site}.features"], k=s.logit_k, progress=bar,
+                             site=sm.site(site))
         for name, t in eff.items():
             tensors[f"{site}.{name}"] = t
         used += [eff["up_ids"].flatten(), eff["down_ids"].flatten()]

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .adapters import Adapter, Site, transformer_lens_hooks
+from .adapters import READS_Z, Adapter, Site, reads_for_hook, transformer_lens_hooks
 from .errors import UserError
 
 REGISTRY = Path(__file__).resolve().parent / "data" / "registry.json"
@@ -51,6 +51,11 @@ class Dictionary(nn.Module):
     d_in: int
     d_sae: int
     source: str = ""
+
+    @property
+    def hook_name(self) -> str | None:
+        """The TransformerLens hook the dictionary records having read (sae-lens metadata), or None."""
+        return None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -83,6 +88,14 @@ class SaeLensDictionary(Dictionary):
         self.d_in = int(sae.cfg.d_in)
         self.d_sae = int(sae.cfg.d_sae)
         self.source = source
+        if getattr(sae, "hook_z_reshaping_mode", False):
+            # sae-lens flattens [..., n_heads, d_head] inputs of hook_z SAEs itself; featcircuits
+            # hands it the concatenated heads (o_proj's input) already flat, so reshaping stays off
+            sae.turn_off_forward_pass_hook_z_reshaping()
+
+    @property
+    def hook_name(self) -> str | None:
+        return getattr(getattr(self.sae.cfg, "metadata", None), "hook_name", None)
 
     def to(self, *args: Any, **kwargs: Any) -> "SaeLensDictionary":
         # sae-lens keeps its own device/dtype (cfg.dtype, used to cast inputs): move through its ``to``
@@ -214,6 +227,10 @@ class DictionarySet:
     def widths(self) -> dict[str, int]:
         return {s: d.d_sae for s, d in self.dictionaries.items()}
 
+    def z_sites(self) -> list[str]:
+        """The sites whose dictionary reads hook_z (``Adapter.sites(z=...)`` places them)."""
+        return z_sites(self.dictionaries)
+
     def to(self, device: "torch.device | str", dtype: torch.dtype) -> "DictionarySet":
         """Move every dictionary to ``device`` and ``dtype`` in place (returns self)."""
         for d in self.dictionaries.values():
@@ -231,6 +248,11 @@ class DictionarySet:
         return h.hexdigest()[:16]
 
 
+def z_sites(dictionaries: dict[str, Dictionary]) -> list[str]:
+    """Names of the sites whose dictionary records reading hook_z."""
+    return [s for s, d in dictionaries.items() if reads_for_hook(d.hook_name) == READS_Z]
+
+
 def check_hook(site: Site, dictionary: Dictionary) -> None:
     """A hub SAE must read the activation of the site it is put at: its recorded hook (sae-lens
     metadata: a TransformerLens ``hook_name``, and for some releases the HF module it read)
@@ -239,20 +261,26 @@ def check_hook(site: Site, dictionary: Dictionary) -> None:
     meta = getattr(getattr(getattr(dictionary, "sae", None), "cfg", None), "metadata", None)
     hook, hf_hook = getattr(meta, "hook_name", None), getattr(meta, "hf_hook_name", None)
     wrong = (hook is not None and hook not in transformer_lens_hooks(site)) or \
-        (hf_hook is not None and hf_hook != f"{site.path}.output")
+        (hf_hook is not None and hf_hook != f"{site.path}.{'input' if site.reads_input else 'output'}")
     if wrong:
         raise UserError(f"{dictionary.source} reads {hf_hook or hook}, not the site {site.name} "
                         f"({' or '.join(sorted(transformer_lens_hooks(site)))}); check the set's registry entry")
 
 
-def check_width(site: str, dictionary: Dictionary | int, d_model: int) -> None:
-    """A dictionary (or its ``d_in``) must read the site's width."""
-    d_in = dictionary if isinstance(dictionary, int) else dictionary.d_in
-    if d_in != d_model:
-        raise UserError(
-            f"dictionary for site {site} reads width {d_in} but the site has width "
-            f"{d_model}: this dictionary was trained for another model or site"
-        )
+def check_width(site: Site, dictionary: Dictionary | int, adapter: Adapter) -> None:
+    """A dictionary (or its ``d_in``) must read the site's width (``Adapter.site_width``); at an
+    attention site the message says which of its two points (output, hook_z) has which width."""
+    d_in, width = dictionary if isinstance(dictionary, int) else dictionary.d_in, adapter.site_width(site)
+    if d_in == width:
+        return
+    hint, z = "", f"blocks.{site.layer}.attn.hook_z"
+    if site.reads_input:
+        hint = f"; it records hook {z} (the heads before o_proj, width {width}), not the attention output"
+    elif site.kind == "attn" and d_in == adapter.z_width:
+        hint = f"; {d_in} is hook_z's width: an SAE that reads it must record hook_name {z} in its metadata"
+    raise UserError(f"dictionary for site {site.name}{' (hook_z)' if site.reads_input else ''} reads width "
+                    f"{d_in} but the site has width {width}: this dictionary was trained for another model "
+                    f"or site{hint}")
 
 
 def _check_site_names(name: str, found: Iterable[str], adapter: Adapter) -> None:
@@ -277,13 +305,17 @@ def precheck_dictionary_set(spec: str | None, adapter: Adapter) -> None:
         return  # a hub set, a missing folder or an unknown name: load_dictionary_set says which
     cfgs = {sub.name: sub / "cfg.json" for sub in sorted(folder.iterdir()) if (sub / "cfg.json").is_file()}
     _check_site_names(spec, cfgs, adapter)
+    read: dict[str, dict] = {}
     for site, cfg in cfgs.items():
         try:
-            d_in = json.loads(cfg.read_text(encoding="utf-8")).get("d_in")
+            read[site] = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue  # unreadable: load_dictionary reports it with its own message
-        if isinstance(d_in, int):
-            check_width(site, d_in, adapter.d_model)
+    hooks = {s: (c.get("metadata") or {}).get("hook_name", c.get("hook_name")) for s, c in read.items()}
+    sites = {s.name: s for s in adapter.sites([s for s, h in hooks.items() if reads_for_hook(h) == READS_Z])}
+    for site, cfg in read.items():
+        if isinstance(cfg.get("d_in"), int):
+            check_width(sites[site], cfg["d_in"], adapter)
 
 
 def identity_set(adapter: Adapter) -> DictionarySet:
@@ -329,16 +361,16 @@ def load_dictionary_set(spec: str | None, adapter: Adapter, model_spec: str = ""
 def _finish(name: str, found: dict[str, Dictionary], adapter: Adapter, meta: dict) -> DictionarySet:
     if not found:
         raise UserError(f"dictionary set {name!r} has no dictionary for any site of this model")
+    _check_site_names(name, found, adapter)
     out: dict[str, Dictionary] = {}
     identity_sites = []
-    for site in adapter.sites():
+    for site in adapter.sites(z_sites(found)):
         if site.name in found:
-            check_width(site.name, found[site.name], adapter.d_model)
+            check_width(site, found[site.name], adapter)
             out[site.name] = found[site.name]
         else:
             out[site.name] = IdentityDictionary(adapter.d_model)
             identity_sites.append(site.name)
-    _check_site_names(name, found, adapter)
     return DictionarySet(name, out, {**meta, "identity_sites": identity_sites})
 
 
@@ -366,5 +398,7 @@ def _hub_set(name: str, entry: dict, adapter: Adapter) -> DictionarySet:
             continue
         sae_id = tpl["sae_id"].format(layer=site.layer)
         found[site.name] = load_dictionary(f"saelens:{tpl['release']}/{sae_id}")
-        check_hook(site, found[site.name])
+    for site in adapter.sites(z_sites(found)):  # each at the point its recorded hook names
+        if site.name in found:
+            check_hook(site, found[site.name])
     return _finish(name, found, adapter, {"kind": "saelens", "model": entry.get("model")})

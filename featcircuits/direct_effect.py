@@ -6,6 +6,10 @@ weight with the norm's scale treated as a constant (the LN-rule), ``W_U`` the un
 Every site's output joins the residual stream, so the same projection serves embed, attn,
 mlp and resid features. For a LayerNorm the mean is removed first (that part is linear).
 A final logit softcap (Gemma 2) is monotone and left out: the ranking is the same.
+A feature of an attention site read at hook_z has a decoder direction in head space; it is
+carried to the residual stream by the modules between z and the site's output
+(``Adapter.z_readout``: the output projection's linear part, then any norm's gain, its scale
+a constant as above) before the same projection.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import resolve
+from .adapters import Site, resolve
 from .dictionaries import Dictionary
 from .models import LoadedModel
 
@@ -65,12 +69,33 @@ def decoder_directions(d: Dictionary, features: torch.Tensor) -> torch.Tensor:
         return (d.decode(basis) - d.decode(torch.zeros(1, d.d_sae))).float()
 
 
+def to_residual(model: LoadedModel, site: Site | None, dirs: torch.Tensor) -> torch.Tensor:
+    """Directions at ``site`` [n, width] as residual-stream directions [n, d_model]: unchanged
+    at output sites; at hook_z through the output projection (bias dropped: a direction) and
+    the gain of any norm after it (``Adapter.z_readout_modules``)."""
+    from .lrp import _is_norm  # the one place that says which modules are norms
+
+    if site is None or not site.reads_input:
+        return dirs
+    for module in model.adapter.z_readout_modules(model.hf, site.layer):
+        if _is_norm(module):
+            if isinstance(module, nn.LayerNorm):
+                dirs = dirs - dirs.mean(-1, keepdim=True)
+            dirs = dirs * norm_gain(module, dirs.shape[-1]).to(dirs.device)
+        else:  # a linear map (nn.Linear, GPT-2's Conv1D): its value minus its bias
+            x = dirs.to(next(module.parameters()).dtype)
+            dirs = (module(x) - module(torch.zeros_like(x[:1]))).float()
+    return dirs
+
+
 def direct_effects(model: LoadedModel, d: Dictionary, features: torch.Tensor | None = None,
-                   k: int = 10, chunk: int = CHUNK, progress: Any = None) -> dict[str, torch.Tensor]:
+                   k: int = 10, chunk: int = CHUNK, progress: Any = None,
+                   site: Site | None = None) -> dict[str, torch.Tensor]:
     """Top and bottom ``k`` output tokens of each feature's direct effect.
 
     Returns ``up_ids``/``up_val`` and ``down_ids``/``down_val`` [n, k] (ids int32, values
-    float32; ``down`` most negative first). ``features`` defaults to all of ``d``'s.
+    float32; ``down`` most negative first). ``features`` defaults to all of ``d``'s. ``site``
+    (where ``d`` sits) matters only for hook_z sites, whose directions pass ``to_residual``.
     """
     norm = final_norm(model)
     g = norm_gain(norm, model.d_model)
@@ -80,7 +105,7 @@ def direct_effects(model: LoadedModel, d: Dictionary, features: torch.Tensor | N
     out = {n: [] for n in ("up_ids", "up_val", "down_ids", "down_val")}
     with torch.no_grad():
         for start in range(0, len(feats), chunk):
-            dirs = decoder_directions(d, feats[start:start + chunk])
+            dirs = to_residual(model, site, decoder_directions(d, feats[start:start + chunk]))
             if isinstance(norm, nn.LayerNorm):
                 dirs = dirs - dirs.mean(-1, keepdim=True)
             logits = (dirs * g) @ w_u.T  # [chunk, vocab]

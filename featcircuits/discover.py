@@ -115,6 +115,7 @@ def discover_circuit(
         "rules": sorted(effects.params["rules"]) if method == "relp" else None,
         "thresholds": {**thresholds.as_dict(), "edge_used": edge_threshold},
         "dictionaries": sm.dictionaries.name, "dictionaries_sha256": sm.dictionaries.digest(),
+        "hook_z_sites": sm.dictionaries.z_sites(),  # attention sites read before o_proj
         "model_sha256": model_digest(sm.model.hf),
         "device": str(sm.model.device), "dtype": dtype_name(sm.model.dtype),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,

@@ -11,6 +11,11 @@ detached value. So ``x_D`` depends only on the leaves of its direct upstream sit
     parallel family:   attn_l <- resid_{l-1};  mlp_l <- resid_{l-1};
                        resid_l <- resid_{l-1}, attn_l, mlp_l      (resid_{-1} = embed)
 
+An attention site read at hook_z (``Site.reads``) is cut at ``o_proj``'s input: its leaves are
+z features and the z error, ``o_proj`` (and Gemma's post-attention norm) lie on the direct path
+from it to ``mlp_l`` and ``resid_l``, and its own value depends on ``resid_{l-1}`` through the
+attention, so the same wiring holds with no special case.
+
 For a downstream node ``j`` at ``D`` the scalar ``s_j = sum g_j * node_j(x_D)`` (``g`` the
 metric's gradient at D, ``node_j`` = ``encode(x_D)_j`` or the error ``x_D - decode(encode(x_D))``)
 is backpropagated to those leaves, and multiplied by ``u_p - u_c``. The reference does one

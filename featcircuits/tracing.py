@@ -1,9 +1,12 @@
 """The model traced with nnsight, dictionaries spliced in at every site.
 
 At a site with activation ``x``: ``f = encode(x)``, ``x_hat = decode(f)``, ``err = x - x_hat``
-and the model continues with ``x_hat + err``. ``SplicedModel.run`` visits the sites in
-forward order inside one nnsight trace and lets a *site hook* read or replace each site's
-value; every estimator, edge computation and ablation in featcircuits is such a hook.
+and the model continues with ``x_hat + err``. A site is a module's output, or for attention
+sites whose dictionary reads hook_z the first input of the output projection (the adapter
+says which, ``Site.reads``): the splice replaces that input and ``o_proj`` runs on it.
+``SplicedModel.run`` visits the sites in forward order inside one nnsight trace and lets a
+*site hook* read or replace each site's value; every estimator, edge computation and ablation
+in featcircuits is such a hook.
 Logits are computed at the last position only (``logits_to_keep=1``): the offline Gemma
 has a 262k vocabulary and the metric reads only that position.
 """
@@ -16,7 +19,7 @@ import nnsight
 import torch
 
 from .adapters import Site, resolve
-from .dictionaries import Dictionary, DictionarySet, identity_set
+from .dictionaries import Dictionary, DictionarySet, check_width, identity_set
 from .errors import UserError
 from .models import LoadedModel
 from .nodes import Act
@@ -76,10 +79,14 @@ class SplicedModel:
         self.dictionaries = dictionaries if dictionaries is not None else identity_set(model.adapter)
         # dictionaries follow the model: same device, same dtype (the splice adds them to its values)
         self.dictionaries.to(model.device, model.dtype)
-        self.sites: list[Site] = self.adapter.sites()
+        # attention sites whose dictionary reads hook_z sit at o_proj's input (same names)
+        self.sites: list[Site] = self.adapter.sites(self.dictionaries.z_sites())
+        self._by_name = {s.name: s for s in self.sites}
         missing = [s.name for s in self.sites if s.name not in self.dictionaries]
         if missing:
             raise UserError(f"dictionary set {self.dictionaries.name!r} lacks sites {', '.join(missing[:5])}")
+        for s in self.sites:  # a set built by hand is checked too: a wrong width must not splice
+            check_width(s, self.dictionaries[s.name], self.adapter)
         self.n_forward = 0  # passes counted for provenance and benchmarks
         self.n_backward = 0
         self.rows_forward = 0  # example rows through the model (a stacked batch counts every row)
@@ -99,7 +106,10 @@ class SplicedModel:
         return self.n_forward, self.n_backward, self.rows_forward, self.rows_backward
 
     def site(self, name: str) -> Site:
-        return self.adapter.site(name)
+        """The site named ``name`` as this model reads it (hook_z or output)."""
+        if name not in self._by_name:
+            return self.adapter.site(name)  # raises the UserError naming the valid sites
+        return self._by_name[name]
 
     def dictionary(self, site: str | Site) -> Dictionary:
         return self.dictionaries[site if isinstance(site, str) else site.name]
@@ -123,6 +133,11 @@ class SplicedModel:
             if hook is not None:
                 for site in visit:
                     env = resolve(lm, site.path)
+                    if site.reads_input:  # hook_z: the output projection's input
+                        new = hook(site, env.input)
+                        if new is not None:
+                            env.input = new
+                        continue
                     out = env.output
                     x = out[0] if site.tuple_output else out
                     new = hook(site, x)

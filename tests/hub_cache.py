@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import threading
+import zipfile
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import sys
@@ -35,11 +36,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Per registered set: the model family and widths of the stand-in. Gemma Scope's loader
 # (``gemma_2``) takes d_in from the repo name (2b -> 2304) and d_sae from the folder
 # (width_16k -> 16384) whatever the file holds, so that stand-in must have those sizes; the
-# other loaders read the sizes from the files, so those stand-ins stay tiny.
+# other loaders read the sizes from the files, so those stand-ins stay tiny. Gemma Scope's
+# attention SAEs read hook_z, whose width the loader also fixes (2b -> 2048): that stand-in has
+# Gemma 2 2B's 8 heads of 256 (``heads``), and its attention SAEs are written at hook_z's width.
+# Gemma Scope 2's attention SAEs read hook_z too; that stand-in's z (4 x 12) is wider than d_model.
 STAND_INS: dict[str, dict[str, Any]] = {
     "pythia-70m-deduped": {"family": "gpt_neox", "d_model": 32, "d_sae": 64},
-    "gemma-scope-2b": {"family": "gemma2", "d_model": 2304, "d_sae": 16384},
-    "gemma-scope-2-270m": {"family": "gemma3", "d_model": 32, "d_sae": 64},
+    "gemma-scope-2b": {"family": "gemma2", "d_model": 2304, "d_sae": 16384, "heads": (8, 256), "attn_at_z": True},
+    "gemma-scope-2-270m": {"family": "gemma3", "d_model": 32, "d_sae": 64, "heads": (4, 12), "attn_at_z": True},
 }
 
 
@@ -87,6 +91,9 @@ def stand_in_model(set_name: str, n_layers: int, seed: int = 0):
     tok = tiny_tokenizer()
     config = tiny_config(spec["family"], len(tok), n_layers, spec["d_model"])
     config.intermediate_size = 64  # keeps the 2304-wide Gemma 2 stand-in small
+    if "heads" in spec:
+        config.num_attention_heads, config.head_dim = spec["heads"]
+        config.num_key_value_heads = 1
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -149,8 +156,12 @@ def write_sae(hub: Path, release: str, sae_id: str, d_in: int, d_sae: int, seed:
     loader = info.conversion_func
     if loader == "gemma_2":  # Gemma Scope: <folder>/params.npz, keys W_enc W_dec b_enc b_dec threshold
         buf = io.BytesIO()
-        np.savez_compressed(buf, W_enc=a["w_enc"], W_dec=a["w_dec"], b_enc=a["b_enc"], b_dec=a["b_dec"],
-                            threshold=a["threshold"])
+        # an .npz is a zip of .npy files; written at zlib level 1 (np.savez_compressed takes no
+        # level and spends ~2 s per mostly-zero 2304 x 16384 stand-in at its default)
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, a[key.lower()], allow_pickle=False)
         put_file(hub, repo_id, f"{folder}/params.npz", buf.getvalue())
     elif loader == "gemma_3":  # Gemma Scope 2: <folder>/params.safetensors, lower-case w_enc/w_dec
         put_file(hub, repo_id, f"{folder}/params.safetensors", _safetensors_bytes(a))
@@ -192,7 +203,9 @@ def build_hub_cache(root: Path, set_name: str, n_layers: int = 2) -> dict[str, A
     for i, (site, (release, sae_id)) in enumerate(requested.items()):
         if (release, sae_id) in written:
             continue
-        if write_sae(hub, release, sae_id, adapter.d_model, STAND_INS[set_name]["d_sae"], seed=i):
+        at_z = STAND_INS[set_name].get("attn_at_z") and site.startswith("attn_")
+        d_in = adapter.z_width if at_z else adapter.d_model
+        if write_sae(hub, release, sae_id, d_in, STAND_INS[set_name]["d_sae"], seed=i):
             written.add((release, sae_id))
         else:
             missing.append(site)
@@ -266,11 +279,11 @@ def _drive(spec: dict[str, Any]) -> int:
         model = load_model(spec["model"])
         dicts = load_dictionary_set(spec["saes"], model.adapter, spec["model"])
         sites = {}
-        for s in model.adapter.sites():
+        for s in model.adapter.sites(dicts.z_sites()):
             d = dicts[s.name]
             cfg = getattr(getattr(d, "sae", None), "cfg", None)
             meta = getattr(cfg, "metadata", None)
-            sites[s.name] = {"path": s.path, "source": d.source, "d_in": d.d_in, "d_sae": d.d_sae,
+            sites[s.name] = {"path": s.path, "reads": s.reads, "source": d.source, "d_in": d.d_in, "d_sae": d.d_sae,
                              "hook_name": getattr(meta, "hook_name", None),
                              "hf_hook_name": getattr(meta, "hf_hook_name", None)}
         result["sites"] = sites

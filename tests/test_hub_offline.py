@@ -19,11 +19,11 @@ import hub_cache  # noqa: E402
 DISCOVER = ["--task", "sva-simple", "--n", "4", "--batch-size", "4", "--top-k", "8"]
 
 
-def expected_hook(kind: str, layer: int) -> set[str]:
+def expected_hook(kind: str, layer: int, reads: str = "output") -> set[str]:
     """TransformerLens hook names (what sae-lens records) that read a featcircuits site."""
     from featcircuits.adapters import Site, transformer_lens_hooks
 
-    return transformer_lens_hooks(Site("", kind, layer, "", False))
+    return transformer_lens_hooks(Site("", kind, layer, "", False, reads))
 
 
 @pytest.fixture(scope="module", params=["pythia-70m-deduped", "gemma-scope-2b"])
@@ -53,10 +53,18 @@ def check_sites(name: str, built: dict, dump: dict) -> None:
             continue
         release, sae_id = built["requested"][site]
         assert d["source"] == f"saelens:{release}/{sae_id}"
-        assert d["hook_name"] in expected_hook(kind, layer), f"{site} reads {d['hook_name']}"
+        assert d["hook_name"] in expected_hook(kind, layer, d["reads"]), f"{site} reads {d['hook_name']}"
         if d["hf_hook_name"] is not None:  # Gemma Scope 2 also names the HF module it read
-            assert d["hf_hook_name"] == f"{d['path']}.output"
+            assert d["hf_hook_name"] == f"{d['path']}.{'input' if d['reads'] == 'z' else 'output'}"
         assert d["d_sae"] == hub_cache.STAND_INS[name]["d_sae"]
+        # Gemma Scope's attention SAEs read hook_z: the real loader records it, the site sits at
+        # o_proj's input and the SAE's width is n_heads * head_dim, not d_model
+        at_z = bool(hub_cache.STAND_INS[name].get("attn_at_z")) and kind == "attn"
+        assert (d["reads"] == "z") == at_z, site
+        if at_z:
+            heads, head_dim = hub_cache.STAND_INS[name]["heads"]
+            assert d["path"].endswith(f"layers.{layer}.self_attn.o_proj") and d["d_in"] == heads * head_dim
+            assert d["d_in"] != hub_cache.STAND_INS[name]["d_model"]
 
 
 def test_registered_set_runs_offline_through_real_loaders(hub):
@@ -64,6 +72,8 @@ def test_registered_set_runs_offline_through_real_loaders(hub):
     proc, dump, out = run_set(name, root, built)
     check_sites(name, built, dump)
     assert f"dictionaries {name}" in proc.stdout
+    if hub_cache.STAND_INS[name].get("attn_at_z"):  # info says where the attn sites read
+        assert "self_attn.o_proj (input: hook_z)" in proc.stdout
     check_circuit(name, built, out)
 
 

@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     saes = default_saes(args.model, args.saes)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     a = model.adapter
-    rows = [{"site": s.name, "module": s.path, "d_in": dicts[s.name].d_in, "width": dicts[s.name].d_sae,
-             "dictionary": dicts[s.name].source} for s in a.sites()]
+    rows = [{"site": s.name, "module": s.path, "reads": "input" if s.reads_input else "output",
+             "d_in": dicts[s.name].d_in, "width": dicts[s.name].d_sae,
+             "dictionary": dicts[s.name].source} for s in a.sites(dicts.z_sites())]
     info = {"model": args.model, "family": a.family, "layers": a.n_layers, "d_model": a.d_model,
             "parallel_attn_mlp": a.parallel, "vocab": len(model.tokenizer), "dictionaries": dicts.name,
             "identity_sites": dicts.meta.get("identity_sites", []), "sites": rows,
@@ -38,5 +39,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"dictionaries {dicts.name}  ({len(rows)} sites)")
     width = max(len(r["site"]) for r in rows)
     for r in rows:
-        print(f"  {r['site']:<{width}}  width {r['width']:>6}  {r['dictionary']:<30}  {r['module']}")
+        print(f"  {r['site']:<{width}}  width {r['width']:>6}  {r['dictionary']:<30}  {r['module']}"
+              f"{' (input: hook_z)' if r['reads'] == 'input' else ''}")
     return 0

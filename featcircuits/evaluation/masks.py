@@ -96,7 +96,7 @@ def ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation:
     if ablation not in ABLATIONS:
         raise UserError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
     if ablation == "zero":
-        return {s.name: Act(torch.zeros(1, 1, sm.dictionary(s).d_sae), torch.zeros(1, 1, sm.adapter.d_model))
+        return {s.name: Act(torch.zeros(1, 1, sm.dictionary(s).d_sae), torch.zeros(1, 1, sm.dictionary(s).d_in))
                 for s in sites}
     return _ablation_values(sm, batch, sites, ablation, seed=seed, batch_size=batch_size)
 
