@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import lrp
+from . import distributed, lrp
 from .adapters import site_kind
 from .attribution import FeatureNode, NodeEffects, check_aggregation, exact_feature_effects, node_effects
 from .errors import UserError
@@ -146,7 +146,8 @@ def _run_methods(sm: SplicedModel, batch: Batch, specs: list[MethodSpec], *, ste
     effects: dict[str, NodeEffects] = {}
     runs: dict[str, list[float]] = {s.name: [] for s in specs}
     timed = [s for s in specs if s.base in TIMED]
-    warm = batch.slice(0, min(len(batch), batch_size))
+    # one chunk per rank (under torchrun each rank warms up on its own chunk)
+    warm = batch.slice(0, min(len(batch), batch_size * distributed.world()[1]))
     for spec in timed:  # untimed warm-up: the first backward of a process pays for allocations
         node_effects(sm, warm, spec.base, steps=steps, rules=spec.rules, batch_size=batch_size, progress=False)
     for r in range(max(1, repeats)):
@@ -248,6 +249,8 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
     if min(steps, batch_size, repeats) < 1:
         raise UserError("--steps, --batch-size and --repeats must be at least 1")
     specs = resolve_methods(methods, rules, add_ah)
+    distributed.setup(sm.model.device)  # under torchrun: every estimator shards its chunks and all-reduces
+    progress = progress and distributed.is_writer()  # one set of bars
     kinds = _kinds(sm)
     effects, runs = _run_methods(sm, batch, specs, steps=steps, batch_size=batch_size, repeats=repeats,
                                  progress=progress)
@@ -335,7 +338,8 @@ def agreement_by_case(sm: SplicedModel, batch: Batch, methods: Iterable[str] | s
         if len(sub) < 2:
             out[case] = {"n": len(sub), "pearson": None, "pearson_all": None}
             continue
-        r = run_agreement(sm, sub, methods, granularity, repeats=1, by_case=False, **kw)
+        sized = {**kw, "batch_size": distributed.fitting_batch_size(len(sub), kw["batch_size"])}
+        r = run_agreement(sm, sub, methods, granularity, repeats=1, by_case=False, **sized)
         out[case] = {"n": len(sub), "pearson": r["pearson"], "pearson_all": r["pearson_all"]}
     return out
 
@@ -482,6 +486,8 @@ def write_agreement(result: dict[str, Any], out: str | Path, title: str | None =
     """``agreement.json``, ``agreement.md`` and ``scatter.png``/``.svg`` into ``out`` (atomic)."""
     from .io import write_json, write_text
 
+    if not distributed.is_writer():  # under torchrun rank 0 alone writes; the others hold the same result
+        return []
     out = Path(out)
     json_safe = _nan_to_none(result)
     paths = [write_json(out / "agreement.json", json_safe),

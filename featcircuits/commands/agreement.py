@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     title = f"{args.model}, {args.task}, {args.granularity}" + (f", {saes}" if args.granularity == "features" else "")
     write_agreement(result, run_folder.open(), title)
     out = run_folder.commit()
+    from .. import distributed
+
+    if not distributed.is_writer():  # under torchrun rank 0 alone reports
+        return 0
     kinds = result["site_kinds"]
     print(f"Pearson r vs exact patching ({args.granularity}, n={result['n']}):")
     print(f"  {'method':<8} " + " ".join(f"{k:>7}" for k in kinds) + f" {'seconds':>9}")

@@ -85,5 +85,9 @@ def run(args: argparse.Namespace) -> int:
                          out=work, model_spec=args.model, saes_spec=saes,
                          effects_cache=args.effects_cache, progress=not args.no_progress,
                          extra_timings={"load_seconds": round(load_seconds, 3)}, resume=args.resume)
-    print(curves_summary(result, run_folder.commit()))
+    out = run_folder.commit()
+    from .. import distributed
+
+    if distributed.is_writer():  # under torchrun rank 0 alone reports
+        print(curves_summary(result, out))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..dictionaries import DictionarySet
 from ..discover import versions
 from ..errors import UserError
@@ -110,7 +111,7 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
                                  seed=seed, batch_size=batch_size, stack=stack, effects=effects,
                                  progress=progress, checkpoint_dir=out, resume=resume)
     for m, path in paths.items():
-        if m not in cache_info:  # computed in this run: keep for the next
+        if m not in cache_info and distributed.is_writer():  # computed in this run: keep for the next
             atomic_write(path, lambda p, e=effects[m]: torch.save(e, p))
             cache_info[m] = {"path": str(path), "reused": False}
     result["provenance"] = {
@@ -120,7 +121,7 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
     }
     result["split"] = split
     result["timings"].update(extra_timings or {})
-    if out is not None:
+    if out is not None and distributed.is_writer():  # under torchrun rank 0 alone writes
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "curves.json", result)
