@@ -37,6 +37,7 @@ import torch
 
 from . import distributed, lrp
 from .adapters import site_kind
+from .batching import resolve_batch_size
 from .attribution import FeatureNode, NodeEffects, check_aggregation, exact_feature_effects, node_effects
 from .errors import UserError
 from .nodes import NodeSpace
@@ -233,12 +234,13 @@ def _select_nodes(index: NodeSpace, values: dict[str, torch.Tensor], kinds: list
 
 def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str = ("atp", "relp", "ig"),
                   granularity: str = "components", *, rules: Iterable[str] | str | None = None,
-                  steps: int = 10, batch_size: int = 8, repeats: int = 3, aggregation: str = "sum",
+                  steps: int = 10, batch_size: "int | str" = 8, repeats: int = 3, aggregation: str = "sum",
                   top_k: int = 16, n_random: int = 48, seed: int = 0, nodes_per_pass: int = 16,
                   add_ah: bool = True, progress: bool = True, by_case: bool = True) -> dict[str, Any]:
     """Exact patching and each estimator on ``batch``; Pearson r per method and site kind
     (and, with ``by_case``, per case when the pairs have several: :func:`agreement_by_case`).
 
+    ``batch_size``: an int, or ``auto`` / ``auto:CAP`` (``featcircuits.batching``).
     Returns a JSON-ready dict with at least ``pearson`` ({method: {kind: r}}), ``seconds``
     ({method: s}, the median of the interleaved repeats for AtP/RelP) and ``n``; the
     effects compared (``grids`` for components, ``sample`` for features) come along for
@@ -246,10 +248,14 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
     """
     if granularity not in GRANULARITIES:
         raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    if min(steps, batch_size, repeats) < 1:
-        raise UserError("--steps, --batch-size and --repeats must be at least 1")
+    if min(steps, repeats) < 1:
+        raise UserError("--steps and --repeats must be at least 1")
     specs = resolve_methods(methods, rules, add_ah)
     distributed.setup(sm.model.device)  # under torchrun: every estimator shards its chunks and all-reduces
+    # exact patching stacks every position (components) or nodes_per_pass nodes (features) per example
+    batch_size, batching = resolve_batch_size(
+        sm, batch, batch_size, [s.base for s in specs], steps=steps, rules=rules, edges=False,
+        forward_rows=batch.seq_len if granularity == "components" else nodes_per_pass)
     progress = progress and distributed.is_writer()  # one set of bars
     kinds = _kinds(sm)
     effects, runs = _run_methods(sm, batch, specs, steps=steps, batch_size=batch_size, repeats=repeats,
@@ -259,7 +265,7 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
         "methods": [s.name for s in specs],
         "method_params": {s.name: {"base": s.base, "rules": list(s.rules) if s.rules else None,
                                    "steps": steps if s.base == "ig" else None} for s in specs},
-        "repeats": repeats, "batch_size": batch_size,
+        "repeats": repeats, "batch_size": batch_size, "batching": batching,
         # positions (left-padded, aligned at the end) where some pair's prompts differ in a token
         "differing_positions": torch.nonzero((batch.clean_ids != batch.patch_ids).any(0)).flatten().tolist(),
         "metric_clean": next(iter(effects.values())).metric_clean,

@@ -162,3 +162,40 @@ def test_cli_batch_size_auto(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["discover", "--batch-size", "lots", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
+
+
+def test_forward_cost_counts_stacked_rows_and_drives_auto(sae_folder, monkeypatch):
+    """Stages without a backward (evaluation, exact patching) are sized by ``forward_cost``:
+    more stacked rows cost more; the costliest stage of a run decides."""
+    from featcircuits import batching
+
+    sm = _spliced("gemma3", torch.float32, sae_folder)
+    batch, _ = fc.tokenize_pairs(fc.make_pairs("sva-nounpp", 8), sm.model.tokenizer)
+    one, four = batching.forward_cost(sm, batch, 1), batching.forward_cost(sm, batch, 4)
+    assert 0 < one < four
+    _, why = batching.resolve_batch_size(sm, batch, "auto", (), forward_rows=4)
+    assert why["bytes_per_example"] == four and list(why["bytes_per_example_by_stage"]) == ["forward x4"]
+    _, why = batching.resolve_batch_size(sm, batch, "auto", ["relp", "random"], edges=False, forward_rows=4)
+    assert set(why["bytes_per_example_by_stage"]) == {"relp", "forward x4"}
+    assert why["bytes_per_example"] == max(why["bytes_per_example_by_stage"].values())
+    monkeypatch.setattr(batching, "free_memory", lambda device: 10 * four)
+    assert batching.resolve_batch_size(sm, batch, "auto", (), forward_rows=4)[0] == 5
+
+
+def test_batch_size_auto_on_curves_agreement_and_evaluate(tiny_model_dir, tmp_path):
+    """``--batch-size auto:CAP`` reaches curves, agreement and evaluate through the one resolver."""
+    common = ["--model", str(tiny_model_dir), "--task", "sva-nounpp", "--n", "6", "--batch-size", "auto:3"]
+    assert main(["curves", *common, "--saes", "identity", "--methods", "atp,random", "--thresholds", "2",
+                 "--no-progress", "--out", str(tmp_path / "curves")]) == 0
+    got = json.loads((tmp_path / "curves" / "curves.json").read_text())["settings"]
+    assert got["batching"]["rule"] == "auto" and got["batch_size"] == 3
+    assert main(["agreement", *common, "--methods", "atp", "--no-variant", "--repeats", "1", "--quiet",
+                 "--out", str(tmp_path / "agreement")]) == 0
+    got = json.loads((tmp_path / "agreement" / "agreement.json").read_text())
+    assert got["batching"]["rule"] == "auto" and got["batch_size"] == 3
+    assert "forward x" + str(got["seq_len"]) in got["batching"]["bytes_per_example_by_stage"]
+    assert main(["discover", *common[:-2], "--saes", "identity", "--top-k", "5", "--no-edges", "--no-eval",
+                 "--no-cards", "--out", str(tmp_path / "circuit")]) == 0
+    assert main(["evaluate", "--circuit", str(tmp_path / "circuit"), "--batch-size", "auto:3"]) == 0
+    got = json.loads((tmp_path / "circuit" / "evaluation.json").read_text())["settings"]
+    assert got["batching"]["rule"] == "auto" and got["batch_size"] == 3

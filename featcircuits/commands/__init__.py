@@ -38,7 +38,7 @@ def add_rules_arg(p: argparse.ArgumentParser) -> None:
                         f"{','.join(PAPER_RULES)}")
 
 
-def add_task_args(p: argparse.ArgumentParser, n_default: int = 64, auto_batch: bool = False) -> None:
+def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:
     p.add_argument("--task", default="sva-simple",
                    help="built-in task (sva-simple, sva-nounpp, sva-rc, sva-within-rc, ioi) or a "
                         "JSON-lines file in the Sparse Feature Circuits format")
@@ -46,12 +46,14 @@ def add_task_args(p: argparse.ArgumentParser, n_default: int = 64, auto_batch: b
     p.add_argument("--n", "--pairs", dest="n", type=int, default=n_default,
                    help="number of prompt pairs (--pairs: the same, for use after torchrun)")
     p.add_argument("--seed", type=int, default=0, help="seed for task generation and sampling")
-    if auto_batch:
-        p.add_argument("--batch-size", type=_batch_size, default=16,
-                       help="examples per forward pass, or 'auto' / 'auto:CAP': the largest that fits in "
-                            "free memory (measured per example; featcircuits.batching), at most CAP")
-    else:
-        p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    add_batch_size_arg(p)
+
+
+def add_batch_size_arg(p: argparse.ArgumentParser) -> None:
+    """``--batch-size N|auto|auto:CAP`` (resolved by ``featcircuits.batching.resolve_batch_size``)."""
+    p.add_argument("--batch-size", type=_batch_size, default=16,
+                   help="examples per forward pass, or 'auto' / 'auto:CAP': the largest that fits in "
+                        "free memory (measured per example; featcircuits.batching), at most CAP")
 
 
 def _batch_size(text: str) -> "int | str":

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     run_folder = prepare_run_folder(args.out, overwrite=args.overwrite)
-    if min(args.n, args.batch_size, args.steps, args.repeats) < 1:
-        raise UserError("--n, --batch-size, --steps and --repeats must be positive")
+    if min(args.n, args.steps, args.repeats) < 1:  # --batch-size: checked by its parser
+        raise UserError("--n, --steps and --repeats must be positive")
     if args.top_k < 0 or args.random < 0:
         raise UserError("--top-k and --random must not be negative")
     resolve_methods(args.methods, args.rules)  # a bad --methods or --rules fails before the model loads

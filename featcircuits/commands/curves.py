@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ..validation import prepare_run_folder
 
     run_folder = prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
-    for name in ("n", "batch_size", "steps", "thresholds", "random_draws", "stack"):
+    for name in ("n", "steps", "thresholds", "random_draws", "stack"):  # --batch-size: checked by its parser
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(labelled from feature cards) into --out; a quick evaluation reports faithfulness, "
                     "completeness and the error nodes' share of |effect|.")
     add_model_args(p)
-    add_task_args(p, auto_batch=True)
+    add_task_args(p)
     p.add_argument("--method", default="relp", choices=["relp", "ig", "atp"],
                    help="estimator for nodes and edges (default relp)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_device_args, check_dictionaries_early
+from . import add_batch_size_arg, add_device_args, check_dictionaries_early
 from .curves import add_eval_args
 
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--saes", default=None, help="override the dictionaries recorded in the provenance")
     p.add_argument("--task", default=None, help="override the task recorded in the provenance")
     p.add_argument("--seed", type=int, default=None, help="override the discovery seed recorded in the provenance")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    add_batch_size_arg(p)
     add_eval_args(p)
     add_device_args(p)
     p.add_argument("--out", default=None, help="JSON file to write (default: CIRCUIT/evaluation.json)")
