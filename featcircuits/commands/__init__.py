@@ -20,12 +20,22 @@ def add_model_args(p: argparse.ArgumentParser, saes: bool = True) -> None:
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` (every command that runs a model; resolved by ``featcircuits.devices``)."""
-    from ..devices import DEVICES, DTYPES
+    from ..devices import DEVICE_MAPS, DEVICES, DTYPES
 
     p.add_argument("--device", default="auto",
                    help=f"where the model runs: {'|'.join(DEVICES)} (default auto: cuda, else mps, else cpu)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="model and dictionary precision (default float32; effects and sums are always float32)")
+    p.add_argument("--device-map", default=None, choices=list(DEVICE_MAPS),
+                   help="auto: accelerate spreads the model's layers over every device it sees (models "
+                        "bigger than one device; instead of --device, not with torchrun)")
+
+
+def load_model_from_args(args: argparse.Namespace, spec: str | None = None):
+    """``load_model`` with the flags of ``add_device_args`` (the one place commands load a model)."""
+    from ..models import load_model
+
+    return load_model(spec or args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
 
 
 def add_rules_arg(p: argparse.ArgumentParser) -> None:

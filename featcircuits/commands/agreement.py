@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+from . import (load_model_from_args, add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
                check_dictionaries_early, report_pairs)
 
 
@@ -51,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
     from ..agreement import by_case_rows, resolve_methods, run_agreement, write_agreement
     from ..dictionaries import identity_set, load_dictionary_set
     from ..errors import UserError
-    from ..models import load_model
     from ..tasks import make_pairs, tokenize_pairs
     from ..tracing import SplicedModel
     from ..validation import prepare_run_folder
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = make_pairs(args.task, args.n, args.seed)
     if args.granularity == "features":
         check_dictionaries_early(args.model, args.saes)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     if args.granularity == "components":
         dicts, saes = identity_set(model.adapter), "identity"
     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+from . import (load_model_from_args, add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
                check_dictionaries_early, default_saes)
 
 
@@ -62,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from ..dictionaries import load_dictionary_set
     from ..errors import UserError
     from ..evaluation import curves_summary, run_curves
-    from ..models import load_model
     from ..validation import prepare_run_folder
 
     run_folder = prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     saes = default_saes(args.model, args.saes)
     check_dictionaries_early(args.model, saes)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     load_seconds = time.perf_counter() - t0
     work = run_folder.open()
