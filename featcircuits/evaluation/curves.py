@@ -220,8 +220,7 @@ def curves_by_case(sm: SplicedModel, evaluation: Batch, circuits_of: dict[str, l
     out = {}
     for case in cases:
         sub = evaluation.select([i for i, p in enumerate(evaluation.pairs) if p.case == case])
-        kw = {**ev_kw, "batch_size": distributed.fitting_batch_size(len(sub), ev_kw.get("batch_size", 16))}
-        ev = Evaluator(sm, sub, **kw)
+        ev = Evaluator(sm, sub, **ev_kw)  # (a subset too small for every rank gets smaller chunks there)
         curves = {m: _curve(ev.evaluate(c, desc=f"ablations ({m}, {case})")) for m, c in circuits_of.items()}
         out[case] = {"n_eval": len(sub), "F_M": ev.F_M, "F_empty": ev.F_empty,
                      "auc": {m: c["auc"] for m, c in curves.items()},

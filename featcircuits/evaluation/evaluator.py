@@ -73,6 +73,9 @@ class Evaluator:
             raise UserError("stack must be at least 1")
         self.sm, self.batch = sm, batch
         self.ablation, self.errors, self.start_layer = ablation, errors, start_layer
+        # under torchrun every rank needs a chunk (e.g. discover's quick evaluation of 32 pairs
+        # after a large --batch-size auto): smaller chunks, only the order of the sums changes
+        batch_size = distributed.fitting_batch_size(len(batch), batch_size)
         self.batch_size, self.stack, self.progress = batch_size, stack, progress
         self.sites = evaluated_sites(sm, start_layer)
         t0 = time.perf_counter()
