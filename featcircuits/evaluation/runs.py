@@ -100,7 +100,9 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
     sm = SplicedModel(model, dicts)
     distributed.setup(sm.model.device)  # before the batch size: ``auto`` is agreed across ranks
     batch_size, batching = resolve_batch_size(sm, disc, batch_size, [m for m in methods if m != "random"],
-                                              steps=steps, rules=rules, edges=False, forward_rows=stack)
+                                              steps=steps, rules=rules, edges=False,
+                                              # exact patching stacks every position of an example
+                                              forward_rows=max(stack, disc.seq_len if "exact" in methods else 0))
     effects = {}
     cache_info = {}
     paths = {}
