@@ -35,8 +35,9 @@ from typing import Any, Iterable
 
 import torch
 
-from . import lrp
+from . import distributed, lrp
 from .adapters import site_kind
+from .batching import resolve_batch_size
 from .attribution import FeatureNode, NodeEffects, check_aggregation, exact_feature_effects, node_effects
 from .errors import UserError
 from .nodes import NodeSpace
@@ -146,7 +147,8 @@ def _run_methods(sm: SplicedModel, batch: Batch, specs: list[MethodSpec], *, ste
     effects: dict[str, NodeEffects] = {}
     runs: dict[str, list[float]] = {s.name: [] for s in specs}
     timed = [s for s in specs if s.base in TIMED]
-    warm = batch.slice(0, min(len(batch), batch_size))
+    # one chunk per rank (under torchrun each rank warms up on its own chunk)
+    warm = batch.slice(0, min(len(batch), batch_size * distributed.world()[1]))
     for spec in timed:  # untimed warm-up: the first backward of a process pays for allocations
         node_effects(sm, warm, spec.base, steps=steps, rules=spec.rules, batch_size=batch_size, progress=False)
     for r in range(max(1, repeats)):
@@ -232,12 +234,13 @@ def _select_nodes(index: NodeSpace, values: dict[str, torch.Tensor], kinds: list
 
 def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str = ("atp", "relp", "ig"),
                   granularity: str = "components", *, rules: Iterable[str] | str | None = None,
-                  steps: int = 10, batch_size: int = 8, repeats: int = 3, aggregation: str = "sum",
+                  steps: int = 10, batch_size: "int | str" = 8, repeats: int = 3, aggregation: str = "sum",
                   top_k: int = 16, n_random: int = 48, seed: int = 0, nodes_per_pass: int = 16,
                   add_ah: bool = True, progress: bool = True, by_case: bool = True) -> dict[str, Any]:
     """Exact patching and each estimator on ``batch``; Pearson r per method and site kind
     (and, with ``by_case``, per case when the pairs have several: :func:`agreement_by_case`).
 
+    ``batch_size``: an int, or ``auto`` / ``auto:CAP`` (``featcircuits.batching``).
     Returns a JSON-ready dict with at least ``pearson`` ({method: {kind: r}}), ``seconds``
     ({method: s}, the median of the interleaved repeats for AtP/RelP) and ``n``; the
     effects compared (``grids`` for components, ``sample`` for features) come along for
@@ -245,9 +248,15 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
     """
     if granularity not in GRANULARITIES:
         raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    if min(steps, batch_size, repeats) < 1:
-        raise UserError("--steps, --batch-size and --repeats must be at least 1")
+    if min(steps, repeats) < 1:
+        raise UserError("--steps and --repeats must be at least 1")
     specs = resolve_methods(methods, rules, add_ah)
+    distributed.setup(sm.model.device)  # under torchrun: every estimator shards its chunks and all-reduces
+    # exact patching stacks every position (components) or nodes_per_pass nodes (features) per example
+    batch_size, batching = resolve_batch_size(
+        sm, batch, batch_size, [s.base for s in specs], steps=steps, rules=rules, edges=False,
+        forward_rows=batch.seq_len if granularity == "components" else nodes_per_pass)
+    progress = progress and distributed.is_writer()  # one set of bars
     kinds = _kinds(sm)
     effects, runs = _run_methods(sm, batch, specs, steps=steps, batch_size=batch_size, repeats=repeats,
                                  progress=progress)
@@ -256,7 +265,7 @@ def run_agreement(sm: SplicedModel, batch: Batch, methods: Iterable[str] | str =
         "methods": [s.name for s in specs],
         "method_params": {s.name: {"base": s.base, "rules": list(s.rules) if s.rules else None,
                                    "steps": steps if s.base == "ig" else None} for s in specs},
-        "repeats": repeats, "batch_size": batch_size,
+        "repeats": repeats, "batch_size": batch_size, "batching": batching,
         # positions (left-padded, aligned at the end) where some pair's prompts differ in a token
         "differing_positions": torch.nonzero((batch.clean_ids != batch.patch_ids).any(0)).flatten().tolist(),
         "metric_clean": next(iter(effects.values())).metric_clean,
@@ -335,7 +344,8 @@ def agreement_by_case(sm: SplicedModel, batch: Batch, methods: Iterable[str] | s
         if len(sub) < 2:
             out[case] = {"n": len(sub), "pearson": None, "pearson_all": None}
             continue
-        r = run_agreement(sm, sub, methods, granularity, repeats=1, by_case=False, **kw)
+        sized = {**kw, "batch_size": distributed.fitting_batch_size(len(sub), kw["batch_size"])}
+        r = run_agreement(sm, sub, methods, granularity, repeats=1, by_case=False, **sized)
         out[case] = {"n": len(sub), "pearson": r["pearson"], "pearson_all": r["pearson_all"]}
     return out
 
@@ -482,6 +492,8 @@ def write_agreement(result: dict[str, Any], out: str | Path, title: str | None =
     """``agreement.json``, ``agreement.md`` and ``scatter.png``/``.svg`` into ``out`` (atomic)."""
     from .io import write_json, write_text
 
+    if not distributed.is_writer():  # under torchrun rank 0 alone writes; the others hold the same result
+        return []
     out = Path(out)
     json_safe = _nan_to_none(result)
     paths = [write_json(out / "agreement.json", json_safe),

@@ -323,9 +323,10 @@ def exact_feature_effects(sm: SplicedModel, batch: Batch, nodes: list[FeatureNod
     by_site: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
         by_site.setdefault(node.site, []).append(i)
-    total = sum((len(v) + nodes_per_pass - 1) // nodes_per_pass for v in by_site.values()) * len(batch.chunks(batch_size))
+    mine = distributed.shard(batch.chunks(batch_size))  # a contiguous block of chunks per rank under torchrun
+    total = sum((len(v) + nodes_per_pass - 1) // nodes_per_pass for v in by_site.values()) * len(mine)
     bar = tqdm(total=total, desc="exact patching", disable=not progress, leave=False)
-    for chunk in batch.chunks(batch_size):
+    for _, chunk in mine:
         with torch.no_grad():
             logits_c, clean_vals = sm.cache(chunk.inputs("clean"))
             _, patch_vals = sm.cache(chunk.inputs("patch"))
@@ -356,4 +357,5 @@ def exact_feature_effects(sm: SplicedModel, batch: Batch, nodes: list[FeatureNod
                     out[group] += delta.view(k, b).sum(1).cpu()
                     bar.update(1)
     bar.close()
+    out = torch.tensor(distributed.all_reduce_floats(*out.tolist(), device=sm.model.device), dtype=out.dtype)
     return out / len(batch)

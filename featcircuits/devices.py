@@ -53,6 +53,38 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> torch.device:
     return device
 
 
+DEVICE_MAPS = ("auto",)
+
+
+def check_device_map(device_map: "str | dict | None", device: "str | torch.device | None") -> "str | dict | None":
+    """``--device-map``: accelerate's placement of the model's layers over the devices it sees
+    (``auto``; in Python also an explicit ``{module: device}`` dict), or None. Refused, one line
+    each: an unknown value, an explicit ``device`` beside it (the map decides where every layer
+    goes), torchrun (each rank takes one device; a map spreads one model over all of them) and
+    a missing accelerate."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, str):
+        device_map = device_map.strip().lower()
+        if device_map not in DEVICE_MAPS:
+            raise UserError(f"unknown --device-map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
+    elif not isinstance(device_map, dict):
+        raise UserError(f"device_map must be {' or '.join(map(repr, DEVICE_MAPS))} or a dict, got {device_map!r}")
+    if device is not None and str(device).strip().lower() != "auto":
+        raise UserError(f"--device-map {device_map if isinstance(device_map, str) else '{...}'} places the model's "
+                        f"layers itself: drop --device {device} (or drop --device-map)")
+    from .distributed import requested
+
+    if requested():
+        raise UserError("--device-map spreads one model over every device, torchrun runs one model per device: "
+                        "use one of them")
+    try:
+        import accelerate  # noqa: F401  (transformers needs it for device_map)
+    except ImportError:
+        raise UserError("--device-map needs accelerate: pip install 'accelerate>=1.15'") from None
+    return device_map
+
+
 def resolve_dtype(spec: "str | torch.dtype | None" = "float32") -> torch.dtype:
     """``float32`` | ``bfloat16`` | ``float16`` (or a ``torch.dtype``) as a ``torch.dtype``."""
     if isinstance(spec, torch.dtype):

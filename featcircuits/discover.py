@@ -117,7 +117,7 @@ def discover_circuit(
         "dictionaries": sm.dictionaries.name, "dictionaries_sha256": sm.dictionaries.digest(),
         "hook_z_sites": sm.dictionaries.z_sites(),  # attention sites read before o_proj
         "model_sha256": model_digest(sm.model.hf),
-        "device": str(sm.model.device), "dtype": dtype_name(sm.model.dtype),
+        "device": str(sm.model.device), "device_map": sm.model.info.get("device_map"), "dtype": dtype_name(sm.model.dtype),
         "metric_clean": effects.metric_clean, "metric_patch": effects.metric_patch,
         "seconds": seconds, "passes": {k: effects.passes[k] + edge_passes[k] for k in ("forward", "backward")},
         "passes_by_stage": {"nodes": effects.passes, "edges": edge_passes},
@@ -151,7 +151,13 @@ def model_digest(hf_model) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in hf_model.state_dict().items():
+    state = hf_model.state_dict()
+    if any(t.device.type == "meta" for t in state.values()):  # layers accelerate offloaded (--device-map)
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        loaded = get_state_dict_offloaded_model(hf_model)
+        state = {name: loaded[name] for name in state}  # the same order: the same digest as loaded whole
+    for name, t in state.items():
         h.update(name.encode())
         t = t.detach().cpu()
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool

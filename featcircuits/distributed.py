@@ -73,6 +73,13 @@ def shard(chunks: Sequence[T]) -> list[tuple[int, T]]:
     return [(i, chunks[i]) for i in range(start, stop)]
 
 
+def fitting_batch_size(n: int, batch_size: int) -> int:
+    """``batch_size``, lowered under torchrun so that ``n`` examples make a chunk for every rank
+    (for small subsets such as one case's pairs; only the order of the sums changes)."""
+    size = world()[1]
+    return batch_size if size == 1 else max(1, min(batch_size, -(-n // size)))
+
+
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     """Sum each tensor over all ranks, in place (same order of tensors on every rank)."""
     import torch.distributed as dist
@@ -101,6 +108,19 @@ def agree_min(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. before rank 0 moves the run folder the others wrote into)."""
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def run_id() -> str | None:
+    """The id torchrun gives this launch (the same on every rank), None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") if requested() else None
 
 
 def checkpoint_suffix() -> str:

@@ -43,6 +43,20 @@ class LoadedModel:
         return next(self.hf.parameters()).device
 
     @property
+    def device_map(self) -> dict | None:
+        """accelerate's placement ``{module: device}`` when loaded with ``device_map``, else None."""
+        return getattr(self.hf, "hf_device_map", None)
+
+    def module_device(self, path: str) -> torch.device:
+        """The device of the module at ``path`` (a site's module): where its outputs are, and so
+        where that site's dictionary must be when a device map spreads the layers."""
+        from .adapters import resolve
+
+        module = resolve(self.hf, path)
+        first = next(module.parameters(), None)
+        return self.device if first is None or first.device.type == "meta" else first.device
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype of the model's weights."""
         return next(self.hf.parameters()).dtype
@@ -107,26 +121,34 @@ def _contiguous_unembedding(hf_model: Any) -> None:
     head._featcircuits_contiguous = True
 
 
-def load_model(spec: str, device: "str | torch.device" = "cpu",
-               dtype: "str | torch.dtype" = torch.float32) -> LoadedModel:
+def load_model(spec: str, device: "str | torch.device | None" = None,
+               dtype: "str | torch.dtype" = torch.float32, device_map: "str | dict | None" = None,
+               offload_folder: "str | Path | None" = None) -> LoadedModel:
     """Load a model by hub id, local HF folder, local ``.gguf`` file or ``gemma-3-270m-offline``,
-    onto ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) in ``dtype`` (``float32``,
-    ``bfloat16``, ``float16``). An unavailable device is a ``UserError`` before anything loads."""
+    onto ``device`` (``auto``, ``cpu`` (the default), ``cuda``, ``cuda:N``, ``mps``) in ``dtype``
+    (``float32``, ``bfloat16``, ``float16``). An unavailable device is a ``UserError`` before
+    anything loads. ``device_map="auto"`` (or a dict) lets accelerate place the layers over every
+    device it sees instead (``devices.check_device_map``; ``device`` then must be None or ``auto``);
+    layers it offloads to disk go to ``offload_folder`` (default: ``offload/`` in the featcircuits cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .devices import resolve_device, resolve_dtype
+    from .devices import check_device_map, resolve_device, resolve_dtype
 
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device_map = check_device_map(device_map, device)
+    dtype = resolve_dtype(dtype)
+    device = None if device_map is not None else resolve_device(device or "cpu")
+    placed = {} if device_map is None else {  # from_pretrained places the layers (accelerate)
+        "device_map": device_map, "offload_folder": str(offload_folder or cache_dir() / "offload")}
     t0 = time.time()
     if spec == OFFLINE_ALIAS:
         folder = offline_gemma_folder()
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placed)
         tok = AutoTokenizer.from_pretrained(folder)
     elif spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"no such .gguf file: {spec}")
-        hf, tok = _load_gguf(path, dtype)
+        hf, tok = _load_gguf(path, dtype, placed)
     else:
         path = Path(spec)
         if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
@@ -135,15 +157,32 @@ def load_model(spec: str, device: "str | torch.device" = "cpu",
         if path.exists() and not (path / "config.json").is_file():
             raise UserError(f"{spec} is a folder without config.json; give an HF model folder or a hub id")
         try:
-            hf = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            hf = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **placed)
             tok = AutoTokenizer.from_pretrained(spec)
         except OSError as exc:
             raise UserError(
                 f"could not load model {spec!r} ({str(exc).splitlines()[0]}); give a hub id that is "
                 f"reachable, a local HF folder, a .gguf file, or {OFFLINE_ALIAS!r}"
             ) from exc
-    hf = hf.to(device=device, dtype=dtype)  # a no-op on the CPU in float32
-    return wrap(hf, tok, spec=spec, info={"load_seconds": round(time.time() - t0, 2)})
+    if device is not None:
+        hf = hf.to(device=device, dtype=dtype)  # a no-op on the CPU in float32
+    _refuse_offload(hf)
+    info = {"load_seconds": round(time.time() - t0, 2)}
+    if device_map is not None:  # what was asked and where accelerate put the layers (one device: no map)
+        info["device_map"] = {"requested": device_map if isinstance(device_map, str) else "dict",
+                              "placed": getattr(hf, "hf_device_map", None) or {"": str(next(hf.parameters()).device)}}
+    return wrap(hf, tok, spec=spec, info=info)
+
+
+def _refuse_offload(hf: Any) -> None:
+    """A device map that offloads layers (to ``disk``, or to ``cpu`` beside an accelerator) is
+    refused: accelerate's offload hooks and the LRP rules' forwards do not compose (on a tiny
+    model with one layer on disk, AtP's effects were unchanged but RelP's were not), so the
+    result would be silently wrong."""
+    placed = set(map(str, (getattr(hf, "hf_device_map", None) or {}).values()))
+    if "disk" in placed or ("cpu" in placed and len(placed) > 1):
+        raise UserError(f"the device map offloads layers ({', '.join(sorted(placed))}): offloading is not supported "
+                        "(RelP's rules give wrong effects there); use more or larger devices, or --dtype bfloat16")
 
 
 def config_adapter(spec: str) -> Adapter | None:
@@ -167,11 +206,11 @@ def config_adapter(spec: str) -> Adapter | None:
         return None
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_gguf(path: Path, dtype: torch.dtype, placed: dict | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **(placed or {}))
     return hf, tok
 
 

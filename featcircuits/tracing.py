@@ -87,6 +87,9 @@ class SplicedModel:
             raise UserError(f"dictionary set {self.dictionaries.name!r} lacks sites {', '.join(missing[:5])}")
         for s in self.sites:  # a set built by hand is checked too: a wrong width must not splice
             check_width(s, self.dictionaries[s.name], self.adapter)
+        if len(set((model.device_map or {}).values())) > 1:  # layers spread over devices: each site's own
+            for s in self.sites:
+                self.dictionary(s).to(device=model.module_device(s.path), dtype=model.dtype)
         self.n_forward = 0  # passes counted for provenance and benchmarks
         self.n_backward = 0
         self.rows_forward = 0  # example rows through the model (a stacked batch counts every row)

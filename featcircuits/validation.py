@@ -48,11 +48,15 @@ class RunFolder:
     def __init__(self, path: Path, swap: bool):
         self.path = path
         self.swap = swap
-        self.work = path.parent / f".{path.name}.new-{os.getpid()}" if swap else path
+        from .distributed import run_id
+
+        # under torchrun every rank writes (checkpoints) into the same folder: named by the launch
+        self.shared = run_id()
+        self.work = path.parent / f".{path.name}.new-{self.shared or os.getpid()}" if swap else path
 
     def open(self) -> Path:
         """Create ``work`` (once every input is checked) and return it."""
-        if self.swap and self.work.exists():
+        if self.swap and self.work.exists() and not self.shared:  # a dead process's folder under a reused pid
             shutil.rmtree(self.work)
         try:
             self.work.mkdir(parents=True, exist_ok=True)
@@ -64,7 +68,10 @@ class RunFolder:
         """The run is complete: with ``--overwrite`` put ``work`` in place of ``path`` (one atomic
         exchange where the OS has one, else two renames). A run that never commits leaves the
         old folder as it was; its temporary folder is removed by the next run into ``path``."""
-        if self.swap:
+        from . import distributed
+
+        distributed.barrier()  # under torchrun: every rank is done with ``work`` before rank 0 moves it
+        if self.swap and distributed.is_writer():
             _swap_into_place(self.work, self.path)
         return self.path
 

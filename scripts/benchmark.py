@@ -86,9 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-only", action="store_true",
                     help="re-measure only the peak RSS of the real `featcircuits discover` on Gemma (e.g. once "
                          "the starter set exists) and merge it into the existing benchmarks.json")
-    ap.add_argument("--pairs-scaling", default=None, metavar="N,N,...",
-                    help="run only the pairs-scaling row on Gemma (the real CLI per n; full row "
-                         "64,128,256,512,1024,2048) and merge it into benchmarks.json")
+    ap.add_argument("--pairs-scaling", default=None, metavar="full|N,N,...",
+                    help="run only the pairs-scaling row on Gemma: the real CLI in a fresh process per n (time "
+                         "per pair, peak RSS, ratios to the smallest n against the targets); 'full' = "
+                         "64,128,256,512,1024,2048; merged into benchmarks.json")
+    ap.add_argument("--pairs-commands", default="discover", metavar="CMD,...",
+                    help="commands of the pairs-scaling row: discover, curves, agreement (default discover)")
+    ap.add_argument("--pairs-batch-size", type=int, default=16, help="--batch-size of the pairs-scaling row")
+    ap.add_argument("--pairs-model", default=None,
+                    help="model of the pairs-scaling row (default the offline Gemma; e.g. a tiny model folder "
+                         "for a smoke run into another --out)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite README and plots from the existing benchmarks.json, measure nothing")
     args = ap.parse_args(argv)
@@ -122,15 +129,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"    -> {gemma['cli_discover']}")
         write_json(path, data)
     if args.pairs_scaling:
-        from bench.pairs import run_pairs_scaling
+        from bench.pairs import COMMANDS, parse_sizes, run_pairs_scaling
 
-        ns = [int(x) for x in args.pairs_scaling.split(",") if x.strip()]
-        saes = gemma_config(args)["saes"]
-        log(f"[gemma] pairs scaling n={ns}, dictionaries {saes}")
+        ns = parse_sizes(args.pairs_scaling)
+        commands = [c.strip() for c in args.pairs_commands.split(",") if c.strip()]
+        if not commands or set(commands) - set(COMMANDS):
+            raise SystemExit(f"--pairs-commands: choose from {', '.join(COMMANDS)}")
+        saes = "identity" if args.pairs_model else gemma_config(args)["saes"]
         gemma = data["models"].setdefault("gemma", {})
-        gemma["pairs_scaling"] = run_pairs_scaling(ns, saes, log)
-        gemma["pairs_scaling"]["command_of_this_measurement"] = command
-        write_json(path, data)
+        for cmd in commands:
+            log(f"[gemma] pairs scaling {cmd} n={ns}, dictionaries {saes}")
+            key = "pairs_scaling" if cmd == "discover" else f"pairs_scaling_{cmd}"
+            kw = {"model": args.pairs_model} if args.pairs_model else {}
+            gemma[key] = run_pairs_scaling(ns, saes, log, batch_size=args.pairs_batch_size, command=cmd, **kw)
+            gemma[key]["command_of_this_measurement"] = command
+            write_json(path, data)
     keys = [] if args.report_only or args.cli_only or args.pairs_scaling else [m.strip() for m in args.models.split(",") if m.strip()]
     for key in keys:
         if key == "tiny":

@@ -162,3 +162,87 @@ def test_cli_batch_size_auto(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["discover", "--batch-size", "lots", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
+
+
+def test_forward_cost_counts_stacked_rows_and_drives_auto(sae_folder, monkeypatch):
+    """Stages without a backward (evaluation, exact patching) are sized by ``forward_cost``:
+    more stacked rows cost more; the costliest stage of a run decides."""
+    from featcircuits import batching
+
+    sm = _spliced("gemma3", torch.float32, sae_folder)
+    batch, _ = fc.tokenize_pairs(fc.make_pairs("sva-nounpp", 8), sm.model.tokenizer)
+    one, four = batching.forward_cost(sm, batch, 1), batching.forward_cost(sm, batch, 4)
+    assert 0 < one < four
+    _, why = batching.resolve_batch_size(sm, batch, "auto", (), forward_rows=4)
+    assert list(why["bytes_per_example_by_stage"]) == ["forward x4"]
+    _, why = batching.resolve_batch_size(sm, batch, "auto", ["relp", "random"], edges=False, forward_rows=4)
+    assert set(why["bytes_per_example_by_stage"]) == {"relp", "forward x4"}
+    assert why["bytes_per_example"] == max(why["bytes_per_example_by_stage"].values())
+    # the rule on the costliest stage (measurements fixed here: storages freed and reused can
+    # shift a measurement by a few tensors between calls)
+    monkeypatch.setattr(batching, "forward_cost", lambda sm, batch, rows=1, probe=2: 1000 * rows)
+    monkeypatch.setattr(batching, "example_cost", lambda *a, **k: 3000)
+    monkeypatch.setattr(batching, "free_memory", lambda device: 40_000)
+    assert batching.resolve_batch_size(sm, batch, "auto", (), forward_rows=4)[0] == 5
+    assert batching.resolve_batch_size(sm, batch, "auto", ["relp"], forward_rows=1)[0] == 6
+
+
+def test_batch_size_auto_on_curves_agreement_and_evaluate(tiny_model_dir, tmp_path):
+    """``--batch-size auto:CAP`` reaches curves, agreement and evaluate through the one resolver."""
+    common = ["--model", str(tiny_model_dir), "--task", "sva-nounpp", "--n", "6", "--batch-size", "auto:3"]
+    assert main(["curves", *common, "--saes", "identity", "--methods", "atp,random", "--thresholds", "2",
+                 "--no-progress", "--out", str(tmp_path / "curves")]) == 0
+    got = json.loads((tmp_path / "curves" / "curves.json").read_text())["settings"]
+    assert got["batching"]["rule"] == "auto" and got["batch_size"] == 3
+    assert main(["agreement", *common, "--methods", "atp", "--no-variant", "--repeats", "1", "--quiet",
+                 "--out", str(tmp_path / "agreement")]) == 0
+    got = json.loads((tmp_path / "agreement" / "agreement.json").read_text())
+    assert got["batching"]["rule"] == "auto" and got["batch_size"] == 3
+    assert "forward x" + str(got["seq_len"]) in got["batching"]["bytes_per_example_by_stage"]
+    assert main(["discover", *common[:-2], "--saes", "identity", "--top-k", "5", "--no-edges", "--no-eval",
+                 "--no-cards", "--out", str(tmp_path / "circuit")]) == 0
+    assert main(["evaluate", "--circuit", str(tmp_path / "circuit"), "--batch-size", "auto:3"]) == 0
+    got = json.loads((tmp_path / "circuit" / "evaluation.json").read_text())["settings"]
+    assert got["batching"]["rule"] == "auto" and got["batch_size"] == 3
+
+
+# ---------------------------------------------------------------- --device-map
+
+
+def test_device_map_auto_gives_the_same_circuit(tiny_model_dir, tmp_path):
+    """``--device-map auto`` (accelerate places the layers; on this CPU machine all on the cpu)
+    gives the discover result of a plain load, and records the placement."""
+    common = ["discover", "--model", str(tiny_model_dir), "--saes", "identity", "--n", "6", "--top-k", "8",
+              "--batch-size", "3", "--no-eval", "--no-cards"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--device-map", "auto", "--out", str(tmp_path / "mapped")]) == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("plain", "mapped"))
+    assert a.get("device_map") is None
+    assert b["device_map"]["requested"] == "auto" and set(b["device_map"]["placed"].values()) == {"cpu"}
+    ga, gb = (json.loads((tmp_path / d / "graph.json").read_text()) for d in ("plain", "mapped"))
+    assert ga["nodes"] == gb["nodes"] and ga[_links(ga)] == gb[_links(gb)] and ga["nodes"]
+    assert a["model_sha256"] == b["model_sha256"]
+
+
+def _links(graph: dict) -> str:
+    return "edges" if "edges" in graph else "links"
+
+
+def test_device_map_refusals(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """An explicit --device beside --device-map, an offloading map, torchrun and a missing
+    accelerate: one line each, exit code 2 / UserError, before or instead of a wrong result."""
+    assert main(["info", "--model", str(tiny_model_dir), "--device", "cpu", "--device-map", "auto"]) == 2
+    assert "drop --device cpu" in capsys.readouterr().err
+    offload = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+               "lm_head": "cpu", "model.rotary_emb": "cpu"}
+    with pytest.raises(UserError, match="offloading is not supported"):
+        fc.load_model(str(tiny_model_dir), device_map=offload, offload_folder=tmp_path / "offload")
+    with pytest.raises(UserError, match="unknown --device-map"):
+        fc.load_model(str(tiny_model_dir), device_map="balanced")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="torchrun"):
+        fc.load_model(str(tiny_model_dir), device_map="auto")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setitem(__import__("sys").modules, "accelerate", None)  # as if not installed
+    with pytest.raises(UserError, match="needs accelerate"):
+        fc.load_model(str(tiny_model_dir), device_map="auto")

@@ -10,14 +10,37 @@ import torch
 from safetensors.torch import load_file
 
 
-def _discover(tiny_model_dir, out, nproc: int, extra=(), env_extra=None):
-    cli = ["-m", "featcircuits.cli", "discover", "--model", str(tiny_model_dir), "--saes", "identity",
-           "--task", "sva-nounpp", "--pairs", "8", "--batch-size", "2", "--top-k", "12", "--device", "cpu",
-           "--out", str(out), *extra]
+def _cli(command: str, tiny_model_dir, out, nproc: int, extra=(), env_extra=None):
+    """``featcircuits COMMAND`` on the tiny model, in one process or under torchrun with ``nproc``."""
+    cli = ["-m", "featcircuits.cli", command, "--model", str(tiny_model_dir), "--task", "sva-nounpp",
+           "--pairs", "8", "--batch-size", "2", "--device", "cpu", "--out", str(out), *extra]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc > 1 else [sys.executable]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(launch + cli, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _discover(tiny_model_dir, out, nproc: int, extra=(), env_extra=None):
+    return _cli("discover", tiny_model_dir, out, nproc, ["--saes", "identity", "--top-k", "12", *extra], env_extra)
+
+
+TIMING_KEYS = {"timings", "seconds", "seconds_runs", "passes", "targets", "torch_threads", "provenance"}
+
+
+def assert_same_numbers(a, b, tol: float = 1e-5, path: str = "") -> int:
+    """Two result JSONs hold the same structure and numbers to ``tol`` (timings, pass counts
+    (per rank under torchrun) and provenance left out); returns how many numbers were compared."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        return sum(assert_same_numbers(a[k], b[k], tol, f"{path}/{k}") for k in a if k not in TIMING_KEYS)
+    if isinstance(a, list):
+        assert len(a) == len(b), path
+        return sum(assert_same_numbers(x, y, tol, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        assert abs(a - b) <= tol, (path, a, b)
+        return 1
+    assert a == b, (path, a, b)
+    return 0
 
 
 def _edges(graph: dict) -> dict:
@@ -62,3 +85,43 @@ def test_torchrun_resume_per_rank(runs, tiny_model_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ga, gb = (json.loads((d / "graph.json").read_text()) for d in (runs / "two", tmp_path / "run"))
     assert ga["nodes"] == gb["nodes"] and _edges(ga) == _edges(gb)
+
+
+CURVES = ["--saes", "identity", "--n-eval", "8", "--methods", "relp,random", "--thresholds", "3",
+          "--no-progress"]
+
+
+def test_torchrun_curves_equal_single_process_and_resume(tiny_model_dir, tmp_path):
+    """curves under torchrun (node effects, ablation means and F(C) sums sharded and
+    all-reduced; the per-case part too) gives the single-process curves.json; both ranks
+    killed after their first ablation checkpoint, ``--resume`` gives the same again."""
+    runs = {}
+    for name, nproc, env in (("one", 1, None), ("two", 2, None),
+                             ("killed", 2, {"FEATCIRCUITS_FAULT_AFTER": "curves-ablate-relp:1"})):
+        done = _cli("curves", tiny_model_dir, tmp_path / name, nproc, CURVES, env)
+        if name == "killed":
+            assert done.returncode != 0
+            files = sorted(p.name for p in (tmp_path / name / ".checkpoint").iterdir())
+            assert files and all(".rank0-of-2" in f or ".rank1-of-2" in f for f in files), files
+            done = _cli("curves", tiny_model_dir, tmp_path / name, nproc, [*CURVES, "--resume"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "curves.json").read_text())
+    assert runs["one"]["by_case"]  # the per-case evaluation ran (and was sharded) too
+    for name in ("two", "killed"):
+        assert assert_same_numbers(runs["one"], runs[name]) > 10
+    assert not (tmp_path / "two" / ".checkpoint").exists() and not (tmp_path / "killed" / ".checkpoint").exists()
+
+
+@pytest.mark.parametrize("granularity", ["components", "features"])
+def test_torchrun_agreement_equal_single_process(tiny_model_dir, tmp_path, granularity):
+    """agreement under torchrun: the estimators and exact patching (component grid, or the
+    feature sample's exact_feature_effects) sharded and all-reduced, rank 0 writing."""
+    extra = ["--methods", "atp,relp,ig", "--repeats", "1", "--quiet", "--granularity", granularity]
+    results = []
+    for name, nproc in (("one", 1), ("two", 2)):
+        done = _cli("agreement", tiny_model_dir, tmp_path / name, nproc, extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("Pearson r vs exact") == 1  # rank 0 alone reports
+        results.append(json.loads((tmp_path / name / "agreement.json").read_text()))
+    assert results[0]["by_case"]
+    assert assert_same_numbers(*results) > 100

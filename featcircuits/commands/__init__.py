@@ -20,12 +20,22 @@ def add_model_args(p: argparse.ArgumentParser, saes: bool = True) -> None:
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` (every command that runs a model; resolved by ``featcircuits.devices``)."""
-    from ..devices import DEVICES, DTYPES
+    from ..devices import DEVICE_MAPS, DEVICES, DTYPES
 
     p.add_argument("--device", default="auto",
                    help=f"where the model runs: {'|'.join(DEVICES)} (default auto: cuda, else mps, else cpu)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="model and dictionary precision (default float32; effects and sums are always float32)")
+    p.add_argument("--device-map", default=None, choices=list(DEVICE_MAPS),
+                   help="auto: accelerate spreads the model's layers over every device it sees (models "
+                        "bigger than one device; instead of --device, not with torchrun)")
+
+
+def load_model_from_args(args: argparse.Namespace, spec: str | None = None):
+    """``load_model`` with the flags of ``add_device_args`` (the one place commands load a model)."""
+    from ..models import load_model
+
+    return load_model(spec or args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
 
 
 def add_rules_arg(p: argparse.ArgumentParser) -> None:
@@ -38,7 +48,7 @@ def add_rules_arg(p: argparse.ArgumentParser) -> None:
                         f"{','.join(PAPER_RULES)}")
 
 
-def add_task_args(p: argparse.ArgumentParser, n_default: int = 64, auto_batch: bool = False) -> None:
+def add_task_args(p: argparse.ArgumentParser, n_default: int = 64) -> None:
     p.add_argument("--task", default="sva-simple",
                    help="built-in task (sva-simple, sva-nounpp, sva-rc, sva-within-rc, ioi) or a "
                         "JSON-lines file in the Sparse Feature Circuits format")
@@ -46,12 +56,14 @@ def add_task_args(p: argparse.ArgumentParser, n_default: int = 64, auto_batch: b
     p.add_argument("--n", "--pairs", dest="n", type=int, default=n_default,
                    help="number of prompt pairs (--pairs: the same, for use after torchrun)")
     p.add_argument("--seed", type=int, default=0, help="seed for task generation and sampling")
-    if auto_batch:
-        p.add_argument("--batch-size", type=_batch_size, default=16,
-                       help="examples per forward pass, or 'auto' / 'auto:CAP': the largest that fits in "
-                            "free memory (measured per example; featcircuits.batching), at most CAP")
-    else:
-        p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    add_batch_size_arg(p)
+
+
+def add_batch_size_arg(p: argparse.ArgumentParser) -> None:
+    """``--batch-size N|auto|auto:CAP`` (resolved by ``featcircuits.batching.resolve_batch_size``)."""
+    p.add_argument("--batch-size", type=_batch_size, default=16,
+                   help="examples per forward pass, or 'auto' / 'auto:CAP': the largest that fits in "
+                        "free memory (measured per example; featcircuits.batching), at most CAP")
 
 
 def _batch_size(text: str) -> "int | str":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+from . import (load_model_from_args, add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
                check_dictionaries_early, report_pairs)
 
 
@@ -51,15 +51,14 @@ def run(args: argparse.Namespace) -> int:
     from ..agreement import by_case_rows, resolve_methods, run_agreement, write_agreement
     from ..dictionaries import identity_set, load_dictionary_set
     from ..errors import UserError
-    from ..models import load_model
     from ..tasks import make_pairs, tokenize_pairs
     from ..tracing import SplicedModel
     from ..validation import prepare_run_folder
 
     torch.manual_seed(args.seed)
     run_folder = prepare_run_folder(args.out, overwrite=args.overwrite)
-    if min(args.n, args.batch_size, args.steps, args.repeats) < 1:
-        raise UserError("--n, --batch-size, --steps and --repeats must be positive")
+    if min(args.n, args.steps, args.repeats) < 1:  # --batch-size: checked by its parser
+        raise UserError("--n, --steps and --repeats must be positive")
     if args.top_k < 0 or args.random < 0:
         raise UserError("--top-k and --random must not be negative")
     resolve_methods(args.methods, args.rules)  # a bad --methods or --rules fails before the model loads
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = make_pairs(args.task, args.n, args.seed)
     if args.granularity == "features":
         check_dictionaries_early(args.model, args.saes)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     if args.granularity == "components":
         dicts, saes = identity_set(model.adapter), "identity"
     else:
@@ -88,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     title = f"{args.model}, {args.task}, {args.granularity}" + (f", {saes}" if args.granularity == "features" else "")
     write_agreement(result, run_folder.open(), title)
     out = run_folder.commit()
+    from .. import distributed
+
+    if not distributed.is_writer():  # under torchrun rank 0 alone reports
+        return 0
     kinds = result["site_kinds"]
     print(f"Pearson r vs exact patching ({args.granularity}, n={result['n']}):")
     print(f"  {'method':<8} " + " ".join(f"{k:>7}" for k in kinds) + f" {'seconds':>9}")

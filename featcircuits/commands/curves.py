@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+from . import (load_model_from_args, add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
                check_dictionaries_early, default_saes)
 
 
@@ -62,18 +62,17 @@ def run(args: argparse.Namespace) -> int:
     from ..dictionaries import load_dictionary_set
     from ..errors import UserError
     from ..evaluation import curves_summary, run_curves
-    from ..models import load_model
     from ..validation import prepare_run_folder
 
     run_folder = prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
-    for name in ("n", "batch_size", "steps", "thresholds", "random_draws", "stack"):
+    for name in ("n", "steps", "thresholds", "random_draws", "stack"):  # --batch-size: checked by its parser
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     t0 = time.perf_counter()
     saes = default_saes(args.model, args.saes)
     check_dictionaries_early(args.model, saes)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     load_seconds = time.perf_counter() - t0
     work = run_folder.open()
@@ -85,5 +84,9 @@ def run(args: argparse.Namespace) -> int:
                          out=work, model_spec=args.model, saes_spec=saes,
                          effects_cache=args.effects_cache, progress=not args.no_progress,
                          extra_timings={"load_seconds": round(load_seconds, 3)}, resume=args.resume)
-    print(curves_summary(result, run_folder.commit()))
+    out = run_folder.commit()
+    from .. import distributed
+
+    if distributed.is_writer():  # under torchrun rank 0 alone reports
+        print(curves_summary(result, out))
     return 0

@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..graph import DEFAULT_TOP_K, describe_size
-from . import (add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
+from . import (load_model_from_args, add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
                check_dictionaries_early, default_saes, report_pairs)
 
 
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(labelled from feature cards) into --out; a quick evaluation reports faithfulness, "
                     "completeness and the error nodes' share of |effect|.")
     add_model_args(p)
-    add_task_args(p, auto_batch=True)
+    add_task_args(p)
     p.add_argument("--method", default="relp", choices=["relp", "ig", "atp"],
                    help="estimator for nodes and edges (default relp)")
     p.add_argument("--steps", type=int, default=10, help="IG interpolation steps (default 10)")
@@ -65,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     from ..discover import discover_circuit
     from ..export import save_circuit
     from ..graph import Thresholds
-    from ..models import load_model
     from ..tasks import make_pairs, tokenize_pairs
     from ..tracing import SplicedModel
     from ..validation import prepare_run_folder
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     t_load = time.perf_counter()
     saes = default_saes(args.model, args.saes)
     check_dictionaries_early(args.model, saes)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     t_load = time.perf_counter() - t_load
     batch, dropped = tokenize_pairs(pairs, model.tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_device_args, check_dictionaries_early
+from . import load_model_from_args, add_batch_size_arg, add_device_args, check_dictionaries_early
 from .curves import add_eval_args
 
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--saes", default=None, help="override the dictionaries recorded in the provenance")
     p.add_argument("--task", default=None, help="override the task recorded in the provenance")
     p.add_argument("--seed", type=int, default=None, help="override the discovery seed recorded in the provenance")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    add_batch_size_arg(p)
     add_eval_args(p)
     add_device_args(p)
     p.add_argument("--out", default=None, help="JSON file to write (default: CIRCUIT/evaluation.json)")
@@ -41,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..evaluation import evaluate_circuit
     from ..export import load_circuit
-    from ..models import load_model
 
     from ..validation import check_output_file
 
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.circuit} does not record its {', '.join(missing)} (a circuit saved without them): "
                         f"add {flags} (or save it with save_circuit(..., model=, task=, saes=))")
     check_dictionaries_early(model_spec, saes)
-    model = load_model(model_spec, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args, model_spec)
     dicts = load_dictionary_set(saes, model.adapter, model_spec)
     result = evaluate_circuit(model, dicts, circuit, task=task, n_eval=args.n, seed=args.seed,
                               ablation=args.ablation, errors=args.errors, start_layer=args.start_layer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_model_args, default_saes
+from . import load_model_from_args, add_model_args, default_saes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..readable import build_features
     from ..dictionaries import load_dictionary_set
-    from ..models import load_model
     from ..tracing import SplicedModel
 
     from ..errors import UserError
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{', '.join(bad)} must be positive")
     check_corpus(args.corpus)
     t0 = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model_from_args(args)
     saes = default_saes(args.model, args.saes)
     sm = SplicedModel(model, load_dictionary_set(saes, model.adapter, args.model))
     t1 = time.perf_counter()

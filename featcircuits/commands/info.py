@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import add_model_args, default_saes
+from . import load_model_from_args, add_model_args, default_saes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,9 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..dictionaries import load_dictionary_set
-    from ..models import load_model
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     saes = default_saes(args.model, args.saes)
     dicts = load_dictionary_set(saes, model.adapter, args.model)
     a = model.adapter

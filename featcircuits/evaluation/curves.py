@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .. import lrp
+from .. import distributed, lrp
 from ..errors import UserError
 from ..nodes import Act, NodeSpace
 from ..tasks import Batch
@@ -84,6 +84,8 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
         raise UserError(f"--thresholds must be at least 1, got {points}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    distributed.setup(sm.model.device)  # under torchrun: every stage below shards its chunks and all-reduces
+    progress = progress and distributed.is_writer()  # one set of bars
     ev = Evaluator(sm, evaluation, ablation=ablation, errors=errors, start_layer=start_layer, seed=seed,
                    batch_size=batch_size, stack=stack, progress=progress)
     timings["evaluation_setup_seconds"] = round(time.perf_counter() - t0, 3)
@@ -97,11 +99,12 @@ def faithfulness_curves(sm: SplicedModel, discovery: Batch, evaluation: Batch,
                   "errors": errors, "aggregation": aggregation, "start_layer": start_layer, "steps": steps,
                   "rules": lrp.rules_key(rules), "random_draws": random_draws, "seed": seed, "batch_size": batch_size,
                   "stack": stack, "dictionaries": sm.dictionaries.digest(),
-                  "discovery": _batch_digest(discovery), "evaluation": _batch_digest(evaluation)}
+                  "discovery": _batch_digest(discovery), "evaluation": _batch_digest(evaluation),
+                  "world": list(distributed.world())}
+        suffix = distributed.checkpoint_suffix()  # one checkpoint file per rank
         for m in methods:
-            if m != "random":
-                checkpoints[f"curves-nodes-{m}"] = Checkpoint(checkpoint_dir, f"curves-nodes-{m}", config, resume)
-            checkpoints[f"curves-ablate-{m}"] = Checkpoint(checkpoint_dir, f"curves-ablate-{m}", config, resume)
+            for stage in ([f"curves-nodes-{m}"] if m != "random" else []) + [f"curves-ablate-{m}"]:
+                checkpoints[stage] = Checkpoint(checkpoint_dir, stage + suffix, config, resume)
     effects = effects if effects is not None else {}
     effect_info = {}
     scored = {}
@@ -217,7 +220,7 @@ def curves_by_case(sm: SplicedModel, evaluation: Batch, circuits_of: dict[str, l
     out = {}
     for case in cases:
         sub = evaluation.select([i for i, p in enumerate(evaluation.pairs) if p.case == case])
-        ev = Evaluator(sm, sub, **ev_kw)
+        ev = Evaluator(sm, sub, **ev_kw)  # (a subset too small for every rank gets smaller chunks there)
         curves = {m: _curve(ev.evaluate(c, desc=f"ablations ({m}, {case})")) for m, c in circuits_of.items()}
         out[case] = {"n_eval": len(sub), "F_M": ev.F_M, "F_empty": ev.F_empty,
                      "auc": {m: c["auc"] for m, c in curves.items()},

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import Site
 from ..errors import UserError
 from ..metric import preference
@@ -16,7 +17,7 @@ from ..nodes import Act
 from ..tasks import Batch
 from ..tracing import SplicedModel
 from .masks import Masks, ablation_values, complement, empty_masks, evaluated_sites, full_masks, mask_size, \
-    align_positions
+    align_positions, resample_donors
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -72,13 +73,21 @@ class Evaluator:
             raise UserError("stack must be at least 1")
         self.sm, self.batch = sm, batch
         self.ablation, self.errors, self.start_layer = ablation, errors, start_layer
+        # under torchrun every rank needs a chunk (e.g. discover's quick evaluation of 32 pairs
+        # after a large --batch-size auto): smaller chunks, only the order of the sums changes
+        batch_size = distributed.fitting_batch_size(len(batch), batch_size)
         self.batch_size, self.stack, self.progress = batch_size, stack, progress
         self.sites = evaluated_sites(sm, start_layer)
         t0 = time.perf_counter()
-        self.values = ablation_values(sm, batch, self.sites, ablation, seed=seed, batch_size=batch_size)
-        self.per_example = ablation == "resample"  # values per evaluation example, not broadcast
-        with torch.no_grad():  # a site's value when all of it is ablated: decode(a_f) + a_err
-            self.ablated = {s: sm.dictionary(s).decode(v.f) + v.err for s, v in self.values.items()}
+        # resample: each example's donor value is computed with its chunk (memory flat in n);
+        # mean / zero: one broadcast value per site, computed here
+        self.per_example = ablation == "resample"
+        self.donors = resample_donors(len(batch), seed) if self.per_example else None
+        if self.per_example:
+            self.values = self.ablated = {}
+        else:
+            self.values = ablation_values(sm, batch, self.sites, ablation, seed=seed, batch_size=batch_size)
+            self.ablated = self._ablated(self.values)
         self.forward_passes = 0
         self.F_M, self.F_empty = self.scores([full_masks(sm, self.sites), empty_masks(sm, self.sites)])
         self.setup_seconds = time.perf_counter() - t0
@@ -94,6 +103,8 @@ class Evaluator:
         total = torch.zeros(len(circuits), dtype=torch.float64)
         groups = [list(range(i, min(i + self.stack, len(circuits)))) for i in range(0, len(circuits), self.stack)]
         chunks = self.batch.chunks(self.batch_size)
+        offsets = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+        mine = distributed.shard(chunks)  # all chunks in one process; a contiguous block per rank under torchrun
         done = 0
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None:
@@ -102,20 +113,39 @@ class Evaluator:
             if total.shape != (len(circuits),):
                 raise UserError(f"checkpoint {checkpoint.path} holds {total.numel()} circuits, this run has "
                                 f"{len(circuits)}; delete it or match the original arguments")
-        bar = tqdm(total=len(groups) * len(chunks), initial=done * len(groups), desc=desc,
+        bar = tqdm(total=len(groups) * len(mine), initial=done * len(groups), desc=desc,
                    disable=not self.progress, leave=False)
-        start = sum(len(c) for c in chunks[:done])
-        for n_done, chunk in enumerate(chunks[done:], start=done + 1):
+        for n_done, (i, chunk) in enumerate(mine[done:], start=done + 1):
+            values = self._chunk_values(offsets[i], len(chunk))
             for g in groups:
-                total[g] += self._run(chunk, start, [circuits[i] for i in g]).sum(1).double().cpu()
+                total[g] += self._run(chunk, values, [circuits[j] for j in g]).sum(1).double().cpu()
                 bar.update(1)
-            start += len(chunk)
             if checkpoint is not None:
                 checkpoint.save(n_done, {"total": total})
         bar.close()
+        total = torch.tensor(distributed.all_reduce_floats(*total.tolist(), device=self.sm.model.device),
+                             dtype=torch.float64)
         return (total / len(self.batch)).tolist()
 
-    def _run(self, chunk: Batch, start: int, circuits: list[Masks]) -> torch.Tensor:
+    def _ablated(self, values: dict[str, Act]) -> dict[str, torch.Tensor]:
+        """A site's value when all of it is ablated: decode(a_f) + a_err."""
+        with torch.no_grad():
+            return {s: self.sm.dictionary(s).decode(v.f) + v.err for s, v in values.items()}
+
+    def _chunk_values(self, start: int, b: int) -> tuple[dict[str, Act], dict[str, torch.Tensor]]:
+        """Ablation values and fully-ablated site values for examples ``start .. start + b``:
+        the shared ones, or (resample) the counterfactual values of those examples' donors."""
+        if not self.per_example:
+            return self.values, self.ablated
+        donors = self.batch.select(self.donors[start:start + b].tolist())
+        with torch.no_grad():
+            _, vals = self.sm.cache(donors.inputs("patch"))
+        self.forward_passes += 1
+        values = {s.name: vals[s.name] for s in self.sites}
+        return values, self._ablated(values)
+
+    def _run(self, chunk: Batch, values: tuple[dict[str, Act], dict[str, torch.Tensor]],
+             circuits: list[Masks]) -> torch.Tensor:
         """Clean preference [K, b] of the chunk under each of K circuits (stacked)."""
         sm, K, b = self.sm, len(circuits), len(chunk)
         T = chunk.seq_len
@@ -129,24 +159,23 @@ class Evaluator:
             if bool(full.all()):
                 return None  # nothing ablated here: the site stays exactly x
             d = sm.dictionary(site)
-            a = self.values[site.name]
-            sl = slice(start, start + b) if self.per_example else slice(None)
+            a, ablated = values[0][site.name], values[1][site.name]
             with torch.no_grad():
                 xs = x.reshape(K, b, T, -1)
                 # rows with the whole site ablated take the precomputed decode(a_f) + a_err
-                out = torch.where(empty.view(K, 1, 1, 1), self.ablated[site.name][sl].to(x.dtype), xs)
+                out = torch.where(empty.view(K, 1, 1, 1), ablated.to(x.dtype), xs)
                 part = torch.nonzero(~full & ~empty).flatten()
                 if part.numel():
                     P = part.numel()
                     xp = xs[part].reshape(P * b, T, -1)
                     f = d.encode(xp)
-                    f2 = torch.where(mf[part], f.view(P, b, T, -1), a.f[sl].to(f.dtype))
+                    f2 = torch.where(mf[part], f.view(P, b, T, -1), a.f.to(f.dtype))
                     rec = d.decode(f2.reshape(P * b, T, -1)).view(P, b, T, -1)
                     if bool(me[part].any()):
                         err = (xp - d.decode(f)).view(P, b, T, -1)
-                        rec = rec + torch.where(me[part], err, a.err[sl].to(err.dtype))
+                        rec = rec + torch.where(me[part], err, a.err.to(err.dtype))
                     else:
-                        rec = rec + a.err[sl].to(rec.dtype)
+                        rec = rec + a.err.to(rec.dtype)
                     out[part] = rec.to(x.dtype)
             return out.reshape(x.shape)
 

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from .. import distributed
 from ..adapters import Site
 from ..errors import UserError
 from ..nodes import Act, Acts, NodeSpace
@@ -101,39 +102,35 @@ def ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation:
     return _ablation_values(sm, batch, sites, ablation, seed=seed, batch_size=batch_size)
 
 
+def resample_donors(n: int, seed: int = 0) -> torch.Tensor:
+    """For each of ``n`` evaluation examples, the example whose counterfactual value it takes
+    under ``resample`` ablation (uniform, with replacement, seeded)."""
+    rng = random.Random(f"resample:{seed}")
+    return torch.tensor([rng.randrange(n) for _ in range(n)], dtype=torch.long)
+
+
 def _ablation_values(sm: SplicedModel, batch: Batch, sites: list[Site], ablation: str, *,
                      seed: int, batch_size: int) -> Acts:
-    names = {s.name for s in sites}
+    names = [s.name for s in sites]
+    if ablation == "resample":  # every example's own donor value (the Evaluator streams these per chunk)
+        donors = batch.select(resample_donors(len(batch), seed).tolist())
+        with torch.no_grad():
+            parts = [sm.cache(c.inputs("patch"))[1] for c in donors.chunks(batch_size)]
+        return {s: Act(torch.cat([p[s].f for p in parts]), torch.cat([p[s].err for p in parts])) for s in names}
     sums_f: dict[str, torch.Tensor] = {}
     sums_e: dict[str, torch.Tensor] = {}
-    per_f: dict[str, list[torch.Tensor]] = {s: [] for s in names}
-    per_e: dict[str, list[torch.Tensor]] = {s: [] for s in names}
-    weight = torch.zeros(batch.seq_len)
-    for chunk in batch.chunks(batch_size):
+    weight = torch.zeros(batch.seq_len, device=sm.model.device)
+    # sums over this rank's block of chunks, all-reduced under torchrun (the identity in one process)
+    for _, chunk in distributed.shard(batch.chunks(batch_size)):
         with torch.no_grad():
             _, vals = sm.cache(chunk.inputs("patch"))
-        w = chunk.patch_mask.to(torch.float32)  # [b, T]
+        w = chunk.patch_mask.to(device=sm.model.device, dtype=torch.float32)  # [b, T]; values are on the model's device
         weight += w.sum(0)
-        w = w.to(sm.model.device)  # the values are on the model's device
+        wf = w.unsqueeze(-1)
         for s in names:
             v = vals[s]
-            if ablation == "mean":
-                wf = w.unsqueeze(-1)
-                sums_f[s] = sums_f.get(s, 0) + (v.f.float() * wf).sum(0)
-                sums_e[s] = sums_e.get(s, 0) + (v.err.float() * wf).sum(0)
-            else:
-                per_f[s].append(v.f)
-                per_e[s].append(v.err)
-    out = {}
-    if ablation == "mean":
-        denom = weight.clamp(min=1.0).view(-1, 1).to(sm.model.device)  # all-padding positions: zero
-        for s in names:
-            out[s] = Act((sums_f[s] / denom).unsqueeze(0), (sums_e[s] / denom).unsqueeze(0))
-        return out
-    rng = random.Random(f"resample:{seed}")
-    n = len(batch)
-    donor = torch.tensor([rng.randrange(n) for _ in range(n)], dtype=torch.long)
-    for s in names:
-        f, e = torch.cat(per_f[s]), torch.cat(per_e[s])
-        out[s] = Act(f[donor.to(f.device)], e[donor.to(f.device)])
-    return out
+            sums_f[s] = sums_f.get(s, 0) + (v.f.float() * wf).sum(0)
+            sums_e[s] = sums_e.get(s, 0) + (v.err.float() * wf).sum(0)
+    distributed.all_reduce_sum([weight, *(t for s in names for t in (sums_f[s], sums_e[s]))])
+    denom = weight.clamp(min=1.0).view(-1, 1)  # all-padding positions: zero
+    return {s: Act((sums_f[s] / denom).unsqueeze(0), (sums_e[s] / denom).unsqueeze(0)) for s in names}

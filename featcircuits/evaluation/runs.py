@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
+from ..batching import resolve_batch_size
 from ..dictionaries import DictionarySet
 from ..discover import versions
 from ..errors import UserError
@@ -28,7 +30,7 @@ from .plots import plot_curves
 
 def evaluate_circuit(model: LoadedModel, dicts: DictionarySet, circuit: Circuit, *, task: str, n_eval: int | None = None, seed: int | None = None,
                      ablation: str = "mean", errors: str = "ablate", start_layer: int = -1,
-                     batch_size: int = 16, stack: int = 4, progress: bool = False) -> dict:
+                     batch_size: "int | str" = 16, stack: int = 4, progress: bool = False) -> dict:
     """Faithfulness and completeness of ``circuit`` (a ``graph.Circuit``) on evaluation pairs
     disjoint from its discovery pairs (regenerated from ``task``, the provenance's seed and
     pair count)."""
@@ -50,6 +52,7 @@ def evaluate_circuit(model: LoadedModel, dicts: DictionarySet, circuit: Circuit,
     split.update({"n_eval_requested": n_eval, "n_eval": len(batch), "eval_dropped": len(dropped),
                   "discovery_pairs_regenerated": n_disc, "discovery_seed": seed})
     sm = SplicedModel(model, dicts)
+    batch_size, batching = resolve_batch_size(sm, batch, batch_size, (), forward_rows=stack)
     t0 = time.perf_counter()
     ev = Evaluator(sm, batch, ablation=ablation, errors=errors, start_layer=start_layer, seed=seed,
                    batch_size=batch_size, stack=stack, progress=progress)
@@ -59,7 +62,7 @@ def evaluate_circuit(model: LoadedModel, dicts: DictionarySet, circuit: Circuit,
     return {**res, "F_M": ev.F_M, "F_empty": ev.F_empty,
             "n_nodes_in_graph": circuit.n_nodes,
             "settings": {**ev.settings(), "aggregation": prov.get("aggregation", "sum"), "seed": seed,
-                         "batch_size": batch_size},
+                         "batch_size": batch_size, "batching": batching},
             "split": split, "seconds": round(seconds, 3), "forward_passes": ev.forward_passes,
             "provenance": {"circuit_method": prov.get("method"), "task": task,
                            "circuit_thresholds": prov.get("thresholds"),
@@ -70,7 +73,7 @@ def evaluate_circuit(model: LoadedModel, dicts: DictionarySet, circuit: Circuit,
 def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n_eval: int, seed: int = 0, methods=("relp", "ig", "atp", "random"),
                 points: int = 15, n_min: int = 1, n_max: int | None = None, ablation: str = "mean",
                 errors: str = "ablate", aggregation: str = "sum", start_layer: int = -1, steps: int = 10,
-                rules="default", random_draws: int = 3, batch_size: int = 16, stack: int = 4, out=None,
+                rules="default", random_draws: int = 3, batch_size: "int | str" = 16, stack: int = 4, out=None,
                 model_spec: str | None = None, saes_spec: str | None = None, effects_cache=None,
                 progress: bool = True, extra_timings: dict | None = None, title: str | None = None,
                 resume: bool = False) -> dict:
@@ -78,6 +81,8 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
     ``featcircuits curves`` runs after loading them):
     discovery and evaluation pairs, node effects (cached when ``effects_cache`` is given),
     the curves, ``curves.json`` and the plots in ``out``. Returns the result dict.
+    ``batch_size``: an int, or ``auto`` / ``auto:CAP`` (``featcircuits.batching``: the
+    costliest of the methods' node stage and the stacked evaluation forwards).
 
     With ``out``, every stage checkpoints per chunk of examples into ``out/.checkpoint``;
     ``resume=True`` continues a killed run from there."""
@@ -93,6 +98,11 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
                   "discovery_dropped": len(dropped_d), "n_eval_requested": n_eval, "n_eval": len(evb),
                   "eval_dropped": len(dropped_e)})
     sm = SplicedModel(model, dicts)
+    distributed.setup(sm.model.device)  # before the batch size: ``auto`` is agreed across ranks
+    batch_size, batching = resolve_batch_size(sm, disc, batch_size, [m for m in methods if m != "random"],
+                                              steps=steps, rules=rules, edges=False,
+                                              # exact patching stacks every position of an example
+                                              forward_rows=max(stack, disc.seq_len if "exact" in methods else 0))
     effects = {}
     cache_info = {}
     paths = {}
@@ -110,7 +120,7 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
                                  seed=seed, batch_size=batch_size, stack=stack, effects=effects,
                                  progress=progress, checkpoint_dir=out, resume=resume)
     for m, path in paths.items():
-        if m not in cache_info:  # computed in this run: keep for the next
+        if m not in cache_info and distributed.is_writer():  # computed in this run: keep for the next
             atomic_write(path, lambda p, e=effects[m]: torch.save(e, p))
             cache_info[m] = {"path": str(path), "reused": False}
     result["provenance"] = {
@@ -119,8 +129,9 @@ def run_curves(model: LoadedModel, dicts: DictionarySet, *, task: str, n: int, n
         "task": task, "seed": seed, "versions": versions(), "effects_cache": cache_info or None,
     }
     result["split"] = split
+    result["settings"]["batching"] = batching
     result["timings"].update(extra_timings or {})
-    if out is not None:
+    if out is not None and distributed.is_writer():  # under torchrun rank 0 alone writes
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "curves.json", result)

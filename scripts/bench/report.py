@@ -248,7 +248,8 @@ METHOD_TEXT = """## How it is measured
 
 
 def write_report(data: dict, out: Path, results_readme: Path | None) -> None:
-    models = data.get("models", {})
+    every = data.get("models", {})
+    models = {k: m for k, m in every.items() if "nodes" in m}  # a full suite (not only a pairs-scaling row)
     figs: dict[str, dict[str, str]] = {}
     for key, m in models.items():
         figs[key] = {"nodes": plot_nodes(key, m, out), "edges": plot_edges(key, m, out),
@@ -287,10 +288,12 @@ def write_report(data: dict, out: Path, results_readme: Path | None) -> None:
                  f"Load average at start {', '.join(f'{x:.1f}' for x in mc['loadavg_at_start'])}; other busy "
                  f"processes at the start: {busy}.")
     L += ["", METHOD_TEXT]
-    for key, m in models.items():
-        L += [model_section(key, m, figs[key]), ""]
-        if m.get("pairs_scaling"):
-            L += [pairs_section(m), ""]
+    for key, m in every.items():
+        if key in models:
+            L += [model_section(key, m, figs[key]), ""]
+        section = pairs_section(m)
+        if section:
+            L += [section, ""]
     write_text(out / "README.md", "\n".join(L) + "\n")
     if results_readme is not None:
         update_results_readme(results_readme, rows, models)

@@ -312,8 +312,9 @@ def profile_relp(sm: SplicedModel, chunk, bs: int) -> dict:
             "unembedding_share": round(unembed / total, 4) if vocab else None, "vocab_size": vocab}
 
 
-def cli_peak_rss(argv: list[str]) -> dict:
-    """Run the real CLI in a subprocess; its max RSS from /usr/bin/time -v (else getrusage)."""
+def cli_peak_rss(argv: list[str], measure: "Callable[[Path], dict] | None" = None) -> dict:
+    """Run the real CLI in a subprocess; its max RSS from /usr/bin/time -v (else getrusage).
+    ``measure(run_folder)`` reads what else the record needs from the outputs before they go."""
     out = Path(tempfile.mkdtemp(prefix="fc-bench-cli-"))
     venv_cli = ROOT / ".venv" / "bin" / "featcircuits"
     # the source tree's own venv as the README sets it up, else this interpreter on this tree
@@ -348,6 +349,8 @@ def cli_peak_rss(argv: list[str]) -> dict:
         rec["summary_seconds"] = s.get("seconds")
         rec["dictionaries"] = s.get("dictionaries")
         rec["n_nodes"], rec["n_edges"] = s.get("n_nodes"), s.get("n_edges")
+    if measure is not None and proc.returncode == 0:
+        rec.update(measure(out / "run"))
     if proc.returncode != 0:
         rec["stderr_tail"] = proc.stderr[-1500:]
     shutil.rmtree(out, ignore_errors=True)

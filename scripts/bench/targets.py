@@ -16,6 +16,10 @@ TARGETS = [
     ("edges_speedup", "one-backward-per-node edges / batched edges (speed-up)", ">=", 5.0),
     ("edges_same", "batched vs one-backward-per-node edges: largest absolute difference", "<=", 1e-5),
     ("cli_rss", "peak RSS of `featcircuits discover` (offline default, starter, n=64), GiB", "<", 6.0),
+    # the pairs-scaling rows (scripts/bench/pairs.py): worst ratio to the smallest n, per command
+    *((f"pairs_{what}:{cmd}", f"{cmd}, thousands of pairs: {label} / the smallest n's (worst n)", "<=", target)
+      for cmd in ("discover", "curves", "agreement")
+      for what, label, target in (("rss", "peak RSS", 1.5), ("time", "time per pair", 1.3))),
 ]
 MODEL_NAMES = {"tiny": "tiny", "gemma": "Gemma 3 270M"}
 
@@ -26,6 +30,14 @@ def _med(d: dict | None) -> float | None:
 
 def _measured(tid: str, m: dict) -> tuple[float | None, str]:
     """The measured value of target ``tid`` on model result ``m`` and a note."""
+    if tid.startswith("pairs_"):
+        what, cmd = tid[len("pairs_"):].split(":")
+        p = m.get("pairs_scaling" if cmd == "discover" else f"pairs_scaling_{cmd}") or {}
+        value = p.get("peak_rss_ratio" if what == "rss" else "time_per_pair_ratio")
+        ns = [r["n"] for r in p.get("rows", []) if r.get("returncode") == 0]
+        return value, (f"n = {ns[0]}..{ns[-1]}" if value is not None and ns else "")
+    if "nodes" not in m:  # only a pairs-scaling row was measured for this model
+        return None, ""
     if tid == "relp_atp":
         return _med(m["nodes"]["ratios"].get("relp_over_atp")), ""
     if tid == "relp_forward":
@@ -102,6 +114,8 @@ def _mi(m: dict, section: str, name: str) -> dict:
 
 def bounds_text(key: str, m: dict, row: dict) -> str:
     """Why a missed target is missed, from the numbers measured (floor parts, profile, sweep)."""
+    if row["id"].startswith("pairs_"):
+        return "see the pairs-scaling table below (each n's ratio to the smallest n)."
     items = m["nodes"]["items"]
     w = lambda n: items.get(n, {}).get("median_wall_s")  # noqa: E731
     prof = m.get("profile_relp_chunk") or {}

@@ -1,0 +1,40 @@
+"""The pairs-scaling row of scripts/benchmark.py: sizes, per-n ratios and verdicts (no timing here)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import pairs  # noqa: E402
+
+
+def _row(n: int, rss: float, spp: float, rc: int = 0) -> dict:
+    return {"n": n, "peak_rss_gib": rss, "seconds_per_pair": spp, "returncode": rc, "load1": 1.0,
+            "command": "featcircuits discover --n N --out DIR"}
+
+
+def test_sizes_and_commands():
+    assert pairs.parse_sizes("full") == [64, 128, 256, 512, 1024, 2048]
+    assert pairs.parse_sizes("256,64,64") == [64, 256]
+    with pytest.raises(SystemExit):
+        pairs.parse_sizes("0,64")
+    for cmd in pairs.COMMANDS:
+        argv = pairs.command_argv(cmd, 512, "starter", 16)
+        assert argv[0] == cmd and "512" in argv and "--out" not in argv
+    curves = pairs.command_argv("curves", 512, "starter", 16)
+    assert curves[curves.index("--n-eval") + 1] == "512"  # evaluation grows with n too
+
+
+def test_ratios_take_the_worst_n_against_the_smallest():
+    rows = [_row(64, 2.0, 0.5), _row(128, 3.2, 0.55), _row(256, 2.4, 0.7), _row(512, 9.0, 0.1, rc=1)]
+    r = pairs.ratios(rows)
+    assert r["peak_rss_ratio"] == 1.6 and r["time_per_pair_ratio"] == 1.4  # n=128's RSS, n=256's time; failed run out
+    assert not r["peak_rss_within_target"] and not r["time_per_pair_within_target"]
+    assert rows[1]["peak_rss_vs_smallest"] == 1.6 and "peak_rss_vs_smallest" not in rows[3]
+    text = pairs.pairs_section({"pairs_scaling": {"command": "discover", "rows": rows, "batch_size": 16,
+                                                   "measured": "now", "full_row": pairs.FULL_ROW,
+                                                   "targets": {"peak_rss_ratio": 1.5, "time_per_pair_ratio": 1.3},
+                                                   **r}})
+    assert "MISSED 1.5x by 0.10x" in text and "MISSED 1.3x by 0.10x" in text
+    assert pairs.ratios([_row(64, 2.0, 0.5)]) == {}
