@@ -332,3 +332,28 @@ def test_run_can_stop_after_the_last_site(setup):
     assert seen_stop.keys() == seen_full.keys() == {s.name for s in visit}
     for k in seen_full:
         assert torch.equal(seen_stop[k], seen_full[k]), k
+
+
+def test_every_neuronpedia_id_in_sae_lens_gives_a_feature_page_url():
+    """Neuronpedia's feature pages are ``/<model>/<source>/<index>`` (its API docs: the same path
+    after ``/api/feature``); every id sae-lens lists for a Gemma Scope SAE makes such a URL,
+    and an SAE without one gets None (no guessed URL)."""
+    import re
+
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    with_id = without = 0
+    for release, entry in get_pretrained_saes_directory().items():
+        if not release.startswith("gemma-scope"):
+            continue
+        ids = getattr(entry, "neuronpedia_id", None) or {}
+        for sae_id in list(entry.saes_map)[:50]:
+            url = neuronpedia_url(release, sae_id, 7)
+            if ids.get(sae_id):
+                with_id += 1
+                assert re.fullmatch(r"https://www\.neuronpedia\.org/[\w.-]+/[\w.-]+/7", url), url
+                assert url == f"https://www.neuronpedia.org/{ids[sae_id]}/7"
+            else:
+                without += 1
+                assert url is None
+    assert with_id > 0 and without > 0
