@@ -26,8 +26,9 @@ def answer_probs(logits: torch.Tensor, clean_answer: torch.Tensor, patch_answer:
 
 @dataclass
 class ActivationSums:
-    """Per side and site, ``sum_b f[b, t, :] * mask[b, t]`` ([T, d_sae], float64, on the CPU),
-    and over the clean prompts the summed probabilities of the clean and the patch answer."""
+    """Per side and site, ``sum_b f[b, t, :] * mask[b, t]`` ([T, d_sae], float32 on the model's
+    device: together twice the node-effect sums' memory), and over the clean prompts the
+    summed probabilities of the clean and the patch answer."""
 
     sums: dict[str, dict[str, torch.Tensor]] = field(default_factory=lambda: {s: {} for s in SIDES})
     p_clean_answer: float = 0.0
@@ -36,7 +37,7 @@ class ActivationSums:
 
     def add(self, side: str, site: str, f: torch.Tensor, mask: torch.Tensor) -> None:
         """Add one chunk's features ``f`` [b, T, d_sae] at ``site`` (``mask`` [b, T])."""
-        part = (f.detach().double() * mask.to(f.device, torch.float64)[..., None]).sum(0).cpu()
+        part = (f.detach().float() * mask.to(f.device, torch.float32)[..., None]).sum(0)
         have = self.sums[side].get(site)
         self.sums[side][site] = part if have is None else have + part
 

@@ -65,7 +65,7 @@ def node_facts(sm: SplicedModel, batch: Batch, circuit: Circuit, prompt_tokens: 
         for side in SIDES:
             real = batch.inputs(side)["attention_mask"].to(torch.float64).sum(0)  # [T] examples per position
             for s, v in nodes.items():
-                sums = acts.sums[side][s]
+                sums = acts.sums[side][s].double().cpu()
                 for nid, feature, pos in v:
                     if pos >= 0:
                         val = sums[pos, feature] / max(1.0, float(real[pos]))
