@@ -357,3 +357,16 @@ def test_every_neuronpedia_id_in_sae_lens_gives_a_feature_page_url():
                 without += 1
                 assert url is None
     assert with_id > 0 and without > 0
+
+
+def test_direct_effects_do_not_depend_on_the_chunk(setup):
+    """Projecting features a few at a time or all at once gives the same tokens and values."""
+    from featcircuits.direct_effect import direct_effects
+
+    sm = setup[0]
+    d = sm.dictionary("resid_1")
+    one = direct_effects(sm.model, d, torch.arange(d.d_sae), k=4, chunk=5)
+    all_ = direct_effects(sm.model, d, torch.arange(d.d_sae), k=4, chunk=d.d_sae)
+    assert one.keys() == all_.keys()
+    for key in one:
+        assert torch.equal(one[key], all_[key]), key
