@@ -26,7 +26,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="results/feature_store/starter.json")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default torch's; on a loaded shared machine 1 is faster: see README)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from featcircuits.cards import StoreSettings, feature_store
     from featcircuits.dictionaries import load_dictionary_set
     from featcircuits.models import load_model
