@@ -4,7 +4,7 @@ circuit.html with the top feature's card pinned, and the top-10 features table o
 One command remakes all of it (after a new dictionary set lands; ~5 discover runs)::
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python scripts/readable_results.py --discover \
-        --build-store --runs-dir /tmp/readable-runs --out results/viewer --readme results/README.md
+        --build-store --threads 1 --runs-dir /tmp/readable-runs --out results/viewer --readme results/README.md
 
 ``--discover`` runs ``featcircuits discover --task T --n N --out RUNS_DIR/T`` for each of
 ``--tasks`` (default the five built-in tasks; IOI with ``--ioi-n`` pairs) first, reusing a run
@@ -90,13 +90,14 @@ START, END = "<!-- top-features:start -->", "<!-- top-features:end -->"
 
 
 def discover_runs(tasks: list[str], runs_dir: Path, n: int, ioi_n: int, saes: str | None,
-                  build_store: bool) -> list[Path]:
+                  build_store: bool, threads: int | None = None) -> list[Path]:
     """Run discover once per task (a complete folder from an earlier call is reused)."""
     import time
 
     from featcircuits.cli import main as cli
 
-    model = ["--model", "gemma-3-270m-offline"] + (["--saes", saes] if saes else [])
+    model = ["--model", "gemma-3-270m-offline"] + (["--saes", saes] if saes else []) + \
+        (["--threads", str(threads)] if threads else [])
     if build_store:
         t = time.perf_counter()
         if cli(["features", *model]) != 0:
@@ -140,10 +141,11 @@ def main() -> None:
     ap.add_argument("--build-store", action="store_true",
                     help="build (or reuse) the set's full feature store before the discover runs")
     ap.add_argument("--readme", type=Path, default=None, help="also write the tables into this file's markers")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the runs (1 on a loaded machine)")
     a = ap.parse_args()
     runs = list(a.runs)
     if a.discover:
-        runs += discover_runs([t for t in a.tasks.split(",") if t], a.runs_dir, a.n, a.ioi_n, a.saes, a.build_store)
+        runs += discover_runs([t for t in a.tasks.split(",") if t], a.runs_dir, a.n, a.ioi_n, a.saes, a.build_store, a.threads)
     if not runs:
         ap.error("give run folders or --discover")
     a.out.mkdir(parents=True, exist_ok=True)
