@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, lrp
+from .activation_sums import ActivationSums, answer_probs
 from .checkpoint import PassCounter
 from .adapters import Site
 from .devices import ACCUMULATE
@@ -55,6 +56,9 @@ class NodeEffects:
     seconds: float = 0.0
     passes: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    # the node facts' activation sums, from the same forwards (gradient methods; None when a
+    # checkpoint without them was resumed: node facts then run their own forwards)
+    activations: ActivationSums | None = None
 
     def mean(self, aggregation: str = "sum") -> Acts:
         """Aggregate: ``sum`` (sum over positions, mean over examples -> ``f`` [d_sae], ``err`` [])
@@ -137,6 +141,9 @@ def node_effects(
         done, state = saved
         acc = pack(state["features"], state["errors"])
         m_clean, m_patch = state["m_clean"], state["m_patch"]
+    sums = ActivationSums() if saved is None else ActivationSums.from_state(state.get("activations"))
+    if method not in GRADIENT_METHODS:
+        sums = None
     passes = PassCounter(sm, state.get("passes") if saved is not None else None)
     # IG runs one forward and backward per site and chunk: its bar counts sites, the others chunks
     per_chunk = len(chosen) if method == "ig" else 1
@@ -153,6 +160,8 @@ def node_effects(
             sg = site_gradients(sm, chunk, method, chosen, steps=steps, rules=rule_set, patch_vals=patch_vals,
                                 reference=tape, on_site=lambda: bar.update(1) if method == "ig" else None)
             mc = _accumulate_effects(sg, chosen, acc)
+            if sums is not None:
+                _add_activations(sums, sg, chosen, chunk)
             if gradients is not None and (keep_bytes is None or kept + sg.nbytes() <= keep_bytes):
                 gradients[i] = sg
                 kept += sg.nbytes()
@@ -164,11 +173,16 @@ def node_effects(
         if checkpoint is not None:
             checkpoint.save(k + 1, {"features": {s: v.f for s, v in acc.items()},
                                     "errors": {s: v.err for s, v in acc.items()}, "m_clean": m_clean, "m_patch": m_patch,
-                                    "passes": passes.counts()})
+                                    "passes": passes.counts(), "activations": None if sums is None else sums.state()})
     bar.close()
     if distributed.world()[1] > 1:
         distributed.all_reduce_sum([t for v in acc.values() for t in v])
         m_clean, m_patch = distributed.all_reduce_floats(m_clean, m_patch, device=next(iter(acc.values())).f.device)
+        if sums is not None:  # every rank ran the same sites: the same tensors in the same order
+            distributed.all_reduce_sum(sums.tensors())
+            sums.p_clean_answer, sums.p_patch_answer, n = distributed.all_reduce_floats(
+                sums.p_clean_answer, sums.p_patch_answer, float(sums.n))
+            sums.n = int(n)
     acc = {s: v.map(torch.Tensor.cpu) for s, v in acc.items()}  # small; selection and graphs run on the CPU
     for s, v in acc.items():
         _check_finite(s, v.f.unsqueeze(0), "feature effects")
@@ -178,7 +192,17 @@ def node_effects(
         metric_patch=m_patch / len(batch), seconds=time.perf_counter() - t0,
         passes=passes.counts(),
         params={"steps": steps if method == "ig" else None, "rules": sorted(rule_set) if method == "relp" else None},
+        activations=sums,
     )
+
+
+def _add_activations(sums: ActivationSums, sg: "SiteGradients", chosen: list[Site], chunk: Batch) -> None:
+    """Fold one chunk's clean and patch features (already computed) into the node facts' sums."""
+    for side, values in (("clean", sg.clean), ("patch", sg.patch)):
+        mask = chunk.inputs(side)["attention_mask"]
+        for s in chosen:
+            sums.add(side, s.name, values[s.name].f, mask)
+    sums.add_answers(sg.answer_probs)
 
 
 @dataclass
@@ -192,6 +216,7 @@ class SiteGradients:
     clean: dict[str, Act]
     patch: dict[str, Act]
     metric_clean: torch.Tensor  # [b]
+    answer_probs: torch.Tensor  # [b, 2]: probabilities of the clean and the patch answer on the clean prompts
     reference: "lrp.ReferenceTape | None" = None  # the counterfactual values two-point rules read
 
     def nbytes(self) -> int:
@@ -233,7 +258,8 @@ def site_gradients(sm: SplicedModel, chunk: Batch, method: str, chosen: list[Sit
         out[s.name] = Act(torch.zeros_like(c.f) if gf is None else gf,
                                  torch.zeros_like(c.err) if ge is None else ge)
         clean[s.name] = Act(c.f.detach(), c.err.detach())
-    return SiteGradients(out, clean, patch_vals, m.detach(), reference)
+    return SiteGradients(out, clean, patch_vals, m.detach(), answer_probs(logits, chunk.clean_answer,
+                                                                          chunk.patch_answer), reference)
 
 
 def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], chosen: list[Site],
@@ -261,7 +287,7 @@ def _ig_gradients(sm: SplicedModel, chunk: Batch, patch_vals: dict[str, Act], ch
         if on_site is not None:
             on_site()
     m_c = metric(logits_c, chunk.clean_answer, chunk.patch_answer)
-    return SiteGradients(out, clean_vals, patch_vals, m_c)
+    return SiteGradients(out, clean_vals, patch_vals, m_c, answer_probs(logits_c, chunk.clean_answer, chunk.patch_answer))
 
 
 def _accumulate_effects(sg: SiteGradients, chosen: list[Site], acc: Acts) -> float:

@@ -88,28 +88,16 @@ def _init_state(sites: dict[str, torch.Tensor], s: StoreSettings) -> dict[str, t
 def _merge(st: dict, pre: str, score: torch.Tensor, val: torch.Tensor, pos: torch.Tensor,
            win: torch.Tensor, ctx: torch.Tensor) -> None:
     """Keep the best rows of (kept ∪ this batch) by ``score``, along dim 0, per feature."""
-    k = st[pre + "_score"].shape[0]
+    k, n = st[pre + "_score"].shape
     best, idx = torch.cat([st[pre + "_score"], score]).topk(k, dim=0)
     st[pre + "_score"] = best
     for name, new in (("_val", val), ("_pos", pos.int()), ("_win", win.int())):
         st[pre + name] = torch.cat([st[pre + name], new]).gather(0, idx)
     both = torch.cat([st[pre + "_ctx"], ctx.to(torch.bfloat16)])
-    st[pre + "_ctx"] = both.gather(0, idx[:, :, None].expand(-1, -1, both.shape[2]))
-
-
-def _tree_max(x: torch.Tensor) -> torch.Tensor:
-    """Max over dim 1 of [b, T, n] as a pairwise tree of elementwise maxima, [b, n].
-
-    ``Tensor.max(1)`` reduces a middle dimension ~20x slower on CPU (measured: 6.7 ms vs
-    0.3 ms for [8, 127, 1024]); this runs once per site and batch, so it matters.
-    """
-    while x.shape[1] > 1:
-        h = x.shape[1] // 2
-        y = torch.maximum(x[:, :h], x[:, h:2 * h])
-        if x.shape[1] % 2:
-            y[:, :1] = torch.maximum(y[:, :1], x[:, 2 * h:])
-        x = y
-    return x[:, 0]
+    # whole context rows picked by flat row number: ~10x faster on CPU than a gather with
+    # the index expanded over the window (the largest part of a batch's bookkeeping)
+    rows = (idx * n + torch.arange(n)).flatten()
+    st[pre + "_ctx"] = both.view(-1, both.shape[2]).index_select(0, rows).view(k, n, -1)
 
 
 def _update(st: dict, site: str, f: torch.Tensor, first_window: int, keys: torch.Tensor,
@@ -118,15 +106,19 @@ def _update(st: dict, site: str, f: torch.Tensor, first_window: int, keys: torch
     [b, n] are the uniform random priorities of the sample.
 
     Activation means positive (``f > 0``): for sparse dictionaries the same as non-zero.
+    Reductions run over the middle (position) dimension without indices: ``amax`` is
+    ~20x faster there than ``max``/``argmax`` on CPU, so the peak's position is the
+    largest position holding the peak value.
     """
     b, T, n = f.shape
     body = f[:, 1:].float().contiguous()  # BOS left out
     flat = body.view(-1, n)
-    st[f"{site}.count"] += (flat > 0).float().sum(0).long()  # exact: < 2^24 per batch
+    # sign -> {-1, 0, 1} -> {0, 1} summed in float32 (exact below 2^24): faster than a bool sum
+    st[f"{site}.count"] += torch.sign(flat).clamp_(min=0).sum(0).long()
     st[f"{site}.sum"] += flat.sum(0).double()
-    peak = _tree_max(body)  # [b, n]
+    peak = body.amax(1)  # [b, n]
     steps = torch.arange(T - 1, dtype=body.dtype)[None, :, None]
-    pos = _tree_max(torch.where(body == peak[:, None], steps, -1.0)).long() + 1
+    pos = torch.where(body == peak[:, None], steps, -1.0).amax(1).long() + 1
     where = pos[:, :, None] + torch.arange(-s.before, s.after + 1)  # [b, n, W] positions
     outside = (where < 1) | (where >= T)  # BOS shown with activation 0
     flat_idx = (torch.arange(b)[:, None, None] * T + where.clamp(0, T - 1)) * n + torch.arange(n)[None, :, None]
@@ -185,7 +177,7 @@ def stream(sm: SplicedModel, windows: torch.Tensor, s: StoreSettings,
             _update(state, site.name, f if full else f[..., idx], bi * s.batch, keys if full else keys[:, idx], s)
 
         with torch.no_grad():
-            sm.run({"input_ids": batch, "attention_mask": torch.ones_like(batch)}, hook, visit)
+            sm.run({"input_ids": batch, "attention_mask": torch.ones_like(batch)}, hook, visit, stop=True)
         if ck is not None and (bi + 1) % s.checkpoint_every == 0 and bi + 1 < n_batches:
             ck.save(bi + 1, state)
     if ck is not None:

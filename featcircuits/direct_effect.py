@@ -26,7 +26,9 @@ from .models import LoadedModel
 # Path of the final norm per adapter family. Kept here until the adapter carries a
 # ``final_norm`` field (see notes/FEAT_INTEGRATION.md); the unembedding comes from
 # ``get_output_embeddings()``, which every HF causal LM has.
-CHUNK = 128  # features projected at once: [CHUNK, vocab] logits (134 MB for Gemma's 262k vocabulary)
+# features projected at once: [CHUNK, vocab] logits (268 MB for Gemma's 262k vocabulary); 256
+# rows ran ~10 % faster than 128 on the offline Gemma (2 cores), with bit-identical results
+CHUNK = 256
 
 FINAL_NORM = {
     "gpt_neox": "gpt_neox.final_layer_norm",

@@ -132,7 +132,7 @@ def discover_circuit(
     for ck in (ckpt_nodes, ckpt_edges):
         if ck is not None:
             ck.clear()
-    return Circuit(graph, mean, prov)
+    return Circuit(graph, mean, prov, activations=effects.activations)
 
 
 KEEP_MAX = 2**30  # bytes of node-stage gradients kept for the edge stage, at most (1 GiB)

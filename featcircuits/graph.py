@@ -10,7 +10,7 @@ optional ``label``. Edge attribute: ``weight``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import networkx as nx
 import torch
@@ -18,6 +18,9 @@ import torch
 from .adapters import site_kind, site_layer
 from .errors import UserError
 from .nodes import METRIC, Acts, NodeSpace, count_nodes, node_id, parse_node_id  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from .activation_sums import ActivationSums
 
 
 DEFAULT_TOP_K = 100  # nodes kept when no threshold is given
@@ -165,6 +168,9 @@ class Circuit:
     graph: nx.DiGraph
     effects: Acts
     provenance: dict = field(default_factory=dict)
+    # the discovery pairs' activation sums from the attribution's forwards (node facts read
+    # them instead of running the model again); not saved
+    activations: "ActivationSums | None" = field(default=None, repr=False, compare=False)
 
     @property
     def n_nodes(self) -> int:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .activation_sums import SIDES, ActivationSums, answer_probs
 from .cards import FeatureStore, StoreSettings, cached_store, circuit_features, feature_store
 from .errors import UserError
 from .graph import Circuit
@@ -52,47 +53,53 @@ def node_facts(sm: SplicedModel, batch: Batch, circuit: Circuit, prompt_tokens: 
     nodes, and ``provenance["answer_probability"]`` (mean softmax probability of the clean and
     the patch answer at the last token of the clean prompts).
 
-    One no-grad forward per chunk and side, hooking only the circuit's sites (cheap next to
-    the attribution's passes). Positions are the left-padded batch's (as node ids use them).
+    From ``circuit.activations`` (summed by the attribution's own forwards over ``batch``)
+    when it covers the circuit's sites; else one no-grad forward per chunk and side, hooking
+    only the circuit's sites. Positions are the left-padded batch's (as node ids use them).
     """
     nodes = _feature_nodes(circuit)
-    sites = [s for s in sm.sites if s.name in nodes]
-    index = {s: torch.tensor([f for _, f, _ in v]) for s, v in nodes.items()}
-    p_clean = p_patch = 0.0
-    for side in ("clean", "patch"):
-        if side == "patch" and not nodes:
-            break
-        sums = {s: torch.zeros(batch.seq_len, len(v), dtype=torch.float64) for s, v in nodes.items()}
-        for chunk in batch.chunks(batch_size):
-            mask = chunk.inputs(side)["attention_mask"].to(torch.float64)
-
-            def hook(site, x, mask=mask):
-                f = sm.dictionary(site).encode(x.detach())[..., index[site.name]]
-                sums[site.name] += (f.double() * mask[..., None]).sum(0)
-
-            with torch.no_grad():
-                logits = sm.run(chunk.inputs(side), hook, sites)
-            if side == "clean":
-                probs = logits.float().softmax(-1)
-                rows = torch.arange(len(chunk))
-                p_clean += float(probs[rows, chunk.clean_answer].sum())
-                p_patch += float(probs[rows, chunk.patch_answer].sum())
-        if nodes:
+    acts = circuit.activations
+    if acts is None or acts.n != len(batch) or any(s not in acts.sums[side] for side in SIDES for s in nodes):
+        acts = _activation_sums(sm, batch, nodes, batch_size)
+    if nodes:
+        for side in SIDES:
             real = batch.inputs(side)["attention_mask"].to(torch.float64).sum(0)  # [T] examples per position
             for s, v in nodes.items():
-                for j, (nid, _, pos) in enumerate(v):
+                sums = acts.sums[side][s].double().cpu()
+                for nid, feature, pos in v:
                     if pos >= 0:
-                        val = sums[s][pos, j] / max(1.0, float(real[pos]))
+                        val = sums[pos, feature] / max(1.0, float(real[pos]))
                     else:
-                        val = sums[s][:, j].sum() / max(1.0, float(real.sum()))
+                        val = sums[:, feature].sum() / max(1.0, float(real.sum()))
                     circuit.graph.nodes[nid][f"activation_{side}"] = round(float(val), 6)
-    circuit.provenance["answer_probability"] = {"clean_answer_on_clean": round(p_clean / max(1, len(batch)), 6),
-                                                "patch_answer_on_clean": round(p_patch / max(1, len(batch)), 6)}
+    n = max(1, len(batch))
+    circuit.provenance["answer_probability"] = {"clean_answer_on_clean": round(acts.p_clean_answer / n, 6),
+                                                "patch_answer_on_clean": round(acts.p_patch_answer / n, 6)}
     if prompt_tokens:
         for n, d in circuit.graph.nodes(data=True):
             pos = d.get("position", -1)
             if pos is not None and 0 <= int(pos) < len(prompt_tokens) and d.get("kind") != "metric":
                 d["token"] = str(prompt_tokens[int(pos)])
+
+
+def _activation_sums(sm: SplicedModel, batch: Batch, nodes: dict, batch_size: int) -> ActivationSums:
+    """The sums :func:`node_facts` needs, from its own forwards (a circuit that does not carry them)."""
+    acts = ActivationSums()
+    sites = [s for s in sm.sites if s.name in nodes]
+    for side in SIDES:
+        if side == "patch" and not nodes:
+            break
+        for chunk in batch.chunks(batch_size):
+            mask = chunk.inputs(side)["attention_mask"]
+
+            def hook(site, x, mask=mask):
+                acts.add(side, site.name, sm.dictionary(site).encode(x.detach()), mask)
+
+            with torch.no_grad():
+                logits = sm.run(chunk.inputs(side), hook, sites, stop=side == "patch" and bool(sites))
+            if side == "clean":
+                acts.add_answers(answer_probs(logits, chunk.clean_answer, chunk.patch_answer))
+    return acts
 
 
 def circuit_cards(sm: SplicedModel, circuit: Circuit, mode: str = "auto", corpus: str = "offline",

@@ -118,10 +118,12 @@ class SplicedModel:
         return self.dictionaries[site if isinstance(site, str) else site.name]
 
     def run(self, inputs: dict[str, torch.Tensor], hook: SiteHook | None = None,
-            sites: Iterable[Site] | None = None) -> torch.Tensor:
+            sites: Iterable[Site] | None = None, stop: bool = False) -> torch.Tensor | None:
         """One forward pass; returns the last-position logits [b, vocab] (with autograd graph).
 
-        ``hook`` is called at each site in ``sites`` (default: all) in forward order.
+        ``hook`` is called at each site in ``sites`` (default: all) in forward order. With
+        ``stop`` the model stops right after the last visited site and None is returned
+        (readers of site values need no later layer, final norm or unembedding).
         """
         visit = list(self.sites if sites is None else sites)
         lm = self.model.lm
@@ -132,7 +134,8 @@ class SplicedModel:
         self.rows_forward += rows
         if torch.is_grad_enabled():
             self._grad_rows = rows
-        with lm.trace(dict(inputs), logits_to_keep=1):
+        logits = None
+        with lm.trace(dict(inputs), logits_to_keep=1) as tracer:
             if hook is not None:
                 for site in visit:
                     env = resolve(lm, site.path)
@@ -146,7 +149,10 @@ class SplicedModel:
                     new = hook(site, x)
                     if new is not None:
                         env.output = (new, *out[1:]) if site.tuple_output else new
-            logits = nnsight.save(lm.output.logits[:, -1, :])
+            if stop and hook is not None and visit:
+                tracer.stop()
+            else:
+                logits = nnsight.save(lm.output.logits[:, -1, :])
         return logits
 
     def cache(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Act]]:

@@ -8,6 +8,7 @@ those files comes from this script. Run it from the repository root::
     .venv/bin/python scripts/benchmark.py --models gemma  # offline Gemma (~22 min on a loaded 2-core CPU)
     .venv/bin/python scripts/benchmark.py --models tiny   # tiny model (~14 min; keeps Gemma's rows)
     .venv/bin/python scripts/benchmark.py --quick         # both, smaller sizes, one repeat (~10 min)
+    .venv/bin/python scripts/benchmark.py --cards-cost    # only discover with cards vs --no-cards (~6 min)
     .venv/bin/python scripts/benchmark.py --report-only   # README and plots again from the JSON
 
 The suites live in ``scripts/bench/`` (measuring, items, one model's suite, sizes, targets,
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs-model", default=None,
                     help="model of the pairs-scaling row (default the offline Gemma; e.g. a tiny model folder "
                          "for a smoke run into another --out)")
+    ap.add_argument("--cards-cost", action="store_true",
+                    help="run only the readable-circuits item on Gemma (the real CLI discover with feature cards "
+                         "against --no-cards, the set's full store built beforehand; ~2 x 2 runs + 1 with the quick "
+                         "evaluation) and merge it into benchmarks.json")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite README and plots from the existing benchmarks.json, measure nothing")
     args = ap.parse_args(argv)
@@ -144,7 +149,16 @@ def main(argv: list[str] | None = None) -> int:
             gemma[key] = run_pairs_scaling(ns, saes, log, batch_size=args.pairs_batch_size, command=cmd, **kw)
             gemma[key]["command_of_this_measurement"] = command
             write_json(path, data)
-    keys = [] if args.report_only or args.cli_only or args.pairs_scaling else [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.cards_cost:
+        from bench.cards_cost import run_cards_cost
+
+        saes = gemma_config(args)["saes"]
+        log(f"[gemma] discover with cards against --no-cards, dictionaries {saes}")
+        gemma = data["models"].setdefault("gemma", {})
+        gemma["cards_cost"] = run_cards_cost(saes, log)
+        gemma["cards_cost"]["command_of_this_measurement"] = command
+        write_json(path, data)
+    keys = [] if args.report_only or args.cli_only or args.pairs_scaling or args.cards_cost else [m.strip() for m in args.models.split(",") if m.strip()]
     for key in keys:
         if key == "tiny":
             cfg = tiny_config(args)

@@ -244,3 +244,129 @@ def test_starter_cards_on_offline_gemma(gemma_offline, tmp_path):
     assert with_cards >= 4  # TopK k=32 of 1024: most features fire somewhere in 500 tokens
     g = norm_gain(final_norm(gemma_offline), gemma_offline.d_model)
     torch.testing.assert_close(g, 1.0 + gemma_offline.hf.model.norm.weight.float())
+
+
+# --------------------------------------------------------------------------- the fast pass
+
+def _reference_update(st, site, f, first_window, keys, s):
+    """The pass's bookkeeping as first written (kept verbatim as the reference the faster
+    ``cards._update`` must reproduce bit for bit): a bool count, a pairwise tree of maxima,
+    and merges that gather context rows with an expanded index."""
+    import math
+
+    def tree_max(x):
+        while x.shape[1] > 1:
+            h = x.shape[1] // 2
+            y = torch.maximum(x[:, :h], x[:, h:2 * h])
+            if x.shape[1] % 2:
+                y[:, :1] = torch.maximum(y[:, :1], x[:, 2 * h:])
+            x = y
+        return x[:, 0]
+
+    def merge(pre, score, val, pos, win, ctx):
+        k = st[pre + "_score"].shape[0]
+        best, idx = torch.cat([st[pre + "_score"], score]).topk(k, dim=0)
+        st[pre + "_score"] = best
+        for name, new in (("_val", val), ("_pos", pos.int()), ("_win", win.int())):
+            st[pre + name] = torch.cat([st[pre + name], new]).gather(0, idx)
+        both = torch.cat([st[pre + "_ctx"], ctx.to(torch.bfloat16)])
+        st[pre + "_ctx"] = both.gather(0, idx[:, :, None].expand(-1, -1, both.shape[2]))
+
+    b, T, n = f.shape
+    body = f[:, 1:].float().contiguous()
+    flat = body.view(-1, n)
+    st[f"{site}.count"] += (flat > 0).float().sum(0).long()
+    st[f"{site}.sum"] += flat.sum(0).double()
+    peak = tree_max(body)
+    steps = torch.arange(T - 1, dtype=body.dtype)[None, :, None]
+    pos = tree_max(torch.where(body == peak[:, None], steps, -1.0)).long() + 1
+    where = pos[:, :, None] + torch.arange(-s.before, s.after + 1)
+    outside = (where < 1) | (where >= T)
+    flat_idx = (torch.arange(b)[:, None, None] * T + where.clamp(0, T - 1)) * n + torch.arange(n)[None, :, None]
+    ctx = f.float().contiguous().view(-1).take(flat_idx).masked_fill(outside, 0.0)
+    win = torch.arange(first_window, first_window + b)[:, None].expand(b, n)
+    active = peak > 0
+    for p, score in (("top", torch.where(active, peak, -math.inf)), ("smp", torch.where(active, keys, -math.inf))):
+        merge(f"{site}.{p}", score, peak, pos, win, ctx)
+
+
+@pytest.mark.parametrize("dictionaries", ["random", "identity"])
+def test_fast_pass_equals_the_reference_pass(setup, dictionaries, monkeypatch):
+    """The faster pass (stopping after the last site, cheaper bookkeeping) keeps exactly the
+    state the reference pass keeps: every tensor, top-k rows, indices and activations, bit
+    for bit, unfilled rows included. The identity set (neurons) adds negative values."""
+    sm, corpus, _, _ = setup
+    if dictionaries == "identity":
+        sm = SplicedModel(sm.model)
+    windows, _ = corpus_windows(str(corpus), sm.model.tokenizer, SETTINGS.tokens)
+    # more rows kept than there are windows: some rows stay unfilled, and every merge is a full one
+    s = StoreSettings(**{**SETTINGS.key_dict(), "top_k": len(windows) + 2, "samples": len(windows) + 1})
+    fast = stream(sm, windows, s, progress=False)
+    real_run = sm.run
+    monkeypatch.setattr(sm, "run", lambda inputs, hook=None, sites=None, stop=False: real_run(inputs, hook, sites))
+    monkeypatch.setattr(cards, "_update", _reference_update)
+    ref = stream(sm, windows, s, progress=False)
+    assert fast.keys() == ref.keys()
+    assert any((~torch.isfinite(v)).any() for k, v in ref.items() if k.endswith("_score"))
+    for k in ref:
+        assert fast[k].dtype == ref[k].dtype and torch.equal(fast[k], ref[k]), k
+
+
+def test_run_can_stop_after_the_last_site(setup):
+    """``stop=True`` returns no logits, runs nothing after the last visited site (the final
+    norm is never called), and the sites see the same values as in a full run."""
+    sm = setup[0]
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    visit = sm.sites[:4]
+    seen_full, seen_stop = {}, {}
+    sm.run(inputs, lambda site, x: seen_full.__setitem__(site.name, x.detach().clone()), visit)
+    norm, calls = final_norm(sm.model), []
+    handle = norm.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = sm.run(inputs, lambda site, x: seen_stop.__setitem__(site.name, x.detach().clone()), visit, stop=True)
+        assert out is None and calls == []
+        assert sm.run(inputs, lambda site, x: None, visit).shape[0] == 2 and calls == [1]
+    finally:
+        handle.remove()
+    assert seen_stop.keys() == seen_full.keys() == {s.name for s in visit}
+    for k in seen_full:
+        assert torch.equal(seen_stop[k], seen_full[k]), k
+
+
+def test_every_neuronpedia_id_in_sae_lens_gives_a_feature_page_url():
+    """Neuronpedia's feature pages are ``/<model>/<source>/<index>`` (its API docs: the same path
+    after ``/api/feature``); every id sae-lens lists for a Gemma Scope SAE makes such a URL,
+    and an SAE without one gets None (no guessed URL)."""
+    import re
+
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    with_id = without = 0
+    for release, entry in get_pretrained_saes_directory().items():
+        if not release.startswith("gemma-scope"):
+            continue
+        ids = getattr(entry, "neuronpedia_id", None) or {}
+        for sae_id in list(entry.saes_map)[:50]:
+            url = neuronpedia_url(release, sae_id, 7)
+            if ids.get(sae_id):
+                with_id += 1
+                assert re.fullmatch(r"https://www\.neuronpedia\.org/[\w.-]+/[\w.-]+/7", url), url
+                assert url == f"https://www.neuronpedia.org/{ids[sae_id]}/7"
+            else:
+                without += 1
+                assert url is None
+    assert with_id > 0 and without > 0
+
+
+def test_direct_effects_do_not_depend_on_the_chunk(setup):
+    """Projecting features a few at a time or all at once gives the same tokens and values."""
+    from featcircuits.direct_effect import direct_effects
+
+    sm = setup[0]
+    d = sm.dictionary("resid_1")
+    one = direct_effects(sm.model, d, torch.arange(d.d_sae), k=4, chunk=5)
+    all_ = direct_effects(sm.model, d, torch.arange(d.d_sae), k=4, chunk=d.d_sae)
+    assert one.keys() == all_.keys()
+    for key in one:
+        assert torch.equal(one[key], all_[key]), key

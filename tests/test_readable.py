@@ -118,6 +118,35 @@ def test_node_facts_match_the_cache_pass(setup):
         assert 0 <= (error_share(c) or 0) <= 1
 
 
+@pytest.mark.parametrize("method", ["relp", "ig"])
+def test_node_facts_reuse_the_attribution_forwards(setup, method):
+    """With the sums the attribution made, node facts run no forward at all, and they are the
+    facts the node-facts pass's own forwards give (to float rounding: the RelP forward
+    reads its values under the LRP rules, whose forward equals the plain one)."""
+    model, set_dir = setup[0], setup[1]
+    sm = SplicedModel(model, load_dictionary_set(str(set_dir), model.adapter))
+    batch, _ = tokenize_pairs(make_pairs("sva-simple", 6, seed=2), model.tokenizer)
+    c = discover_circuit(sm, batch, method, thresholds=Thresholds(top_k=15), aggregation="none", steps=3,
+                         batch_size=4, progress=False)
+    assert c.activations is not None and c.activations.n == len(batch)
+    before = sm.counters()
+    node_facts(sm, batch, c, batch_size=4)
+    assert sm.counters() == before  # nothing ran
+    reused = {n: dict(d) for n, d in c.graph.nodes(data=True)}
+    reused_p = dict(c.provenance["answer_probability"])
+    c.activations = None
+    node_facts(sm, batch, c, batch_size=4)
+    assert sm.counters()[0] == before[0] + 2 * 2  # the fallback: a forward per chunk and side
+    feats = [n for n, d in c.graph.nodes(data=True) if is_feature(d)]
+    assert feats
+    for n in feats:
+        for side in ("clean", "patch"):
+            assert reused[n][f"activation_{side}"] == pytest.approx(c.graph.nodes[n][f"activation_{side}"],
+                                                                    rel=1e-5, abs=1e-6), (n, side)
+    for k, v in c.provenance["answer_probability"].items():
+        assert reused_p[k] == pytest.approx(v, abs=1e-6)
+
+
 def test_features_command_and_user_errors(setup, capsys, tmp_path):
     model_dir = setup[0].spec
     args = ["features", "--model", str(model_dir), "--saes", str(setup[1]), "--corpus", str(setup[2]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import load_model_from_args, add_model_args, default_saes
+from . import add_model_args, add_threads_arg, default_saes, load_model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", default=None, metavar="DIR_OR_GRAPH_JSON",
                    help="build cards only for the feature nodes of this circuit (a run folder or its graph.json)")
     p.add_argument("--out", default=None, metavar="DIR", help="also copy store.safetensors + store.json here")
+    add_threads_arg(p)  # on a machine shared with other jobs, --threads 1 avoids threads waiting on each other
     p.set_defaults(func=run)
 
 

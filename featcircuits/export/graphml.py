@@ -1,4 +1,9 @@
-"""GraphML: nodes and edges with typed attributes, the provenance as graph attributes."""
+"""GraphML: nodes and edges with typed attributes, the provenance as graph attributes.
+
+Gephi's importer (``ImporterGraphML``) skips keys declared ``for="graph"``, logging an issue
+per key, and never reads graph-level ``data``: in Gephi the provenance is absent (the README
+says so; summary.json and graph.json hold it). Node and edge keys use only the types it maps.
+"""
 
 from __future__ import annotations
 

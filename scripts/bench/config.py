@@ -117,4 +117,6 @@ def gemma_config(args) -> dict:
         "scaling_n": scaling_n, "scaling_ig": False, "scaling_rounds": 1 if q else 3,
         "scaling_full_rounds_up_to": 16, "scaling_cut_note": cut,
         "width_n": 16, "widths": width_sets, "width_rounds": 1 if q else 2, "cli": cli,
+        # discover with cards vs --no-cards (real CLI, 5 runs): a real dictionary set only, not --quick
+        "cards_cost": not q and not args.no_cli and saes != "identity",
     }

@@ -8,6 +8,7 @@ from typing import Any
 from featcircuits.io import write_json, write_text
 
 from .targets import MODEL_NAMES, _fmt_s, _fmt_v, bounds_text, target_rows
+from .cards_cost import cards_cost_section
 from .pairs import pairs_section
 from .plots import plot_discover, plot_edges, plot_nodes, plot_scaling
 
@@ -294,6 +295,8 @@ def write_report(data: dict, out: Path, results_readme: Path | None) -> None:
         section = pairs_section(m)
         if section:
             L += [section, ""]
+        if m.get("cards_cost"):
+            L += [cards_cost_section(m), ""]
     write_text(out / "README.md", "\n".join(L) + "\n")
     if results_readme is not None:
         update_results_readme(results_readme, rows, models)

@@ -286,6 +286,13 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
         res["cli_discover"] = cli_peak_rss(cfg["cli"])
         log(f"    -> {res['cli_discover']}")
 
+    # ---- readable circuits: discover with cards against --no-cards (the real CLI) -------------
+    if cfg.get("cards_cost"):
+        from .cards_cost import run_cards_cost
+
+        log(f"[{key}] discover with cards against --no-cards")
+        res["cards_cost"] = run_cards_cost(cfg["saes"], log)
+
     res["loadavg_at_end"] = os.getloadavg()
     res["busy_processes_at_end"] = other_processes()
     res["suite_wall_s"] = round(time.perf_counter() - t_suite, 1)
@@ -347,6 +354,8 @@ def cli_peak_rss(argv: list[str], measure: "Callable[[Path], dict] | None" = Non
     if summary.is_file():
         s = json.loads(summary.read_text())
         rec["summary_seconds"] = s.get("seconds")
+        rec["export_seconds"] = s.get("export_seconds")
+        rec["summary_cards"] = s.get("cards")  # where the feature cards came from (None: --no-cards)
         rec["dictionaries"] = s.get("dictionaries")
         rec["n_nodes"], rec["n_edges"] = s.get("n_nodes"), s.get("n_edges")
     if measure is not None and proc.returncode == 0:
