@@ -360,7 +360,9 @@ def test_every_neuronpedia_id_in_sae_lens_gives_a_feature_page_url():
 
 
 def test_direct_effects_do_not_depend_on_the_chunk(setup):
-    """Projecting features a few at a time or all at once gives the same tokens and values."""
+    """Projecting features a few at a time or all at once gives the same tokens and values (values
+    to float32 rounding: the matmul's blocking, and so its last bit, depends on the shape and on
+    the thread count)."""
     from featcircuits.direct_effect import direct_effects
 
     sm = setup[0]
@@ -369,4 +371,7 @@ def test_direct_effects_do_not_depend_on_the_chunk(setup):
     all_ = direct_effects(sm.model, d, torch.arange(d.d_sae), k=4, chunk=d.d_sae)
     assert one.keys() == all_.keys()
     for key in one:
-        assert torch.equal(one[key], all_[key]), key
+        if one[key].is_floating_point():
+            torch.testing.assert_close(one[key], all_[key], rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(one[key], all_[key]), key
