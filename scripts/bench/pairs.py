@@ -140,6 +140,28 @@ def _one_section(p: dict) -> str:
         L += ["", f"Worst ratio to the smallest n over n = {ns[0]}..{ns[-1]}: peak RSS "
                   f"{_verdict(p['peak_rss_ratio'], t['peak_rss_ratio'])}; time per pair "
                   f"{_verdict(p['time_per_pair_ratio'], t['time_per_pair_ratio'])}."]
+    stages = _stage_line(p["rows"])
+    if stages:
+        L += ["", stages]
     if p.get("note"):
         L += ["", p["note"]]
     return "\n".join(L)
+
+
+def _stage_line(rows: list[dict]) -> str:
+    """Seconds per pair of discover's node and edge stages at the smallest and largest n: where
+    the time per pair grows."""
+    ok = [r for r in rows if (r.get("summary_seconds") or {}).get("edges") is not None and r.get("n_used")]
+    if len(ok) < 2:
+        return ""
+    a, b = ok[0], ok[-1]
+
+    def per(r, k):
+        return r["summary_seconds"][k] / r["n_used"]
+
+    return (f"Per stage, s / pair at n = {a['n']} -> {b['n']}: node effects {per(a, 'nodes'):.3f} -> "
+            f"{per(b, 'nodes'):.3f} ({per(b, 'nodes') / per(a, 'nodes'):.2f}x), edges {per(a, 'edges'):.3f} -> "
+            f"{per(b, 'edges'):.3f} ({per(b, 'edges') / per(a, 'edges'):.2f}x). The edge stage reuses the node "
+            "stage's gradients only up to a fixed budget (`discover.KEEP_MAX`, 1 GiB, so memory stays flat in n); "
+            "past it every chunk's gradients are computed again, about one more node-stage pass per pair: at large "
+            "n the edge stage costs its own work plus that pass.")
