@@ -10,8 +10,9 @@
 # RUN/train.log. Killing it loses at most one checkpoint interval; rerunning this script
 # continues it exactly (same flags, same corpus hash; the trainer refuses a mismatch).
 # It runs under `nice -n 15` so it does not starve other work on this shared machine.
-# THREADS (default 1): 2 threads ran at 184 tok/s on the two idle cores, but 2.6-3.5x slower than 1
-# thread once other jobs shared the cores (the threads wait on each other); use 2 only on an idle machine.
+# THREADS (default 1): with 2 threads the run trained 184 tok/s on the two idle cores but fell to 37-75
+# tok/s once other jobs shared them (the feature-store pass measured 2 threads 2.6-3.5x slower than 1
+# on the loaded machine: the threads wait on each other); use 2 only on an idle machine.
 #
 # Recipe (chosen on scripts/pilot_recipe.py, results/pilot_recipe.md, by recovered share without
 # the error term): TopK k=64, massive dimensions shrunk to 4x the median std (folded back into
