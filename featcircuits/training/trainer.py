@@ -285,7 +285,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
         fault_point("train", fwd)
 
     def dead_share() -> dict[str, float]:
-        return {n: float((v >= cfg.dead_tokens).float().mean()) for n, v in since.items()}
+        return _dead_share(since, cfg.dead_tokens)
 
     t_start = time.time()
     bar = None
@@ -401,6 +401,11 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     return meta
 
 
+def _dead_share(since: dict[str, torch.Tensor], dead_tokens: int) -> dict[str, float]:
+    """Per site, the share of latents that have not fired for ``dead_tokens`` tokens."""
+    return {n: float((v >= dead_tokens).float().mean()) for n, v in since.items()}
+
+
 def snapshot_run(model: Any, run: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the SAEs of an unfinished run's checkpoint (``run/checkpoint.pt``) as a set in
     ``out``, to inspect a long run midway (``featcircuits train-saes --out RUN --snapshot OUT``).
@@ -422,7 +427,7 @@ def snapshot_run(model: Any, run: str | Path, out: str | Path) -> dict[str, Any]
         sae.load_state_dict(ckpt["saes"][s.name])
         dims = ckpt.get("dims", {}).get(s.name, torch.ones(d))
         sae_step.save_site(sae, ckpt["scales"][s.name], dims, out, s, cfg.save_dtype, extra)
-    dead = {n: float((v >= cfg.dead_tokens).float().mean()) for n, v in ckpt["since"].items()}
+    dead = _dead_share(ckpt["since"], cfg.dead_tokens)
     fwd = int(ckpt["forward"])
     # checkpoints made before "window" was recorded used the CLI default, 128
     per_fwd = cfg.batch_size * (int(ckpt.get("window", 128)) - int(cfg.skip_bos))
