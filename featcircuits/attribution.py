@@ -35,6 +35,7 @@ from .tracing import SplicedModel, check_finite, join
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .gradient_store import GradientStore
 
 METHODS = ("exact", "atp", "relp", "ig")
 GRADIENT_METHODS = ("atp", "relp", "ig")
@@ -109,8 +110,7 @@ def node_effects(
     sites: Iterable[str] | None = None,
     progress: bool = True,
     checkpoint: "Checkpoint | None" = None,
-    gradients: list | None = None,
-    keep_bytes: int | None = None,
+    gradients: "GradientStore | None" = None,
 ) -> NodeEffects:
     """Node effects of every feature and error node at every site (or ``sites``), by ``method``.
 
@@ -118,10 +118,10 @@ def node_effects(
     patches every *component* position (whole site vector at one position); for exact
     effects of individual features use ``exact_feature_effects``. With a ``checkpoint``, the
     running sums are saved after every chunk and a resumed run skips the chunks done.
-    ``gradients``: a list this call fills with each chunk's ``SiteGradients`` (None for
-    chunks restored from a checkpoint), to hand to ``edge_effects`` so the metric's gradients
-    are not computed twice. ``keep_bytes`` caps what that list holds: chunks past the budget
-    get None (the edge stage recomputes them), so memory stays flat in the number of pairs.
+    ``gradients``: a ``GradientStore`` this call fills with each chunk's ``SiteGradients``
+    (nothing for chunks restored from a checkpoint), to hand to ``edge_effects`` so the
+    metric's gradients are not computed twice; the store keeps chunks in memory up to its
+    budget and spills the rest to disk, so memory stays flat in the number of pairs.
     """
     check_method(method)
     if steps < 1:
@@ -133,7 +133,7 @@ def node_effects(
     t0 = time.perf_counter()
     chunks = batch.chunks(batch_size)
     if gradients is not None:
-        gradients[:] = [None] * len(chunks)
+        gradients.reset(len(chunks))
     mine = distributed.shard(chunks)  # all chunks in one process; a contiguous block per rank under torchrun
     done = 0
     saved = checkpoint.load() if checkpoint is not None else None
@@ -150,7 +150,6 @@ def node_effects(
     bar = tqdm(desc=f"node effects ({method})", disable=not progress, leave=False,
                initial=done * per_chunk, total=len(mine) * per_chunk)
     two_point = lrp.needs_reference(rule_set)
-    kept = 0  # bytes of gradients handed on to the edge stage
     for k, (i, chunk) in enumerate(mine[done:], start=done):
         tape = lrp.ReferenceTape() if two_point else None
         with torch.no_grad(), lrp.recording(tape):
@@ -162,9 +161,8 @@ def node_effects(
             mc = _accumulate_effects(sg, chosen, acc)
             if sums is not None:
                 _add_activations(sums, sg, chosen, chunk)
-            if gradients is not None and (keep_bytes is None or kept + sg.nbytes() <= keep_bytes):
-                gradients[i] = sg
-                kept += sg.nbytes()
+            if gradients is not None:
+                gradients.put(i, sg)
         else:
             mc = _exact_component_effects(sm, chunk, patch_vals, chosen, acc)
         m_clean += mc
@@ -220,7 +218,7 @@ class SiteGradients:
     reference: "lrp.ReferenceTape | None" = None  # the counterfactual values two-point rules read
 
     def nbytes(self) -> int:
-        """Memory this chunk's gradients, values and tape hold (for the keep-or-recompute budget)."""
+        """Memory this chunk's gradients, values and tape hold (for the keep-or-spill budget)."""
         tensors = [t for part in (self.grads, self.clean, self.patch) for v in part.values() for t in v]
         if self.reference is not None:
             tensors += [t for _, values in self.reference.items for t in values]

@@ -18,6 +18,7 @@ from .batching import resolve_batch_size
 from .devices import dtype_name
 from .attribution import GRADIENT_METHODS, check_method, node_effects
 from .edges import edge_effects
+from .gradient_store import GradientStore
 from .graph import (DEFAULT_TOP_K, METRIC, Circuit, Thresholds, build_graph, count_nodes, select_nodes,
                     NodeSpace, size_report)
 from .tasks import Batch
@@ -52,6 +53,7 @@ def discover_circuit(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     keep_gradients_bytes: int | None = None,
+    spill_gradients: bool = True,
 ) -> Circuit:
     """Discover the circuit of ``batch``'s behaviour with ``method`` (relp | ig | atp).
 
@@ -62,9 +64,11 @@ def discover_circuit(
     With ``checkpoint_dir``, node and edge sums are checkpointed per chunk of examples and
     ``resume=True`` continues a killed run (the result equals an uninterrupted run).
     Pairs stream through in chunks of ``batch_size``: node and edge sums are accumulated, and
-    the node stage's gradients are handed to the edge stage only up to
-    ``keep_gradients_bytes`` (default ``keep_budget()``); later chunks are recomputed there,
-    so memory stays flat however many pairs there are.
+    the node stage's gradients are handed to the edge stage in memory up to
+    ``keep_gradients_bytes`` (default ``keep_budget()``) and through a private folder on disk
+    past it (beside ``checkpoint_dir``, else in the temporary folder; deleted at the end;
+    ``spill_gradients=False`` recomputes those chunks instead), so memory stays flat however
+    many pairs there are and no chunk's gradients are computed twice.
     """
     check_method(method, GRADIENT_METHODS)
     thresholds = thresholds or Thresholds(top_k=DEFAULT_TOP_K)  # validated when made
@@ -85,10 +89,13 @@ def discover_circuit(
         suffix = distributed.checkpoint_suffix()  # one checkpoint file per rank
         ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}{suffix}", config, resume)
         ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}{suffix}", config, resume)
-    gradients: list | None = [] if edges else None  # handed to the edge stage, freed with this call
     keep = keep_budget(sm) if keep_gradients_bytes is None else keep_gradients_bytes
+    # handed to the edge stage; closed (memory freed, spill folder deleted) once edges are summed,
+    # and by its finalizer if this call raises first
+    gradients = GradientStore(keep, spill=spill_gradients, spill_dir=checkpoint_dir) if edges else None
     effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
-                           checkpoint=ckpt_nodes, gradients=gradients, keep_bytes=keep)
+                           checkpoint=ckpt_nodes, gradients=gradients)
+    held = gradients.counts() if gradients is not None else None
     mean = effects.mean(aggregation)
     masks = select_nodes(mean, thresholds)
     t_nodes = time.perf_counter() - t0
@@ -102,6 +109,7 @@ def discover_circuit(
                           batch_size=batch_size, batched=batched_edges, progress=progress,
                           checkpoint=ckpt_edges, gradients=gradients)
         edge_list = ee.edge_list(masks)
+        gradients.close()
         edge_passes = ee.passes
         t_edges = time.perf_counter() - t1
         if edge_threshold is None and edge_list:
@@ -122,7 +130,8 @@ def discover_circuit(
         "seconds": seconds, "passes": {k: effects.passes[k] + edge_passes[k] for k in ("forward", "backward")},
         "passes_by_stage": {"nodes": effects.passes, "edges": edge_passes},
         "batching": batching, "processes": world_size,
-        "gradients_kept_chunks": None if gradients is None else sum(g is not None for g in gradients),
+        # node-stage chunks handed to the edge stage in memory, through disk, or recomputed there
+        "gradients_chunks": held,
         "versions": versions(),
         "nodes_selected": count_nodes(masks), "edges_computed": len(edge_list),
         "circuit_size": size_report(thresholds.top_k, NodeSpace.of(mean).size, count_nodes(masks), sum(1 for n in graph if n != METRIC)),
@@ -135,7 +144,7 @@ def discover_circuit(
     return Circuit(graph, mean, prov, activations=effects.activations)
 
 
-KEEP_MAX = 2**30  # bytes of node-stage gradients kept for the edge stage, at most (1 GiB)
+KEEP_MAX = 2**30  # bytes of node-stage gradients kept in memory for the edge stage (1 GiB); the rest spill to disk
 
 
 def keep_budget(sm: SplicedModel) -> int:

@@ -45,6 +45,7 @@ from .tasks import Batch
 from .tracing import SplicedModel, grad_leaves
 
 if TYPE_CHECKING:
+    from .gradient_store import GradientStore
     from .checkpoint import Checkpoint
 
 
@@ -126,13 +127,14 @@ def edge_effects(
     chunk_nodes: int = 64,
     progress: bool = True,
     checkpoint: "Checkpoint | None" = None,
-    gradients: list | None = None,
+    gradients: "GradientStore | None" = None,
 ) -> EdgeEffects:
     """Edges into every selected downstream node from every node of its direct upstream sites.
 
     With a ``checkpoint`` the running sums are saved after every chunk of examples.
-    ``gradients``: the ``NodeEffects.gradients`` of the same method, batch and batch size, so
-    the metric's gradients are not computed twice (a chunk whose entry is None recomputes)."""
+    ``gradients``: the ``GradientStore`` that ``node_effects`` filled for the same method,
+    batch and batch size, so the metric's gradients are not computed twice (a chunk it does
+    not hold is recomputed). The store is only read: it may serve several calls."""
     check_method(method, GRADIENT_METHODS)
     check_aggregation(aggregation)
     adapter = sm.adapter
@@ -155,7 +157,7 @@ def edge_effects(
     bar = tqdm(total=total, desc=f"edges ({method}{'' if batched else ', one backward per node'})",
                disable=not progress, leave=False, initial=done * per_chunk)
     for k, (ci, chunk) in enumerate(mine[done:], start=done):
-        sg = gradients[ci] if gradients is not None and ci < len(gradients) else None
+        sg = gradients.get(ci) if gradients is not None else None
         if sg is None:
             sg = site_gradients(sm, chunk, method, sm.sites, steps=steps, rules=rule_set)
         with lrp.lrp_rules(rule_set), lrp.replaying(sg.reference):

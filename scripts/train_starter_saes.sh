@@ -10,6 +10,9 @@
 # RUN/train.log. Killing it loses at most one checkpoint interval; rerunning this script
 # continues it exactly (same flags, same corpus hash; the trainer refuses a mismatch).
 # It runs under `nice -n 15` so it does not starve other work on this shared machine.
+# TOKENS (default 1000000): training tokens; a resume must use the same number.
+# OMP_WAIT_POLICY=PASSIVE (the default here): a thread waiting at a barrier sleeps instead of
+# spinning, so a 2-thread run loses less when other jobs share the cores.
 # THREADS (default 1): with 2 threads the run trained 184 tok/s on the two idle cores but fell to 37-75
 # tok/s once other jobs shared them (the feature-store pass measured 2 threads 2.6-3.5x slower than 1
 # on the loaded machine: the threads wait on each other); use 2 only on an idle machine.
@@ -28,17 +31,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUN=${RUN:-/work/sae-runs/starter-v2}
+TOKENS=${TOKENS:-1000000}
 INSTALL=${INSTALL:-1}
 THREADS=${THREADS:-1}
 mkdir -p "$RUN"
 start=$(date +%s)
 if [ ! -f "$RUN/set.json" ]; then
   echo "train_starter_saes: $(date -u +%FT%TZ) (re)starting in $RUN" >> "$RUN/train.log"
-  OMP_NUM_THREADS=$THREADS nice -n 15 "$PY" -m featcircuits.cli train-saes \
+  OMP_NUM_THREADS=$THREADS OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} nice -n 15 "$PY" -m featcircuits.cli train-saes \
     --model gemma-3-270m-offline --sites all --width 1024 --attn-width 768 \
     --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
     --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
-    --tokens 1000000 --samples "${SAMPLES:-768}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
+    --tokens "${TOKENS:-1000000}" --samples "${SAMPLES:-768}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
     --checkpoint-every 10 --eval-tokens 16384 --threads "$THREADS" --no-progress \
     --out "$RUN" --resume "$@" >> "$RUN/train.log" 2>&1
   echo "train_starter_saes: $(date -u +%FT%TZ) training call ended after $(( $(date +%s) - start )) s" >> "$RUN/train.log"

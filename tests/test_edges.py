@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from featcircuits.gradient_store import GradientStore
 from featcircuits.attribution import node_effects
 from featcircuits.dictionaries import load_dictionary_set
 from featcircuits.edges import edge_effects
@@ -70,7 +71,7 @@ def test_ig_edges_run(spliced):
 
 def test_reusing_node_gradients_gives_same_edges(spliced):
     sm, batch = spliced
-    gradients: list = []
+    gradients = GradientStore()
     effects = node_effects(sm, batch, "relp", batch_size=2, gradients=gradients, progress=False)
     masks = select_nodes(effects.mean("sum"), Thresholds(top_k=8))
     fresh = edge_effects(sm, batch, masks, "relp", batch_size=2, progress=False)
@@ -87,10 +88,10 @@ def test_two_point_edges_sum_to_node_effects_and_reuse_the_tape(spliced):
     a resid site still sum to its node effect, and reusing the node stage's gradients (with
     their tapes) gives the edges a fresh run computes."""
     sm, batch = spliced
-    gradients: list = []
+    gradients = GradientStore()
     effects = node_effects(sm, batch, "relp", rules="two-point", batch_size=2, gradients=gradients,
                            progress=False)
-    assert all(sg.reference is not None and len(sg.reference) for sg in gradients)
+    assert all(sg.reference is not None and len(sg.reference) for sg in map(gradients.get, range(len(gradients))))
     mean = effects.mean("sum")
     masks = select_nodes(mean, Thresholds(node=0.0))
     fresh = edge_effects(sm, batch, masks, "relp", rules="two-point", batch_size=2, progress=False)

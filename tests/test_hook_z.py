@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from featcircuits.gradient_store import GradientStore
 from featcircuits.adapters import Site
 from featcircuits.attribution import node_effects, site_gradients
 from featcircuits.cli import main
@@ -134,7 +135,7 @@ def test_two_point_edges_with_z_sites_sum_to_node_effects(z_set):
     any downstream site sum to its node effects. Into resid_l the attn_l edges pass o_proj and
     Gemma's post-attention RMSNorm; into attn_l (at z) they pass the attention itself."""
     sm, batch, _ = z_set
-    gradients: list = []
+    gradients = GradientStore()
     effects = node_effects(sm, batch, "relp", rules="two-point", batch_size=2, gradients=gradients,
                            progress=False)
     mean = effects.mean("sum")

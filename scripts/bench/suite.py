@@ -18,6 +18,7 @@ import torch
 from featcircuits.attribution import node_effects
 from featcircuits.discover import discover_circuit
 from featcircuits.edges import edge_effects
+from featcircuits.gradient_store import GradientStore
 from featcircuits.graph import Thresholds, select_nodes
 from featcircuits.nodes import count_nodes
 from featcircuits.tasks import make_pairs, tokenize_pairs
@@ -146,7 +147,7 @@ def run_suite(key: str, cfg: dict, log: Callable[[str], None]) -> dict:
     log(f"[{key}] edges (circuit top-k {cfg['top_k']})")
     # As discover does: the node stage keeps its per-chunk RelP gradients and the edge stage reuses them.
     del relp_effects
-    grads: list = []
+    grads = GradientStore()  # everything in memory (no budget): the benchmark times the edge stage alone
     mean = node_effects(sm, batch, "relp", batch_size=bs, progress=False, gradients=grads).mean("sum")
     masks = select_nodes(mean, Thresholds(top_k=cfg["top_k"]))
     order = downstream_order(sm, mean, masks)
