@@ -27,9 +27,18 @@ def fingerprint(config: dict[str, Any]) -> str:
 def fault_point(stage: str, done: int) -> None:
     """Fault injection for the reliability tests and script: with
     ``FEATCIRCUITS_FAULT_AFTER=<stage>:<done>`` the process dies (exit 137, like kill -9)
-    right after that checkpoint is on disk (under torchrun: every rank, ``stage`` without its rank suffix)."""
-    if os.environ.get("FEATCIRCUITS_FAULT_AFTER") == f"{stage.split('.rank')[0]}:{done}":
-        os._exit(137)
+    right after that checkpoint is on disk (under torchrun: every rank, ``stage`` without its rank
+    suffix); with ``<stage>:<done>:sigint`` it sends itself a Ctrl-C there instead (a test that
+    signals from outside races a fast run)."""
+    spec = os.environ.get("FEATCIRCUITS_FAULT_AFTER", "")
+    sigint = spec.endswith(":sigint")
+    if spec.removesuffix(":sigint") == f"{stage.split('.rank')[0]}:{done}":
+        if sigint:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            os._exit(137)
 
 
 # The last checkpoint this process saved: (folder, stage, chunks done), so an interrupted run

@@ -121,7 +121,9 @@ def main() -> int:
     # 1e. a Ctrl-C (SIGINT) once the first checkpoint is on disk, then --resume
     sig_args = CLI + base[:] + ["--method", "ig", "--steps", "4", "--n", "64", "--batch-size", "1",
                                 "--out", str(work / "sigint")]
+    # SIGINT's default disposition for the child: under `nohup ... &` it would inherit "ignored"
     proc = subprocess.Popen(sig_args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 300
     while not list((work / "sigint").glob(".checkpoint/*.pt")) and proc.poll() is None and time.time() < deadline:
