@@ -24,14 +24,19 @@
 # Corpus: docstrings of the installed packages plus SAMPLES of the model's own English
 # samples (generated once, cached under ~/.cache/featcircuits/corpus; ~57 tok/s on one core).
 #
-# Installing replaces saes/starter/ (site folders + set.json) with the finished run; commit
-# it in ONE commit (`git add -A saes/starter`; the set is ~130 MiB and every recommit adds its
-# full size to history), then regenerate results/saes.md with scripts/sae_report.py.
+# Installing writes the finished run (site folders + set.json) into DEST (default saes/starter-v2,
+# the folder the registry's `starter` names); commit it in ONE commit (`git add -A saes/starter-v2`;
+# the set is ~130 MiB and every recommit adds its full size to history), then regenerate
+# results/saes.md with scripts/sae_report.py. A submission may carry at most 256 MiB of diffs,
+# added and deleted files both counted: replacing a set in place (delete ~130 + add ~130 MiB)
+# does not fit, so a new set goes into a new folder and the old folder is deleted in a later
+# submission of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUN=${RUN:-/work/sae-runs/starter-v2}
 TOKENS=${TOKENS:-1000000}
+DEST=${DEST:-saes/starter-v2}  # the folder the registry's `starter` names (featcircuits/data/registry.json)
 INSTALL=${INSTALL:-1}
 THREADS=${THREADS:-1}
 mkdir -p "$RUN"
@@ -52,12 +57,12 @@ if [ ! -f "$RUN/set.json" ]; then
   exit 1
 fi
 if [ "$INSTALL" = "1" ]; then
-  tmp=saes/.starter.new
+  tmp="$DEST.new"
   rm -rf "$tmp" && mkdir -p "$tmp"
   cp "$RUN/set.json" "$tmp/"
   for d in "$RUN"/*/; do [ -f "$d/cfg.json" ] && cp -r "$d" "$tmp/"; done
-  rm -rf saes/.starter.old
-  [ -d saes/starter ] && mv saes/starter saes/.starter.old
-  mv "$tmp" saes/starter && rm -rf saes/.starter.old
-  echo "train_starter_saes: installed saes/starter ($(du -sh saes/starter | cut -f1)); commit it in one commit"
+  rm -rf "$DEST.old"
+  [ -d "$DEST" ] && mv "$DEST" "$DEST.old"
+  mv "$tmp" "$DEST" && rm -rf "$DEST.old"
+  echo "train_starter_saes: installed $DEST ($(du -sh "$DEST" | cut -f1)); commit it in one commit"
 fi
