@@ -38,3 +38,17 @@ def test_ratios_take_the_worst_n_against_the_smallest():
                                                    **r}})
     assert "MISSED 1.5x by 0.10x" in text and "MISSED 1.3x by 0.10x" in text
     assert pairs.ratios([_row(64, 2.0, 0.5)]) == {}
+
+
+def test_results_readme_section_without_a_machine_section(tmp_path):
+    """A benchmark run holding only a pairs row (a smoke run on a tiny model into another --out)
+    records no machine section; the results README section is still written."""
+    from bench import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n\n## Benchmarks\n\nold\n\n## Next\n\nkept\n")
+    row = {"id": "pairs_time", "what": "time per pair", "model": "gemma", "measured": 1.1, "cmp": "<=",
+           "target": 1.3, "status": "met"}
+    report.update_results_readme(readme, [row], {"gemma": {"pairs_scaling": {}}})
+    text = readme.read_text()
+    assert "time per pair" in text and "old" not in text and "## Next\n\nkept" in text

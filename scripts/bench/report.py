@@ -311,9 +311,14 @@ def update_results_readme(path: Path, rows: list[dict], models: dict) -> None:
     lines.append(_table(["target", "model", "measured", "target", "status"],
                         [[r["what"], MODEL_NAMES.get(r["model"], r["model"]), _fmt_v(r["measured"], r["id"]),
                           f"{r['cmp']} {r['target']:g}", r["status"]] for r in rows]))
-    loads = ", ".join(f"{MODEL_NAMES.get(k, k)} {m['machine']['loadavg_at_start'][0]:.1f}" for k, m in models.items())
-    lines += ["", f"Measured on a shared {next(iter(models.values()))['machine']['logical_cores']}-core CPU "
-              f"machine (load average at the start: {loads}); ratios are within-run, interleaved.", ""]
+    # a run with only a pairs row (e.g. --pairs-model on a tiny model) records no machine section
+    machines = {k: m["machine"] for k, m in models.items() if "machine" in m}
+    if machines:
+        loads = ", ".join(f"{MODEL_NAMES.get(k, k)} {m['loadavg_at_start'][0]:.1f}" for k, m in machines.items())
+        lines += ["", f"Measured on a shared {next(iter(machines.values()))['logical_cores']}-core CPU "
+                  f"machine (load average at the start: {loads}); ratios are within-run, interleaved.", ""]
+    else:
+        lines.append("")
     section = "\n".join(lines)
     text = path.read_text() if path.is_file() else (
         "# Results\n\nMeasured results of featcircuits; each section says which script wrote it.\n")
