@@ -260,13 +260,9 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     elif ckpt_path.is_file():
         raise UserError(f"{out} holds a checkpoint of an unfinished run; pass --resume or choose another --out")
 
-    for i, s in enumerate(sites):
-        saes[s.name] = sae_step.new_sae(s, d, cfg.width_of(s.name), cfg.k, model.spec, cfg.seed * 100_003 + i,
-                                        cfg.architecture)
-        since[s.name] = torch.zeros(cfg.width_of(s.name), dtype=torch.int64)
+    saes.update(_site_saes(sites, d, cfg, model.spec, ckpt))
+    since.update({s.name: torch.zeros(cfg.width_of(s.name), dtype=torch.int64) for s in sites})
     if ckpt is not None:
-        for name, sae in saes.items():
-            sae.load_state_dict(ckpt["saes"][name])
         scales, since = dict(ckpt["scales"]), {k: v.clone() for k, v in ckpt["since"].items()}
         dims = {k: v.clone() for k, v in ckpt.get("dims", {k: torch.ones(d) for k in scales}).items()}
     params = [p for sae in saes.values() for p in sae.parameters()]
@@ -406,6 +402,19 @@ def _dead_share(since: dict[str, torch.Tensor], dead_tokens: int) -> dict[str, f
     return {n: float((v >= dead_tokens).float().mean()) for n, v in since.items()}
 
 
+def _site_saes(sites: Sequence[Site], d: int, cfg: TrainConfig, model_spec: str,
+               ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's SAEs, one per site in order, each seeded by its position; with a checkpoint's
+    weights loaded when ``ckpt`` is given (resume and snapshot build them the same way)."""
+    saes = {}
+    for i, s in enumerate(sites):
+        sae = sae_step.new_sae(s, d, cfg.width_of(s.name), cfg.k, model_spec, cfg.seed * 100_003 + i, cfg.architecture)
+        if ckpt is not None:
+            sae.load_state_dict(ckpt["saes"][s.name])
+        saes[s.name] = sae
+    return saes
+
+
 def snapshot_run(model: Any, run: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the SAEs of an unfinished run's checkpoint (``run/checkpoint.pt``) as a set in
     ``out``, to inspect a long run midway (``featcircuits train-saes --out RUN --snapshot OUT``).
@@ -422,9 +431,7 @@ def snapshot_run(model: Any, run: str | Path, out: str | Path) -> dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     d = model.adapter.d_model
     extra = {"corpus_sha256": ckpt["corpus_sha256"], "architecture_trained": cfg.architecture}
-    for i, s in enumerate(sites):
-        sae = sae_step.new_sae(s, d, cfg.width_of(s.name), cfg.k, model.spec, cfg.seed * 100_003 + i, cfg.architecture)
-        sae.load_state_dict(ckpt["saes"][s.name])
+    for s, sae in zip(sites, _site_saes(sites, d, cfg, model.spec, ckpt).values()):
         dims = ckpt.get("dims", {}).get(s.name, torch.ones(d))
         sae_step.save_site(sae, ckpt["scales"][s.name], dims, out, s, cfg.save_dtype, extra)
     dead = _dead_share(ckpt["since"], cfg.dead_tokens)
