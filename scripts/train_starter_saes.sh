@@ -11,8 +11,9 @@
 # continues it exactly (same flags, same corpus hash; the trainer refuses a mismatch).
 # It runs under `nice -n 15` so it does not starve other work on this shared machine.
 # TOKENS (default 1000000): training tokens; a resume must use the same number.
-# OMP_WAIT_POLICY=PASSIVE (the default here): a thread waiting at a barrier sleeps instead of
-# spinning, so a 2-thread run loses less when other jobs share the cores.
+# OMP_WAIT_POLICY (unset by default): PASSIVE makes a waiting thread sleep instead of spinning; on
+# the idle 2 cores it cost a third of the speed (~105 against ~149 tok/s, 2 threads): the 55 small
+# SAE steps are many short parallel regions, each then paying a wake-up.
 # THREADS (default 1): with 2 threads the run trained 184 tok/s on the two idle cores but fell to 37-75
 # tok/s once other jobs shared them (the feature-store pass measured 2 threads 2.6-3.5x slower than 1
 # on the loaded machine: the threads wait on each other); use 2 only on an idle machine.
@@ -43,7 +44,7 @@ mkdir -p "$RUN"
 start=$(date +%s)
 if [ ! -f "$RUN/set.json" ]; then
   echo "train_starter_saes: $(date -u +%FT%TZ) (re)starting in $RUN" >> "$RUN/train.log"
-  OMP_NUM_THREADS=$THREADS OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} nice -n 15 "$PY" -m featcircuits.cli train-saes \
+  OMP_NUM_THREADS=$THREADS nice -n 15 "$PY" -m featcircuits.cli train-saes \
     --model gemma-3-270m-offline --sites all --width 1024 --attn-width 768 \
     --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
     --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
