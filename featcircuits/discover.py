@@ -90,8 +90,8 @@ def discover_circuit(
         ckpt_nodes = Checkpoint(checkpoint_dir, f"nodes-{method}{suffix}", config, resume)
         ckpt_edges = Checkpoint(checkpoint_dir, f"edges-{method}{suffix}", config, resume)
     keep = keep_budget(sm) if keep_gradients_bytes is None else keep_gradients_bytes
-    # handed to the edge stage; closed (memory freed, spill folder deleted) once edges are summed,
-    # and by its finalizer if this call raises first
+    # handed to the edge stage; closed (memory freed, spill folder deleted) once the edge stage is
+    # over, and by its finalizer if this call raises first
     gradients = GradientStore(keep, spill=spill_gradients, spill_dir=checkpoint_dir) if edges else None
     effects = node_effects(sm, batch, method, steps=steps, rules=rules, batch_size=batch_size, progress=progress,
                            checkpoint=ckpt_nodes, gradients=gradients)
@@ -109,11 +109,12 @@ def discover_circuit(
                           batch_size=batch_size, batched=batched_edges, progress=progress,
                           checkpoint=ckpt_edges, gradients=gradients)
         edge_list = ee.edge_list(masks)
-        gradients.close()
         edge_passes = ee.passes
         t_edges = time.perf_counter() - t1
         if edge_threshold is None and edge_list:
             edge_threshold = 0.01 * max(abs(w) for _, _, w in edge_list)
+    if gradients is not None:
+        gradients.close()
     graph = build_graph(mean, masks, edge_list, last_resid=sm.adapter.last_resid, edge_threshold=edge_threshold)
     seconds = {"nodes": round(t_nodes, 3), "edges": round(t_edges, 3), "total": round(time.perf_counter() - t0, 3)}
     prov = {

@@ -25,14 +25,6 @@ if TYPE_CHECKING:
     from .attribution import SiteGradients
 
 
-def free_disk(folder: str | Path) -> int:
-    """Bytes free on the file system that holds ``folder`` (or its nearest existing parent)."""
-    p = Path(folder).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
 class GradientStore:
     """Per-chunk ``SiteGradients``: the first ``keep_bytes`` in memory, then on disk.
 
@@ -72,10 +64,7 @@ class GradientStore:
         if not self.spill:
             return
         folder = self._spill_folder()
-        budget = self.disk_bytes if self.disk_bytes is not None else free_disk(folder) // 2
-        if self.disk_bytes is None:
-            self.disk_bytes = budget  # fixed at the first spill: half of what was free then
-        if self._written + size > budget:
+        if self._written + size > self.disk_bytes:
             return  # past the disk budget: the edge stage recomputes this chunk
         path = folder / f"chunk-{i:06d}.pt"
         torch.save(sg, path)  # loads back onto the device it was on
@@ -115,6 +104,8 @@ class GradientStore:
             if base is not None:
                 base.mkdir(parents=True, exist_ok=True)
             self._folder = Path(tempfile.mkdtemp(prefix="featcircuits-gradients-", dir=base))
+            if self.disk_bytes is None:  # fixed at the first spill: half of what was free then
+                self.disk_bytes = shutil.disk_usage(self._folder).free // 2
             # removed with the store, or at exit, whichever comes first
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
         return self._folder

@@ -14,7 +14,9 @@
 # OMP_WAIT_POLICY (unset by default): PASSIVE makes a waiting thread sleep instead of spinning; on
 # the idle 2 cores it cost a third of the speed (~105 against ~149 tok/s, 2 threads): the 55 small
 # SAE steps are many short parallel regions, each then paying a wake-up.
-# THREADS (default 1): with 2 threads the run trained 184 tok/s on the two idle cores but fell to 37-75
+# The shipped set (saes/starter-v2) was made with TOKENS=500000 SAMPLES=384 THREADS=2 (one session's
+# time; results/README.md, "Starter dictionaries").
+# THREADS (default 1): with 2 threads a run trained 149-184 tok/s on the two idle cores but fell to 37-75
 # tok/s once other jobs shared them (the feature-store pass measured 2 threads 2.6-3.5x slower than 1
 # on the loaded machine: the threads wait on each other); use 2 only on an idle machine.
 #
@@ -48,7 +50,7 @@ if [ ! -f "$RUN/set.json" ]; then
     --model gemma-3-270m-offline --sites all --width 1024 --attn-width 768 \
     --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
     --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
-    --tokens "${TOKENS:-1000000}" --samples "${SAMPLES:-768}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
+    --tokens "$TOKENS" --samples "${SAMPLES:-768}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
     --checkpoint-every 10 --eval-tokens 16384 --threads "$THREADS" --no-progress \
     --out "$RUN" --resume "$@" >> "$RUN/train.log" 2>&1
   echo "train_starter_saes: $(date -u +%FT%TZ) training call ended after $(( $(date +%s) - start )) s" >> "$RUN/train.log"
