@@ -34,8 +34,7 @@ from featcircuits.metric import metric  # noqa: E402
 from featcircuits.models import load_model  # noqa: E402
 from featcircuits.tasks import make_pairs, tokenize_pairs  # noqa: E402
 from featcircuits.tracing import SplicedModel  # noqa: E402
-from featcircuits.training.corpus import build_corpus  # noqa: E402
-from featcircuits.training.samples import model_samples  # noqa: E402
+from featcircuits.training.corpus import corpus_of_set  # noqa: E402
 from featcircuits.training.trainer import evaluate  # noqa: E402
 
 TASKS = ("sva-simple", "ioi")
@@ -98,16 +97,9 @@ def main() -> int:
     if not trained:
         print("the set has no trained dictionaries", file=sys.stderr)
         return 2
-    seed = int(set_meta.get("config", {}).get("seed", 0))
     # The held-out text of the corpus the set was trained on: with the model's own samples
     # when its recipe has them (regenerated from the cache, or sampled again, same settings).
-    ms = (set_meta.get("corpus") or {}).get("model_samples")
-    samples = None
-    if ms:
-        samples = model_samples(model.hf, model.tokenizer, ms["model"], ms["chunks"] * ms["batch"], seed=ms["seed"],
-                                new_tokens=ms["new_tokens"], batch=ms["batch"], temperature=ms["temperature"],
-                                top_k=ms["top_k"])
-    corpus = build_corpus(model.tokenizer, seed=seed, samples=samples)
+    corpus = corpus_of_set(set_meta, model.tokenizer, model.hf)
     if set_meta.get("corpus_sha256") and set_meta["corpus_sha256"] != corpus.recipe["train_sha256"]:
         print("warning: this machine's corpus differs from the one the set was trained on "
               "(other package versions); held-out text may differ", file=sys.stderr)

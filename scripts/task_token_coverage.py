@@ -27,8 +27,7 @@ from featcircuits import tasks  # noqa: E402
 from featcircuits.dictionaries import local_set_folder, registry  # noqa: E402
 from featcircuits.errors import UserError  # noqa: E402
 from featcircuits.io import write_text  # noqa: E402
-from featcircuits.training.corpus import build_corpus  # noqa: E402
-from featcircuits.training.samples import model_samples  # noqa: E402
+from featcircuits.training.corpus import corpus_of_set  # noqa: E402
 
 
 def word_groups() -> dict[str, list[str]]:
@@ -49,20 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     if folder is None or not (folder / "set.json").is_file():
         raise UserError(f"{args.saes}: no set.json (a set trained by featcircuits train-saes)")
     meta = json.loads((folder / "set.json").read_text())
-    recipe, cfg = meta["corpus"], meta["config"]
+    cfg = meta["config"]
     from transformers import AutoTokenizer
 
     from featcircuits.models import offline_gemma_folder
 
     tok = AutoTokenizer.from_pretrained(offline_gemma_folder())
-    samples = None
-    if recipe.get("model_samples"):
-        s = recipe["model_samples"]
-        # every chunk is in the sampling cache after training, so no model is needed (hf=None)
-        n = s["chunks"] * s["batch"]
-        samples = model_samples(None, tok, s["model"], n, seed=s["seed"], new_tokens=s["new_tokens"],
-                                batch=s["batch"], temperature=s["temperature"], top_k=s["top_k"], progress=False)
-    corpus = build_corpus(tok, seed=cfg.get("seed", 0), samples=samples, window=int(recipe.get("window", 128)))
+    # every sample chunk is in the sampling cache after training, so no model is needed (hf=None)
+    corpus = corpus_of_set(meta, tok)
     if corpus.recipe["train_sha256"] != meta["corpus_sha256"]:
         raise UserError("the rebuilt corpus differs from the one the set was trained on (sha256 mismatch): "
                         "other package versions give other docstrings")

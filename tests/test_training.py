@@ -274,3 +274,54 @@ def test_task_prompts_are_dropped_from_the_training_text():
     docs = ["An ordinary paragraph about rivers and boats.", f"Before. {prompt} after.", "The author wrote."]
     checked, kept, dropped = C.drop_task_prompts(docs)
     assert checked > 100 and dropped == 1 and kept == [docs[0], docs[2]]
+
+
+def test_opener_cycle_alternates_words_and_given_names():
+    from featcircuits.training.samples import NAME_OPENERS, OPENERS, opener_cycle
+
+    assert opener_cycle(False) == OPENERS
+    mixed = opener_cycle(True)
+    assert mixed[0::2][:len(OPENERS)] == OPENERS and mixed[1::2] == NAME_OPENERS
+    assert set(mixed) == set(OPENERS) | set(NAME_OPENERS) and len(set(NAME_OPENERS)) == len(NAME_OPENERS)
+
+
+def test_model_samples_open_with_the_openers_asked_for(model, tmp_path):
+    from featcircuits.training.samples import model_samples
+
+    kw = dict(new_tokens=4, batch=4, cache=tmp_path, progress=False)
+    _, words = model_samples(model.hf, model.tokenizer, "tiny", 4, seed=0, **kw)
+    _, names = model_samples(model.hf, model.tokenizer, "tiny", 4, seed=0, openers=("Mary", "John"), **kw)
+    assert names["openers"] == ["Mary", "John"] and names["raw_sha256"] != words["raw_sha256"]
+    folders = sorted(tmp_path.glob("samples-*"))
+    assert len(folders) == 2  # other openers, another cache folder: no chunk is reused across recipes
+    raw = [json.loads(f.read_text()) for d in folders for f in d.glob("chunk-*.json")]
+    assert any([t[:4] for t in r] == ["Mary", "John", "Mary", "John"] for r in raw)
+
+
+def test_docstring_cap_thins_sources_but_keeps_every_model_sample(model):
+    docs = {"docstrings": [f"Return the value number {i} of the table, with its unit." for i in range(200)]}
+    samples = ([f"Mary wrote letter {i} to her brother, who lived by the sea." for i in range(30)], {"kept": 30})
+    kw = dict(docs=docs, samples=samples, window=16, cache=False, eval_fraction=0.0)
+    full = C.build_corpus(model.tokenizer, **kw)
+    capped = C.build_corpus(model.tokenizer, max_chars_per_source=600, **kw)
+    mary, table = (model.tokenizer.encode(w, add_special_tokens=False)[-1] for w in (" Mary", " table"))
+    assert (capped.train == mary).sum() >= 29  # the stream's cut-off tail may drop the last sample
+    assert (capped.train == table).sum() <= 12 < (full.train == table).sum()
+
+
+def test_corpus_of_set_rebuilds_the_recorded_recipe(model, tmp_path, monkeypatch):
+    """A set's corpus is rebuilt from its set.json alone: the docstring cap, seed and the
+    samples' openers all come from the recipe (scripts/sae_report.py and task_token_coverage.py)."""
+    from featcircuits.training.samples import model_samples
+
+    monkeypatch.setenv("FEATCIRCUITS_CACHE", str(tmp_path))
+    docs = {"docstrings": [f"Return the value number {i} of the table, with its unit." for i in range(200)]}
+    monkeypatch.setattr(C, "texts", lambda log=None: {"sources": docs, "modules": {}, "versions": {}})
+    samples = model_samples(model.hf, model.tokenizer, "tiny", 4, seed=0, new_tokens=4, batch=4, progress=False,
+                            openers=("Mary", "John"))
+    built = C.build_corpus(model.tokenizer, seed=2, samples=samples, window=16, max_chars_per_source=900)
+    meta = {"corpus": built.recipe, "config": {"seed": 2}, "corpus_sha256": built.recipe["train_sha256"]}
+    again = C.corpus_of_set(json.loads(json.dumps(meta)), model.tokenizer)  # from the cache: no model needed
+    assert again.recipe["train_sha256"] == meta["corpus_sha256"] and torch.equal(again.eval, built.eval)
+    meta["corpus"]["max_chars_per_source"] = 10**6
+    assert C.corpus_of_set(meta, model.tokenizer).recipe["train_sha256"] != meta["corpus_sha256"]

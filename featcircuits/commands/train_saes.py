@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..training.corpus import MAX_CHARS_PER_SOURCE
 from ..training.trainer import TrainConfig
 
 _D = TrainConfig(sites=[])
@@ -45,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=128, help="tokens per training window, BOS included")
     p.add_argument("--samples", type=int, default=0,
                    help="add this many samples of the model (English-filtered, cached) to the corpus")
+    p.add_argument("--sample-names", action="store_true",
+                   help="open every other sample with a common English given name (person names in running "
+                        "prose; featcircuits.training.samples.NAME_OPENERS)")
+    p.add_argument("--max-chars-per-source", type=int, default=None,
+                   help="characters kept of each docstring source (a seeded sample of its documents; default "
+                        f"{MAX_CHARS_PER_SOURCE:,}); lower it to give the model samples a larger share of the "
+                        "training tokens, which are the first --tokens of the shuffled corpus")
     p.add_argument("--checkpoint-every", type=int, default=_D.checkpoint_every, help="forwards between checkpoints")
     p.add_argument("--eval-tokens", type=int, default=_D.eval_tokens, help="held-out tokens for the final metrics")
     p.add_argument("--threads", type=int, default=1,
@@ -79,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..models import load_model
     from ..training.corpus import build_corpus
-    from ..training.samples import model_samples
+    from ..training.samples import model_samples, opener_cycle
     from ..training.trainer import resolve_sites, snapshot_run, train_saes
 
     if args.threads:
@@ -91,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.samples < 0 or args.window < 2:
         raise UserError("--samples must be >= 0 and --window >= 2")
+    if args.max_chars_per_source is not None and args.max_chars_per_source < 1:
+        raise UserError("--max-chars-per-source must be >= 1")
+    if args.sample_names and not args.samples:
+        raise UserError("--sample-names needs --samples N (it chooses how the model's samples open)")
     docs = None
     if args.text:
         from pathlib import Path
@@ -109,13 +121,14 @@ def run(args: argparse.Namespace) -> int:
     samples = None
     if args.samples:
         samples = model_samples(model.hf, model.tokenizer, args.model, args.samples, seed=args.seed,
-                                progress=not args.no_progress, log=say)
+                                progress=not args.no_progress, log=say, openers=opener_cycle(args.sample_names))
     corpus = build_corpus(model.tokenizer, seed=args.seed, log=say, samples=samples, docs=docs,
-                          window=args.window, cache=docs is None)
+                          window=args.window, cache=docs is None,
+                          max_chars_per_source=args.max_chars_per_source or MAX_CHARS_PER_SOURCE)
     say(f"corpus: {corpus.recipe['train_tokens']} train / {corpus.recipe['eval_tokens']} held-out tokens, "
         f"sha256 {corpus.recipe['train_sha256'][:16]}")
     meta = train_saes(model, corpus, args.out, cfg, resume=args.resume, max_steps=args.max_steps,
                       progress=not args.no_progress, log=say)
     if not meta.get("complete"):
-        print(f"featcircuits: training stopped early; rerun with --resume to continue", file=sys.stderr)
+        print("featcircuits: training stopped early; rerun with --resume to continue", file=sys.stderr)
     return 0

@@ -328,7 +328,8 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
     train_docs, eval_docs = [], []
     for src in sorted(docs):
         chosen = list(docs[src])
-        if sum(map(len, chosen)) > max_chars_per_source:
+        # The cap thins the collected docstring sources; the model's samples are exactly as many as asked for.
+        if src != "model_samples" and sum(map(len, chosen)) > max_chars_per_source:
             random.Random(f"{seed}:{src}").shuffle(chosen)
             kept, total = [], 0
             for d in chosen:
@@ -359,6 +360,27 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
         torch.save({"train": train, "eval": ev, "recipe": json.dumps(recipe)}, buf)
         _atomic_write_bytes(path, buf.getvalue())
     return corpus
+
+
+def corpus_of_set(set_meta: dict, tokenizer: Any, hf: Any = None, progress: bool = False) -> Corpus:
+    """The corpus a set was trained on, rebuilt from the recipe in its ``set.json``: the same
+    docstring cap, window and seed, and the model's samples with the same settings and openers
+    (read from the sampling cache; missing chunks are sampled again, which needs ``hf``).
+    The caller compares ``recipe["train_sha256"]`` with the set's ``corpus_sha256``: other
+    package versions give other docstrings."""
+    from .samples import OPENERS, model_samples
+
+    recipe = set_meta.get("corpus") or {}
+    ms = recipe.get("model_samples")
+    samples = None
+    if ms:
+        samples = model_samples(hf, tokenizer, ms["model"], ms["chunks"] * ms["batch"], seed=ms["seed"],
+                                new_tokens=ms["new_tokens"], batch=ms["batch"], temperature=ms["temperature"],
+                                top_k=ms["top_k"], progress=progress, openers=tuple(ms.get("openers", OPENERS)))
+    return build_corpus(tokenizer, seed=int((set_meta.get("config") or {}).get("seed", recipe.get("seed", 0))),
+                        samples=samples, window=int(recipe.get("window", WINDOW)),
+                        eval_fraction=float(recipe.get("eval_fraction", 0.02)),
+                        max_chars_per_source=int(recipe.get("max_chars_per_source", MAX_CHARS_PER_SOURCE)))
 
 
 def corpus_from_windows(windows: Sequence[Sequence[int]] | torch.Tensor, eval_fraction: float = 0.1) -> Corpus:

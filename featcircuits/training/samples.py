@@ -10,6 +10,13 @@ unconditioned from BOS alone, Gemma 3 270M wrote Indonesian, Chinese and HTML as
 English in a first look, and every such sample is compute thrown away by the English filter
 (``english_prose``). The openers are single common words, not task templates: the circuits
 are judged on tasks (featcircuits/tasks.py) the dictionaries never saw.
+
+``NAME_OPENERS`` (``--sample-names``): every other sample opens with a common English given
+name instead, so the text holds person names in running prose (stories, letters, biographies
+the model writes about them). Opened by words alone, the shipped set's 377 samples gave about
+one name per 1,000 tokens and a dictionary with no feature for " Mary". The list is the 120
+given names below, not task prompts; it includes the 16 names of the IOI task, as any list of
+common English names would.
 """
 
 from __future__ import annotations
@@ -32,6 +39,22 @@ OPENERS = ("The", "In", "It", "This", "A", "When", "After", "Many", "There", "We
 _STOPWORDS = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been
 it its this that these those he she they we you i his her their our your my not no so than then there
 which who what when where how all any some one can will would could should has have had do does did""".split())
+# 60 female and 60 male given names common in English text (written out here: no package on
+# this machine ships a name list). Alphabetical within each half.
+NAME_OPENERS = (
+    "Alice", "Amanda", "Amy", "Angela", "Anna", "Barbara", "Betty", "Carol", "Catherine", "Charlotte",
+    "Christine", "Claire", "Deborah", "Diana", "Donna", "Dorothy", "Elizabeth", "Ellen", "Emily", "Emma",
+    "Grace", "Hannah", "Helen", "Jane", "Janet", "Jennifer", "Jessica", "Joan", "Julia", "Karen",
+    "Kate", "Laura", "Linda", "Lisa", "Louise", "Lucy", "Margaret", "Maria", "Martha", "Mary",
+    "Megan", "Melissa", "Michelle", "Nancy", "Olivia", "Patricia", "Rachel", "Rebecca", "Rose", "Ruth",
+    "Sandra", "Sarah", "Sharon", "Sophie", "Susan", "Teresa", "Victoria", "Virginia", "Wendy", "Alan",
+    "Andrew", "Anthony", "Arthur", "Benjamin", "Brian", "Charles", "Christopher", "Daniel", "David", "Dennis",
+    "Edward", "Eric", "Frank", "George", "Gregory", "Harry", "Henry", "Jack", "James", "Jason",
+    "Jeffrey", "John", "Jonathan", "Joseph", "Joshua", "Kenneth", "Kevin", "Larry", "Mark", "Matthew",
+    "Michael", "Nicholas", "Oliver", "Patrick", "Paul", "Peter", "Philip", "Raymond", "Richard", "Robert",
+    "Roger", "Ronald", "Samuel", "Scott", "Simon", "Stephen", "Steven", "Thomas", "Timothy", "Tom",
+    "Walter", "William", "Adam", "Albert", "Carl", "Douglas", "Frederick", "Howard", "Martin", "Ralph",
+)
 MIN_STOPWORD_SHARE = 0.25
 MIN_ASCII_SHARE = 0.97
 _TAG = re.compile(r"</?[A-Za-z][^<>]{0,60}>")
@@ -51,12 +74,21 @@ def english_prose(text: str) -> str | None:
     return text
 
 
+def opener_cycle(names: bool) -> tuple[str, ...]:
+    """The openers that samples take round-robin: ``OPENERS``, or with ``names`` those words and
+    ``NAME_OPENERS`` alternating (word, name, word, name, ...; each list cycled to the longer one)."""
+    if not names:
+        return OPENERS
+    n = max(len(OPENERS), len(NAME_OPENERS))
+    return tuple(w for i in range(n) for w in (OPENERS[i % len(OPENERS)], NAME_OPENERS[i % len(NAME_OPENERS)]))
+
+
 def samples_key(model_spec: str, n_chunks: int, batch: int, new_tokens: int, seed: int,
-                temperature: float, top_k: int) -> dict[str, Any]:
+                temperature: float, top_k: int, openers: tuple[str, ...] = OPENERS) -> dict[str, Any]:
     """The sampling recipe (recorded in the corpus recipe and naming the cache folder)."""
     return {"samples_version": SAMPLES_VERSION, "model": model_spec, "chunks": n_chunks, "batch": batch,
             "new_tokens": new_tokens, "seed": seed, "temperature": temperature, "top_k": top_k,
-            "openers": list(OPENERS)}
+            "openers": list(openers)}
 
 
 @torch.no_grad()
@@ -94,8 +126,11 @@ def _sample(hf: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, tem
 def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed: int = 0,
                   new_tokens: int = 126, batch: int = 32, temperature: float = 1.0, top_k: int = 50,
                   cache: Path | None = None, progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> tuple[list[str], dict[str, Any]]:
-    """``n_samples`` (rounded up to whole chunks) samples of the model, English-filtered.
+                  log: Callable[[str], None] | None = None,
+                  openers: tuple[str, ...] = OPENERS) -> tuple[list[str], dict[str, Any]]:
+    """``n_samples`` (rounded up to whole chunks) samples of the model, English-filtered, each
+    opened by the next word of ``openers`` (round-robin; ``opener_cycle(names=True)`` mixes in
+    given names).
 
     Returns (kept documents, recipe). The recipe holds the sampling settings, the counts
     generated and kept, the measured tokens/s of this call and the sha256 of the raw samples.
@@ -104,12 +139,12 @@ def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed
     from ..models import cache_dir
 
     n_chunks = max(1, -(-n_samples // batch))
-    key = samples_key(model_spec, n_chunks, batch, new_tokens, seed, temperature, top_k)
+    key = samples_key(model_spec, n_chunks, batch, new_tokens, seed, temperature, top_k, openers)
     folder = (cache or cache_dir() / "corpus") / ("samples-" + hashlib.sha256(
         json.dumps({k: v for k, v in key.items() if k != "chunks"}, sort_keys=True).encode()).hexdigest()[:16])
     folder.mkdir(parents=True, exist_ok=True)
     bos = tokenizer.bos_token_id
-    opener_ids = [tokenizer.encode(w, add_special_tokens=False) for w in OPENERS]
+    opener_ids = [tokenizer.encode(w, add_special_tokens=False) for w in openers]
     todo = [i for i in range(n_chunks) if not (folder / f"chunk-{i:05d}.json").is_file()]
     bar = None
     if progress and todo:
@@ -121,7 +156,7 @@ def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed
     if todo:
         hf.eval()
     for i in todo:
-        rows = [[bos, *opener_ids[(i * batch + j) % len(OPENERS)]] for j in range(batch)]
+        rows = [[bos, *opener_ids[(i * batch + j) % len(openers)]] for j in range(batch)]
         width = max(map(len, rows))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left padding
