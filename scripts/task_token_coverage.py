@@ -6,9 +6,11 @@ training text. This rebuilds a set's training corpus from its ``set.json`` (the 
 docstrings and cached model samples; the sha256 of the windows is checked against the one the
 trainer recorded), takes the windows the trainer consumed (``tokens`` of them, in order), and
 counts the single-token words of each built-in task: IOI's names, SVA's subject nouns and
-verbs. Writes ``<out>/task_token_coverage.json`` and ``.md``.
+verbs. Writes ``<out>/task_token_coverage.json`` and ``.md`` (``task_token_coverage-<label>.*``
+with ``--label``).
 
     .venv/bin/python scripts/task_token_coverage.py --saes starter
+    .venv/bin/python scripts/task_token_coverage.py --saes starter-v2 --label v2
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--saes", default="starter", help="a registered local set or a set folder with set.json")
     ap.add_argument("--out", default=str(ROOT / "results" / "starter_targets"))
+    ap.add_argument("--label", default=None, help="suffix of the output files (one file per set)")
     args = ap.parse_args(argv)
     entry = registry().get(args.saes)
     folder = local_set_folder(entry["path"]) if entry and entry.get("kind") == "local" else Path(args.saes)
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"set": args.saes, "corpus_sha256": meta["corpus_sha256"], "trained_positions": len(trained),
               "groups": rows, "command": "python scripts/task_token_coverage.py " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
-    write_text(out / "task_token_coverage.json", json.dumps(result, indent=1))
+    stem = "task_token_coverage" + (f"-{args.label}" if args.label else "")
+    write_text(out / f"{stem}.json", json.dumps(result, indent=1))
     lines = [f"# Task words in the training positions of `{args.saes}`", "",
              f"Written by `{result['command']}`. {len(trained):,} trained positions (corpus sha256 "
              f"`{meta['corpus_sha256'][:12]}`, checked). Counts of each word as one token with a leading space.", "",
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for group, r in rows.items():
         shown = ", ".join(f"{w} {c}" for w, c in r["counts"].items() if c is not None)
         lines.append(f"| {group} | {r['median']} | {r['never']} | {shown} |")
-    write_text(out / "task_token_coverage.md", "\n".join(lines) + "\n")
+    write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
