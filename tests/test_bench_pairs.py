@@ -52,3 +52,17 @@ def test_results_readme_section_without_a_machine_section(tmp_path):
     report.update_results_readme(readme, [row], {"gemma": {"pairs_scaling": {}}})
     text = readme.read_text()
     assert "time per pair" in text and "old" not in text and "## Next\n\nkept" in text
+
+
+def test_cli_record_has_the_process_cpu_seconds_and_the_table_shows_them():
+    from bench.suite import cli_peak_rss
+
+    rec = cli_peak_rss(["discover", "--help"])  # a real CLI process, argparse exits 0 after the help
+    assert rec["returncode"] == 0 and rec["peak_rss_gib"] > 0
+    if rec["method"].startswith("/usr/bin/time"):
+        assert 0 < rec["cpu_s"] < 600
+    rows = [{**_row(64, 2.0, 0.5), "cpu_s": 41.5}, _row(128, 2.1, 0.5)]
+    text = pairs.pairs_section({"pairs_scaling": {"command": "discover", "rows": rows, "batch_size": 16,
+                                                   "measured": "now", "full_row": pairs.FULL_ROW,
+                                                   "targets": {"peak_rss_ratio": 1.5, "time_per_pair_ratio": 1.3}}})
+    assert "| 41.5 | 1.0 |" in text and "process CPU" in text and "| - | 1.0 |" in text

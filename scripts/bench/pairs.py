@@ -130,12 +130,15 @@ def _one_section(p: dict) -> str:
          + ("all of it was run." if ns == p["full_row"] else
             f"only n = {', '.join(map(str, ns))} was run here; "
             "`--pairs-scaling full` runs the rest."), "",
-         "| n | peak RSS (GiB) | x smallest | s / pair | x smallest | compute (s) | load avg |",
-         "|---|---|---|---|---|---|---|"]
+         "| n | peak RSS (GiB) | x smallest | s / pair | x smallest | compute (s) | process CPU (s) | load avg |",
+         "|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         total = r.get("work_seconds") or (r.get("summary_seconds") or {}).get("total")
         L.append(f"| {r['n']} | {r['peak_rss_gib']} | {r.get('peak_rss_vs_smallest', '-')} | {r['seconds_per_pair']} | "
-                 f"{r.get('time_per_pair_vs_smallest', '-')} | {total} | {r['load1']} |")
+                 f"{r.get('time_per_pair_vs_smallest', '-')} | {total} | {r.get('cpu_s', '-')} | {r['load1']} |")
+    L += ["", "s / pair and compute are wall seconds of the compute stages (summary.json), so they grow when "
+              "other jobs share the cores (load avg); process CPU is user + system seconds of the whole process "
+              "(model load included, /usr/bin/time -v), which other jobs inflate far less."]
     if "peak_rss_ratio" in p:
         t = p["targets"]
         L += ["", f"Worst ratio to the smallest n over n = {ns[0]}..{ns[-1]}: peak RSS "

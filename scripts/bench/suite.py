@@ -341,9 +341,14 @@ def cli_peak_rss(argv: list[str], measure: "Callable[[Path], dict] | None" = Non
                            "threads": os.environ.get("OMP_NUM_THREADS") or f"torch default ({common.DEFAULT_THREADS})"}
     max_kib = None
     if use_time:
+        cpu = {}
         for line in proc.stderr.splitlines():
             if "Maximum resident set size" in line:
                 max_kib = int(line.rsplit(":", 1)[1])
+            elif line.strip().startswith(("User time (seconds)", "System time (seconds)")):
+                cpu[line.strip().split()[0]] = float(line.rsplit(":", 1)[1])
+        if len(cpu) == 2:  # the process's CPU seconds (load included): wall seconds alone grow with other jobs
+            rec["cpu_s"] = round(cpu["User"] + cpu["System"], 1)
         rec["method"] = "/usr/bin/time -v: Maximum resident set size of the featcircuits process"
     if max_kib is None:
         import resource
