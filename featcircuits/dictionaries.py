@@ -238,13 +238,17 @@ class DictionarySet:
         return self
 
     def digest(self) -> str:
-        """A short hash of every dictionary's weights (for provenance in summary.json)."""
+        """A short hash of every dictionary's weights (for provenance in summary.json).
+
+        Only what the dictionaries compute goes in (site, kind, hook, shapes, weights), never
+        where they were loaded from: the same set named ``starter``, by its folder, or from
+        another checkout has one digest, so a report checked against it still matches."""
         h = hashlib.sha256()
         for site, d in self.dictionaries.items():
             h.update(site.encode())
             for t in d.state_dict().values():
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-            h.update(str((d.d_in, d.d_sae, d.source)).encode())
+            h.update(str((type(d).__name__, d.hook_name, d.d_in, d.d_sae)).encode())
         return h.hexdigest()[:16]
 
 

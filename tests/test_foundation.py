@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from featcircuits.adapters import adapter_for, site_kind
 from featcircuits.cli import main
@@ -246,3 +247,20 @@ def test_registry_is_package_data_and_local_sets_are_found(tiny, tmp_path, monke
     monkeypatch.setenv(D.SAES_ENV, str(tmp_path / "elsewhere"))
     ds = load_dictionary_set("mine", tiny.adapter)
     assert ds.name == "mine" and ds.meta["path"] == str(tmp_path / "elsewhere" / "mine")
+
+
+def test_digest_names_the_weights_not_the_folder(tiny, tmp_path):
+    """One set loaded from two folders (a copy, a relative or absolute path) has one digest, so
+    a report checked against it still matches; changing one weight changes it."""
+    import shutil
+
+    random_saelens_set(tiny, tmp_path / "a", width=8)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    d_a = load_dictionary_set(str(tmp_path / "a"), tiny.adapter).digest()
+    assert load_dictionary_set(str(tmp_path / "b"), tiny.adapter).digest() == d_a
+    sae = next((tmp_path / "b").rglob("*.safetensors"))
+    weights = load_file(sae)
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, sae)
+    assert load_dictionary_set(str(tmp_path / "b"), tiny.adapter).digest() != d_a
