@@ -56,6 +56,15 @@ def error_share(effects, masks) -> float:
     return err / (err + feat) if err + feat else float("nan")
 
 
+def top_error_nodes(effects, masks, top: int = 5) -> list[list]:
+    """The selected error nodes holding the most |effect|: [site, share of the selection's |effect|]
+    (error nodes are per site once positions are summed), to show where the features fall short."""
+    total = sum(float((v.err.abs() * masks[s].err).sum() + (v.f.abs() * masks[s].f).sum()) for s, v in effects.items())
+    errs = [(s, float((v.err.abs() * masks[s].err).sum())) for s, v in effects.items()]
+    errs = sorted((e for e in errs if e[1] > 0), key=lambda e: -e[1])[:top]
+    return [[s, round(e / total, 4)] for s, e in errs] if total else []
+
+
 def task_row(sm: SplicedModel, task: str, n: int, n_eval: int, sizes, batch_size: int) -> dict:
     t0 = time.perf_counter()
     disc_pairs = make_pairs(task, n, 0)
@@ -73,7 +82,8 @@ def task_row(sm: SplicedModel, task: str, n: int, n_eval: int, sizes, batch_size
             "eval_dropped": len(ev_dropped), "metric_clean": ne.metric_clean, "F_M": ev.F_M, "F_empty": ev.F_empty,
             "sizes": {str(k): {"faithfulness": r["faithfulness"], "completeness": r["completeness"],
                                "error_share": error_share(effects, m),
-                               "n_error_nodes": int(sum(int(m[s].err.sum()) for s in m))}
+                               "n_error_nodes": int(sum(int(m[s].err.sum()) for s in m)),
+                               "top_error_nodes": top_error_nodes(effects, m)}
                       for k, r, m in zip(sizes, results, masks)},
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -143,7 +153,18 @@ def render(r: dict) -> str:
             v = t["sizes"][str(k)]
             cells += [f"{v['faithfulness']:.3f}", f"{v['completeness']:.3f}", f"{v['error_share']:.0%}"]
         lines.append(f"| {task} | {t['F_M']:+.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + render_error_nodes(r)) + "\n"
+
+
+def render_error_nodes(r: dict) -> list[str]:
+    """Where the smallest circuit's error share sits (absent from measurements made before it was kept)."""
+    k = str(r["sizes"][0])
+    if not all("top_error_nodes" in t["sizes"][k] for t in r["tasks"].values()):
+        return []
+    lines = ["", f"Error nodes holding the most of the top-{k}'s |effect| (share of its |effect|; positions summed):", "",
+             "| task | largest error nodes |", "|---|---|"]
+    return lines + [f"| {task} | " + ", ".join(f"{s} {share:.0%}" for s, share in t["sizes"][k]["top_error_nodes"]) + " |"
+                    for task, t in r["tasks"].items()]
 
 
 def render_table(results: list[dict]) -> str:
@@ -198,6 +219,11 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     if args.table:
+        missing = [lab for lab in args.table if not (out / f"{lab}.json").is_file()]
+        if missing:
+            have = sorted(p.stem for p in out.glob("*.json") if not p.stem.endswith("-saes") and not p.stem.startswith("task_token_coverage"))
+            raise SystemExit(f"no measurement {', '.join(missing)} in {out} (there: {', '.join(have) or 'none'}); "
+                             f"make one with --saes SET --label LABEL")
         results = [json.loads((out / f"{lab}.json").read_text()) for lab in args.table]
         (out / "README.md").write_text(render_table(results))
         print(f"-> {out / 'README.md'}")
