@@ -13,6 +13,7 @@ opacity and width by |weight|. Large circuits are cut to the ``max_nodes`` nodes
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -28,9 +29,32 @@ NEGATIVE = "#d62b2b"
 MAX_LABEL = 28  # characters of a label in the picture
 
 
+@functools.lru_cache(maxsize=1)
+def _font_chars() -> frozenset[int]:
+    """Code points the picture's font draws (matplotlib draws the others as empty boxes)."""
+    from matplotlib import font_manager, ft2font
+
+    path = font_manager.findfont(font_manager.FontProperties())
+    return frozenset(ft2font.FT2Font(path).get_charmap())
+
+
+def _drawable(text: str) -> str:
+    """``text`` without the ``|``-separated tokens the font cannot draw: a label such as
+    ``her|emma → she|그녀|her`` reads ``her|emma → she|her`` in the picture instead of showing
+    boxes (the viewer and the graph files keep the full label)."""
+    chars = _font_chars()
+    sides = []
+    for side in text.split(" → "):
+        tokens = side.split("|")
+        kept = [t for t in tokens if all(ord(c) in chars or c.isspace() for c in t)]
+        sides.append("|".join(kept) if kept else "?")
+    return " → ".join(sides)
+
+
 def _short(nid: str, d: dict) -> str:
-    """A node's label (truncated to ``MAX_LABEL``), or its id without the position (the column shows it)."""
-    text = str(d["label"]) if d.get("label") else str(nid).partition("@")[0]
+    """A node's label (tokens the font cannot draw left out, truncated to ``MAX_LABEL``), or its id
+    without the position (the column shows it)."""
+    text = _drawable(str(d["label"])) if d.get("label") else str(nid).partition("@")[0]
     return text if len(text) <= MAX_LABEL else text[:MAX_LABEL - 1] + "…"
 
 

@@ -88,3 +88,18 @@ def test_picture_names_features_by_label_with_text_in_svg(tmp_path):
     shown = re.findall(r"plural nouns [^<]*", text)
     assert len(shown) == 5 and all(len(t.strip()) <= MAX_LABEL for t in shown)  # features named, not errors
     assert "sva-simple" in text and "feature effect" in text and "error-node effect" in text
+
+
+def test_picture_leaves_out_label_tokens_its_font_cannot_draw(tmp_path):
+    """Output tokens in scripts the picture's font lacks (Hangul here) are left out of the drawn
+    label instead of showing as boxes; tokens it can draw stay."""
+    from featcircuits.draw import _font_chars, draw_circuit
+
+    assert ord("그") not in _font_chars()  # matplotlib's bundled DejaVu Sans has no Hangul
+    c = make_circuit("sum")
+    for n, d in c.graph.nodes(data=True):
+        if d["kind"] in ("feature", "embed"):
+            d["label"] = "her|Alice → she|그녀|herself"
+    (svg,) = draw_circuit(c, tmp_path / "circuit", formats=("svg",), n_labels=3)
+    text = svg.read_text()
+    assert "she|herself" in text and "그" not in text
