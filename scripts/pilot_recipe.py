@@ -9,6 +9,13 @@ under --work) and every recipe trains on the same cached activations through
 ``train_saes(source=...)``, so recipes differ only in the recipe.
 
 Usage: python scripts/pilot_recipe.py [--tokens 96000] [--work /work/sae-runs/pilot]
+
+``--corpus-of SET`` trains on the corpus a registered set was trained on (its recipe in set.json,
+the model's samples included) instead of the docstrings alone; the width recipes ask whether
+more latents at the sites that lose IOI (resid_1, resid_2, resid_10 in starter-v3) keep it::
+
+    python scripts/pilot_recipe.py --corpus-of starter --sites resid_1,resid_2,resid_10 \
+        --recipes "v3 (width 1024),v3 width 2048" --out results/pilot_width
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from featcircuits.metric import metric  # noqa: E402
 from featcircuits.models import load_model  # noqa: E402
 from featcircuits.tasks import make_pairs, tokenize_pairs  # noqa: E402
 from featcircuits.tracing import SplicedModel  # noqa: E402
-from featcircuits.training.corpus import build_corpus  # noqa: E402
+from featcircuits.dictionaries import load_dictionary_set  # noqa: E402
+from featcircuits.training.corpus import build_corpus, corpus_of_set  # noqa: E402
 from featcircuits.training.trainer import TrainConfig, collect, resolve_sites, train_saes  # noqa: E402
 from sae_report import TASKS, recovered, site_metrics  # noqa: E402
 
@@ -49,6 +57,13 @@ RECIPES: dict[str, dict] = {
     "dim-clip 2": {"dim_clip": 2.0},
     "topk k64 + dim-clip 4 + resample": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5},
     "dim-clip 2 + resample": {"dim_clip": 2.0, "resample_until": 1.0, "resample_every": 5},
+    # starter-v3's recipe at its own width and wider (embed/mlp/resid width; attn keeps --attn-width's rule)
+    "v3 (width 1024)": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 1024},
+    "v3 width 2048": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 2048},
+    "v3 width 4096": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 4096},
+    "v3 without dim-clip": {"k": 64, "dim_clip": 0.0, "resample_until": 1.0, "resample_every": 5, "width": 1024},
+    # over the L0 cap of #16: a diagnosis (is sparsity what loses IOI?), not a candidate
+    "v3 k128 (over the L0 cap)": {"k": 128, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 1024},
 }
 
 
@@ -92,13 +107,22 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of recipe names")
     ap.add_argument("--work", default="/work/sae-runs/pilot")
+    ap.add_argument("--corpus-of", default=None, metavar="SET",
+                    help="train on this set's corpus (its set.json recipe, model samples included)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     model = load_model(args.model)
     sites = resolve_sites(model.adapter, args.sites)
-    corpus = build_corpus(model.tokenizer, seed=0)
+    if args.corpus_of:
+        set_meta = json.loads((Path(load_dictionary_set(args.corpus_of, model.adapter).meta["path"])
+                               / "set.json").read_text())
+        corpus = corpus_of_set(set_meta, model.tokenizer, model.hf)
+        corpus_name = f"the corpus of `{args.corpus_of}` (docstrings + the model's samples, its set.json recipe)"
+    else:
+        corpus = build_corpus(model.tokenizer, seed=0)
+        corpus_name = "the offline docstring corpus"
     base = TrainConfig(sites=[s.name for s in sites], tokens=args.tokens, batch_size=args.batch_size,
                        eval_tokens=0, checkpoint_every=10)
     n_fwd = base.n_forwards(corpus.train.shape[1])
@@ -149,7 +173,8 @@ def main() -> int:
                                         "sites": [s.name for s in sites], "clean": clean,
                                         "corpus_sha256": corpus.recipe["train_sha256"], "recipes": results},
                                        indent=1))
-        _write(Path(args.out) / "pilot_recipe.md", render(n_fwd * per, [s.name for s in sites], clean, results, n_eval))
+        _write(Path(args.out) / "pilot_recipe.md",
+               render(n_fwd * per, [s.name for s in sites], clean, results, n_eval, corpus_name))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 
@@ -165,16 +190,17 @@ def _f(v, fmt="{:.2f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
-def render(tokens: int, sites: list[str], clean: dict, results: dict, eval_tokens: int) -> str:
+def render(tokens: int, sites: list[str], clean: dict, results: dict, eval_tokens: int,
+           corpus_name: str = "the offline docstring corpus") -> str:
     lines = [
         "# Recipe pilot: which SAE recipe keeps the behaviour without the error term",
         "",
         f"Generated by `scripts/pilot_recipe.py`: {len(sites)} sites ({', '.join(sites)}), {tokens} training "
-        "tokens of the offline docstring corpus per recipe (the same cached activations for every recipe), "
-        "width 1024 (768 attn). *rec.* = share of the clean-vs-zero-ablation gap kept when that one site's "
+        f"tokens of {corpus_name} per recipe (the same cached activations for every recipe), "
+        "width 1024 (768 attn) unless the recipe names another. *rec.* = share of the clean-vs-zero-ablation gap kept when that one site's "
         "SAE replaces the activation without its error term (as in `saes.md`; held-out task seed 1, "
         f"{', '.join(f'{t} clean {v:+.2f}' for t, v in clean.items())}); n/a where zero-ablation moves the "
-        f"metric by < 1 logit. FVE, L0 and dead (never fires) on {eval_tokens} held-out docstring tokens: "
+        f"metric by < 1 logit. FVE, L0 and dead (never fires) on {eval_tokens} held-out tokens: "
         "few, so dead shares are upper bounds, comparable between rows only. *train s*: wall time on the "
         "shared, loaded 2-core machine (not a speed comparison).",
         "",
