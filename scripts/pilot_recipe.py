@@ -34,17 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from featcircuits.dictionaries import load_dictionary  # noqa: E402
+from featcircuits.dictionaries import load_dictionary, load_dictionary_set  # noqa: E402
 from featcircuits.metric import metric  # noqa: E402
 from featcircuits.models import load_model  # noqa: E402
 from featcircuits.tasks import make_pairs, tokenize_pairs  # noqa: E402
 from featcircuits.tracing import SplicedModel  # noqa: E402
-from featcircuits.dictionaries import load_dictionary_set  # noqa: E402
 from featcircuits.training.corpus import build_corpus, corpus_of_set  # noqa: E402
 from featcircuits.training.trainer import TrainConfig, collect, resolve_sites, train_saes  # noqa: E402
 from sae_report import TASKS, recovered, site_metrics  # noqa: E402
 
 SITES = "embed,attn_6,mlp_6,resid_3,resid_9"
+V3 = {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 1024}  # starter-v3's recipe
 # name -> TrainConfig overrides over the old starter recipe (TopK k=32, resampling to 80 %).
 RECIPES: dict[str, dict] = {
     "old (topk k32)": {},
@@ -58,12 +58,12 @@ RECIPES: dict[str, dict] = {
     "topk k64 + dim-clip 4 + resample": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5},
     "dim-clip 2 + resample": {"dim_clip": 2.0, "resample_until": 1.0, "resample_every": 5},
     # starter-v3's recipe at its own width and wider (embed/mlp/resid width; attn keeps --attn-width's rule)
-    "v3 (width 1024)": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 1024},
-    "v3 width 2048": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 2048},
-    "v3 width 4096": {"k": 64, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 4096},
-    "v3 without dim-clip": {"k": 64, "dim_clip": 0.0, "resample_until": 1.0, "resample_every": 5, "width": 1024},
+    "v3 (width 1024)": V3,
+    "v3 width 2048": {**V3, "width": 2048},
+    "v3 width 4096": {**V3, "width": 4096},
+    "v3 without dim-clip": {**V3, "dim_clip": 0.0},
     # over the L0 cap of #16: a diagnosis (is sparsity what loses IOI?), not a candidate
-    "v3 k128 (over the L0 cap)": {"k": 128, "dim_clip": 4.0, "resample_until": 1.0, "resample_every": 5, "width": 1024},
+    "v3 k128 (over the L0 cap)": {**V3, "k": 128},
 }
 
 
@@ -116,8 +116,7 @@ def main() -> int:
     model = load_model(args.model)
     sites = resolve_sites(model.adapter, args.sites)
     if args.corpus_of:
-        set_meta = json.loads((Path(load_dictionary_set(args.corpus_of, model.adapter).meta["path"])
-                               / "set.json").read_text())
+        set_meta = load_dictionary_set(args.corpus_of, model.adapter).meta.get("set", {})  # its set.json
         corpus = corpus_of_set(set_meta, model.tokenizer, model.hf)
         corpus_name = f"the corpus of `{args.corpus_of}` (docstrings + the model's samples, its set.json recipe)"
     else:

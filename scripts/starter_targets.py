@@ -49,19 +49,25 @@ T_MEDIAN_RECOVERED, T_RESID_MIN, T_DEAD, T_DEAD_SITES, T_L0, T_ERROR_SHARE, T_FA
 MIN_GAP = 1.0  # logits: sae_report.py's threshold for "zero-ablation moves the metric" (for the labels)
 
 
+def selected_abs(effects, masks) -> dict[str, tuple[float, float]]:
+    """Per site, the summed |effect| of the selected (error node, features)."""
+    return {s: (float((v.err.abs() * masks[s].err).sum()), float((v.f.abs() * masks[s].f).sum()))
+            for s, v in effects.items()}
+
+
 def error_share(effects, masks) -> float:
     """Share of the selected nodes' summed |effect| held by error nodes."""
-    err = sum(float((v.err.abs() * masks[s].err).sum()) for s, v in effects.items())
-    feat = sum(float((v.f.abs() * masks[s].f).sum()) for s, v in effects.items())
-    return err / (err + feat) if err + feat else float("nan")
+    per_site = selected_abs(effects, masks).values()
+    err, total = sum(e for e, _ in per_site), sum(e + f for e, f in per_site)
+    return err / total if total else float("nan")
 
 
 def top_error_nodes(effects, masks, top: int = 5) -> list[list]:
     """The selected error nodes holding the most |effect|: [site, share of the selection's |effect|]
     (error nodes are per site once positions are summed), to show where the features fall short."""
-    total = sum(float((v.err.abs() * masks[s].err).sum() + (v.f.abs() * masks[s].f).sum()) for s, v in effects.items())
-    errs = [(s, float((v.err.abs() * masks[s].err).sum())) for s, v in effects.items()]
-    errs = sorted((e for e in errs if e[1] > 0), key=lambda e: -e[1])[:top]
+    per_site = selected_abs(effects, masks)
+    total = sum(e + f for e, f in per_site.values())
+    errs = sorted(((s, e) for s, (e, _) in per_site.items() if e > 0), key=lambda se: -se[1])[:top]
     return [[s, round(e / total, 4)] for s, e in errs] if total else []
 
 
