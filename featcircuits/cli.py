@@ -12,7 +12,7 @@ import sys
 from .errors import UserError
 
 # One module per subcommand, in the order --help lists them.
-COMMANDS = ["info", "discover", "features", "export", "evaluate", "curves", "agreement", "train_saes"]
+COMMANDS = ["info", "discover", "features", "export", "evaluate", "curves", "agreement", "train_saes", "finetune_saes"]
 
 
 def build_parser() -> argparse.ArgumentParser:

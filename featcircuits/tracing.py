@@ -118,12 +118,15 @@ class SplicedModel:
         return self.dictionaries[site if isinstance(site, str) else site.name]
 
     def run(self, inputs: dict[str, torch.Tensor], hook: SiteHook | None = None,
-            sites: Iterable[Site] | None = None, stop: bool = False) -> torch.Tensor | None:
+            sites: Iterable[Site] | None = None, stop: bool = False,
+            positions: torch.Tensor | None = None) -> torch.Tensor | None:
         """One forward pass; returns the last-position logits [b, vocab] (with autograd graph).
 
         ``hook`` is called at each site in ``sites`` (default: all) in forward order. With
         ``stop`` the model stops right after the last visited site and None is returned
-        (readers of site values need no later layer, final norm or unembedding).
+        (readers of site values need no later layer, final norm or unembedding). With
+        ``positions`` (1-D sequence indices) the logits of those positions come back,
+        [b, len(positions), vocab], and only they pass through the unembedding.
         """
         visit = list(self.sites if sites is None else sites)
         lm = self.model.lm
@@ -135,7 +138,8 @@ class SplicedModel:
         if torch.is_grad_enabled():
             self._grad_rows = rows
         logits = None
-        with lm.trace(dict(inputs), logits_to_keep=1) as tracer:
+        keep = 1 if positions is None else positions.to(device)
+        with lm.trace(dict(inputs), logits_to_keep=keep) as tracer:
             if hook is not None:
                 for site in visit:
                     env = resolve(lm, site.path)
@@ -152,7 +156,7 @@ class SplicedModel:
             if stop and hook is not None and visit:
                 tracer.stop()
             else:
-                logits = nnsight.save(lm.output.logits[:, -1, :])
+                logits = nnsight.save(lm.output.logits[:, -1, :] if positions is None else lm.output.logits)
         return logits
 
     def cache(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Act]]:

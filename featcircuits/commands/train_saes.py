@@ -81,6 +81,18 @@ def config_from_args(args: argparse.Namespace, site_names: list[str]) -> TrainCo
     )
 
 
+def read_text_docs(path_str: str) -> dict[str, list[str]]:
+    """``--text FILE``: its documents (separated by blank lines) as one corpus source."""
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    path = Path(path_str)
+    if not path.is_file():
+        raise UserError(f"no such text file: {path_str}")
+    return {f"text:{path.name}": [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -103,14 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-chars-per-source must be >= 1")
     if args.sample_names and not args.samples:
         raise UserError("--sample-names needs --samples N (it chooses how the model's samples open)")
-    docs = None
-    if args.text:
-        from pathlib import Path
-
-        path = Path(args.text)
-        if not path.is_file():
-            raise UserError(f"no such text file: {args.text}")
-        docs = {f"text:{path.name}": [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]}
+    docs = read_text_docs(args.text) if args.text else None
     model = load_model(args.model)
     sites = resolve_sites(model.adapter, args.sites)
     cfg = config_from_args(args, [s.name for s in sites])
