@@ -10,6 +10,8 @@ Usage (the sites that lose IOI in starter-v3)::
 
     python scripts/pilot_finetune.py --saes starter --sites resid_1,resid_2,resid_10 \
         --tokens 24000 --lr 1e-3 --mse-coef 1 --out results/pilot_finetune/lr1e-3_mse1
+
+``--summary DIR`` writes DIR/README.md, one table over every variant's pilot_finetune.json under DIR.
 """
 
 from __future__ import annotations
@@ -73,8 +75,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/work/sae-runs/finetune", help="where the fine-tuned set is written")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="folder for this variant's pilot_finetune.json and .md")
+    ap.add_argument("--summary", metavar="DIR", default=None, help="only write DIR/README.md from the variants in DIR")
     args = ap.parse_args()
+    if args.summary:
+        path = Path(args.summary) / "README.md"
+        path.write_text(summary(Path(args.summary)))
+        print(path.read_text())
+        return 0
+    if not args.out:
+        ap.error("--out is required (or --summary DIR)")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load_model(args.model)
@@ -126,6 +136,28 @@ def render(r: dict) -> str:
     if r["corpus_sha256"] != r.get("set_corpus_sha256"):
         lines += ["", "This machine rebuilt the set's corpus with other docstrings (package versions differ), so the "
                   "held-out text is not byte-identical to the one the set was reported on."]
+    return "\n".join(lines) + "\n"
+
+
+def summary(folder: Path) -> str:
+    """One table over every variant under ``folder``: per site, IOI / SVA recovered and FVE before -> after."""
+    lines = ["# End-to-end fine-tuning pilots", "",
+             f"Written by `scripts/pilot_finetune.py --summary {folder.as_posix()}` from the variants below (each "
+             "folder's pilot_finetune.md names the command that made it). Recovered = share of the clean-vs-zero-"
+             "ablation gap kept with the site's SAE spliced without its error term (held-out task seed); KL = "
+             "the fine-tuning objective's KL term (nats) on the first step's batch -> mean of the last 10 steps.", "",
+             "| variant | tokens/site | site | IOI rec. before → after | SVA rec. before → after | FVE before → after "
+             "| KL start → end |", "|---|---|---|---|---|---|---|"]
+    for f in sorted(folder.glob("*/pilot_finetune.json")):
+        r = json.loads(f.read_text())
+        ft = r["finetune"]
+        for s in r["config"]["sites"]:
+            b, a = r["before"][s], r["after"][s]
+            lines.append(f"| [{f.parent.name}]({f.parent.name}/pilot_finetune.md) (lr {r['config']['lr']:g}, mse "
+                         f"{r['config']['mse_coef']:g}) | {ft['tokens_per_site']:,} | {s} | {_f(b['ioi_recovered'])} → "
+                         f"{_f(a['ioi_recovered'])} | {_f(b['sva-simple_recovered'])} → {_f(a['sva-simple_recovered'])} | "
+                         f"{_f(b['fve'], '{:.3f}')} → {_f(a['fve'], '{:.3f}')} | {_f(ft['loss_start'][s][0], '{:.3f}')} → "
+                         f"{_f(ft['loss_end'][s][0], '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
 
