@@ -42,7 +42,7 @@ from ..checkpoint import fault_point
 from ..errors import UserError
 from ..io import atomic_write, write_text
 from .corpus import Corpus
-from .trainer import CHECKPOINT, SET_META, evaluate, resolve_sites
+from .trainer import CHECKPOINT, SET_META, evaluate, lr_factor, resolve_sites
 
 
 @dataclass
@@ -65,16 +65,6 @@ class FinetuneConfig:
         return max(1, math.ceil(self.tokens / (self.batch_size * (window - 1))))
 
 
-def _lr_scale(step: int, total: int, cfg: FinetuneConfig) -> float:
-    warm = max(1, int(total * cfg.warmup_frac))
-    decay_start = int(total * (1 - cfg.decay_frac))
-    if step < warm:
-        return (step + 1) / warm
-    if step >= decay_start and total > decay_start:
-        return max(0.0, (total - step) / (total - decay_start))
-    return 1.0
-
-
 def _check(cfg: FinetuneConfig, window: int) -> None:
     if cfg.tokens <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0 or cfg.mse_coef < 0:
         raise UserError("--tokens, --batch-size and --lr must be positive and --mse-coef >= 0")
@@ -93,11 +83,12 @@ def splice_loss(spliced: Any, sae: Any, site: Site, windows: torch.Tensor, posit
 
     def hook(s: Site, x: torch.Tensor) -> torch.Tensor:
         real = x[:, 1:].float()  # BOS stays as it is (the SAEs never trained on it)
-        x_hat = sae.decode(sae.encode(real))
+        f = sae.encode(real)
+        x_hat = sae.decode(f)
         flat = real.reshape(-1, real.shape[-1])
         var = (flat - flat.mean(0)).pow(2).sum().clamp(min=1e-12)
         parts["nmse"] = (x_hat - real).pow(2).sum() / var
-        parts["l0"] = (sae.encode(real.detach()) != 0).float().sum(-1).mean().detach()
+        parts["l0"] = (f.detach() != 0).float().sum(-1).mean()
         return torch.cat([x[:, :1], x_hat.to(x.dtype)], dim=1)
 
     inputs = {"input_ids": windows, "attention_mask": torch.ones_like(windows)}
@@ -190,7 +181,7 @@ def finetune_set(model: Any, base: str, corpus: Corpus, out: str | Path, cfg: Fi
         with torch.no_grad():
             clean = spliced.run({"input_ids": windows, "attention_mask": torch.ones_like(windows)}, positions=positions)
             clean_logp = torch.log_softmax(clean.float(), dim=-1)
-        scale = _lr_scale(step, n_steps, cfg)
+        scale = lr_factor(step, n_steps, cfg.warmup_frac, cfg.decay_frac)
         for s in sites:
             opt = opts[s.name]
             for g in opt.param_groups:
@@ -224,12 +215,11 @@ def finetune_set(model: Any, base: str, corpus: Corpus, out: str | Path, cfg: Fi
         log(f"stopped after {stop_at} of {n_steps} steps; continue with --resume")
         return {"complete": False, "step": stop_at, "wall_s": wall}
 
-    _write_set(model, folder, out, saes, sites, base_meta, cfg, base, base_digest, corpus, history, wall, n_steps)
+    meta = _write_sites(folder, out, saes, sites, base_meta, cfg, base, base_digest, corpus, history, wall, n_steps)
     loaded = {s.name: load_dictionary(out / s.name) for s in sites}
     n_eval = max(1, min(corpus.eval.shape[0], math.ceil(cfg.eval_tokens / (window - 1))))
     metrics = evaluate(model, loaded, corpus.eval[:n_eval], sites, batch_size=16) \
         if corpus.eval.shape[0] and cfg.eval_tokens > 0 else {}
-    meta = json.loads((out / SET_META).read_text())
     for name, m in metrics.items():
         meta["sites"][name] = {**meta["sites"].get(name, {}), **m, "finetuned": True}
     meta["complete"] = True
@@ -245,10 +235,11 @@ def _mean_tail(h: list, col: int, n: int = 10) -> float:
     return sum(tail) / max(1, len(tail))
 
 
-def _write_set(model: Any, folder: Path, out: Path, saes: dict[str, Any], sites: list[Site], base_meta: dict,
-               cfg: FinetuneConfig, base: str, base_digest: str, corpus: Corpus, history: dict, wall: float,
-               n_steps: int) -> None:
-    """Copy the base set's other sites, save the fine-tuned ones (bf16, as the base), write set.json."""
+def _write_sites(folder: Path, out: Path, saes: dict[str, Any], sites: list[Site], base_meta: dict,
+                 cfg: FinetuneConfig, base: str, base_digest: str, corpus: Corpus, history: dict, wall: float,
+                 n_steps: int) -> dict[str, Any]:
+    """Copy the base set's other sites and save the fine-tuned ones (bf16, as the base); return the
+    new set.json (the caller adds the held-out metrics and writes it, once)."""
     from .sae_step import save_site
 
     tuned = {s.name for s in sites}
@@ -266,7 +257,7 @@ def _write_set(model: Any, folder: Path, out: Path, saes: dict[str, Any], sites:
         # raw units already (scale 1, no per-dimension divisors); the original scale stays on record
         save_site(sae, 1.0, torch.ones(sae.cfg.d_in), out, s, save_dtype,
                   {"activation_scale": scale, "finetuned_e2e": True})
-    meta = {k: v for k, v in base_meta.items()}
+    meta = {**base_meta, "sites": dict(base_meta.get("sites") or {})}
     meta["finetune"] = {
         "base": base, "base_dictionaries_sha256": base_digest, "config": asdict(cfg),
         "corpus_sha256": corpus.recipe.get("train_sha256"), "steps": n_steps,
@@ -275,5 +266,4 @@ def _write_set(model: Any, folder: Path, out: Path, saes: dict[str, Any], sites:
         "loss_start": {n: h[0][1:] for n, h in history.items() if h},
         "loss_end": {n: [round(_mean_tail(h, 1), 5), round(_mean_tail(h, 2), 5)] for n, h in history.items() if h},
     }
-    meta["complete"] = False  # until the evaluation is written
-    write_text(out / SET_META, json.dumps(meta, indent=1))
+    return meta

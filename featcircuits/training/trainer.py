@@ -95,14 +95,20 @@ class TrainConfig:
         return max(1, math.ceil(self.tokens / per))
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    warm = max(1, int(total * cfg.warmup_frac))
-    decay_start = int(total * (1 - cfg.decay_frac))
+def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
+    """The schedule's multiplier at ``step`` of ``total``: linear warm-up over the first
+    ``warmup_frac``, 1, then linear decay to zero over the last ``decay_frac``."""
+    warm = max(1, int(total * warmup_frac))
+    decay_start = int(total * (1 - decay_frac))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
+        return (step + 1) / warm
     if step >= decay_start and total > decay_start:
-        return cfg.lr * max(0.0, (total - step) / (total - decay_start))
-    return cfg.lr
+        return max(0.0, (total - step) / (total - decay_start))
+    return 1.0
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    return cfg.lr * lr_factor(step, total, cfg.warmup_frac, cfg.decay_frac)
 
 
 # ----------------------------------------------------------------------------------------
