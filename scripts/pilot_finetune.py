@@ -68,6 +68,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--mse-coef", type=float, default=1.0)
     ap.add_argument("--kl-positions", type=int, default=16)
+    ap.add_argument("--kl-focus", choices=("random", "copies"), default="random")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=32)
@@ -94,7 +95,7 @@ def main() -> int:
     before = measure(model, {s.name: base[s.name] for s in sites}, sites, corpus, args.eval_tokens, args.pairs, args.seed)
     print("before", json.dumps(before, indent=1), flush=True)
     cfg = FinetuneConfig(sites=[s.name for s in sites], tokens=args.tokens, lr=args.lr, mse_coef=args.mse_coef,
-                         kl_positions=args.kl_positions, batch_size=args.batch_size, eval_tokens=0)
+                         kl_positions=args.kl_positions, kl_focus=args.kl_focus, batch_size=args.batch_size, eval_tokens=0)
     work = Path(args.work) / Path(args.out).name
     meta = finetune_set(model, args.saes, corpus, work, cfg, resume=args.resume, progress=False)
     tuned = {s.name: load_dictionary(work / s.name) for s in sites}
@@ -119,8 +120,9 @@ def render(r: dict) -> str:
     c, ft = r["config"], r["finetune"]
     lines = [f"# End-to-end fine-tuning pilot: {r['set']} at {', '.join(c['sites'])}", "",
              f"Written by `scripts/pilot_finetune.py --saes {r['set']} --sites {','.join(c['sites'])} --tokens {c['tokens']} "
-             f"--lr {c['lr']:g} --mse-coef {c['mse_coef']:g}`. Loss = KL(clean ‖ spliced without error term) at "
-             f"{c['kl_positions']} positions per window + {c['mse_coef']:g} × normalised MSE; {ft['tokens_per_site']:,} "
+             f"--lr {c['lr']:g} --mse-coef {c['mse_coef']:g} --kl-positions {c['kl_positions']} --kl-focus "
+             f"{c.get('kl_focus', 'random')}`. Loss = KL(clean ‖ spliced without error term) at "
+             f"{c['kl_positions']} positions per window ({c.get('kl_focus', 'random')}) + {c['mse_coef']:g} × normalised MSE; {ft['tokens_per_site']:,} "
              f"tokens per site in {ft['steps']} steps, {ft['wall_s'] / 60:.1f} min ({ft['threads']} thread). Recovered = "
              f"share of the clean-vs-zero-ablation gap kept with the SAE spliced without its error term ({r['pairs']} "
              f"pairs, task seed {r['task_seed']}); FVE/L0/dead on held-out text of the set's corpus.", "",
@@ -154,7 +156,8 @@ def summary(folder: Path) -> str:
         for s in r["config"]["sites"]:
             b, a = r["before"][s], r["after"][s]
             lines.append(f"| [{f.parent.name}]({f.parent.name}/pilot_finetune.md) (lr {r['config']['lr']:g}, mse "
-                         f"{r['config']['mse_coef']:g}) | {ft['tokens_per_site']:,} | {s} | {_f(b['ioi_recovered'])} → "
+                         f"{r['config']['mse_coef']:g}, {r['config'].get('kl_focus', 'random')} "
+                         f"{r['config']['kl_positions']}) | {ft['tokens_per_site']:,} | {s} | {_f(b['ioi_recovered'])} → "
                          f"{_f(a['ioi_recovered'])} | {_f(b['sva-simple_recovered'])} → {_f(a['sva-simple_recovered'])} | "
                          f"{_f(b['fve'], '{:.3f}')} → {_f(a['fve'], '{:.3f}')} | {_f(ft['loss_start'][s][0], '{:.3f}')} → "
                          f"{_f(ft['loss_end'][s][0], '{:.3f}')} |")

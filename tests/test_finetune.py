@@ -99,7 +99,41 @@ def test_finetune_resume_after_kill_equals_uninterrupted_run(model, corpus, base
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
 
 
+def test_copy_positions_are_repeats_of_uncommon_tokens():
+    # BOS=1; position i is a copy position when token i+1 is uncommon and occurs at 1..i
+    w = torch.tensor([[1, 5, 7, 5, 9, 7, 3, 3]])
+    common = torch.zeros(10, dtype=torch.bool)
+    common[3] = True  # a common token repeating is no copy
+    got = F.copy_positions(w, common)
+    assert got.tolist() == [[False, False, True, False, True, False, False, False]]  # predicting 5 at 3, 7 at 5
+    assert F.common_tokens(torch.tensor([[1, 3, 3, 3, 4]]), 6).tolist() == [False, False, False, True, True, False]
+
+
+def test_choose_positions_puts_each_windows_copies_first():
+    w = torch.tensor([[1, 5, 7, 5, 9, 7, 2, 4, 6, 8], [1, 2, 2, 4, 6, 6, 8, 9, 9, 0]])
+    common = torch.zeros(10, dtype=torch.bool)
+    copies = F.copy_positions(w, common)
+    positions, weights = F.choose_positions(w, 3, "copies", torch.Generator().manual_seed(0), common)
+    assert weights.shape == (2, len(positions)) and weights.sum(1).tolist() == [3.0, 3.0]
+    assert 0 not in positions.tolist() and positions.tolist() == sorted(positions.tolist())
+    for b in range(2):
+        mine = set(positions[weights[b].bool()].tolist())
+        assert set(torch.nonzero(copies[b]).flatten().tolist()) <= mine  # 2 copies each, both kept
+    positions, weights = F.choose_positions(w, 3, "random", torch.Generator().manual_seed(0))
+    assert len(positions) == 3 and bool((weights == 1).all()) and 0 not in positions.tolist()
+
+
+def test_finetune_with_copy_focus_trains_and_records_it(model, corpus, base, tmp_path):
+    meta = F.finetune_set(model, str(base), corpus, tmp_path / "c", _cfg(kl_focus="copies", kl_positions=3),
+                          progress=False, log=lambda s: None)
+    assert meta["finetune"]["config"]["kl_focus"] == "copies"
+    kl = [h[0] for h in meta["finetune"]["loss_end"].values()]
+    assert all(v == v and v >= 0 for v in kl)  # a finite, non-negative KL was trained
+
+
 def test_finetune_user_errors(model, corpus, base, tmp_path):
+    with pytest.raises(UserError, match="kl-focus"):
+        F.finetune_set(model, str(base), corpus, tmp_path / "x", _cfg(kl_focus="names"), progress=False)
     with pytest.raises(UserError, match="kl-positions"):
         F.finetune_set(model, str(base), corpus, tmp_path / "x", _cfg(kl_positions=16), progress=False)
     with pytest.raises(UserError, match="unknown site"):
@@ -123,12 +157,12 @@ def test_finetune_saes_subcommand(tiny_model_dir, tmp_path, capsys):
     text.write_text("\n\n".join(d for docs in _docs().values() for d in docs))
     out = tmp_path / "ft"
     args = ["finetune-saes", "--model", str(tiny_model_dir), "--saes", str(base), "--sites", "resid_1",
-            "--tokens", "120", "--batch-size", "4", "--kl-positions", "4", "--window", "16", "--text", str(text),
+            "--tokens", "120", "--batch-size", "4", "--kl-positions", "4", "--kl-focus", "copies", "--window", "16", "--text", str(text),
             "--checkpoint-every", "1", "--eval-tokens", "60", "--no-progress", "--out", str(out)]
     assert main(args + ["--max-steps", "1"]) == 0
     assert "step 1/" in capsys.readouterr().out and (out / T.CHECKPOINT).is_file()
     assert main(args + ["--resume"]) == 0
     meta = json.loads((out / "set.json").read_text())
-    assert meta["complete"] and meta["finetune"]["tokens_per_site"] >= 120
+    assert meta["complete"] and meta["finetune"]["tokens_per_site"] >= 120 and meta["finetune"]["config"]["kl_focus"] == "copies"
     assert main(["finetune-saes", "--model", str(tiny_model_dir), "--saes", "identity", "--sites", "resid_1",
                  "--out", str(tmp_path / "y"), "--text", str(text)]) == 2

@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=_D.lr, help="relative rate: each tensor's Adam rate is LR x its RMS")
     p.add_argument("--mse-coef", type=float, default=_D.mse_coef, help="weight of the normalised reconstruction term")
     p.add_argument("--kl-positions", type=int, default=_D.kl_positions,
-                   help="random non-BOS positions per window whose next-token KL is trained")
+                   help="non-BOS positions per window whose next-token KL is trained")
+    p.add_argument("--kl-focus", choices=("random", "copies"), default=_D.kl_focus,
+                   help="random positions, or first those whose next token repeats an uncommon token from earlier "
+                        "in the window (copying a name or term seen before), then random ones")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="windows per step")
     p.add_argument("--seed", type=int, default=_D.seed)
     p.add_argument("--text", default=None, help="train on this UTF-8 text file instead (documents separated by blank lines)")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             print("featcircuits: this machine rebuilds the set's corpus with other text (package versions differ)",
                   file=sys.stderr)
     cfg = FinetuneConfig(sites=[s.strip() for s in args.sites.split(",")], tokens=args.tokens, lr=args.lr,
-                         mse_coef=args.mse_coef, kl_positions=args.kl_positions, batch_size=args.batch_size,
+                         mse_coef=args.mse_coef, kl_positions=args.kl_positions, kl_focus=args.kl_focus, batch_size=args.batch_size,
                          seed=args.seed, checkpoint_every=args.checkpoint_every, eval_tokens=args.eval_tokens)
     meta = finetune_set(model, args.saes, corpus, args.out, cfg, resume=args.resume, max_steps=args.max_steps,
                         progress=not args.no_progress, log=lambda line: print(line, flush=True))

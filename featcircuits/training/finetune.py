@@ -54,7 +54,8 @@ class FinetuneConfig:
     batch_size: int = 8  # windows per step
     lr: float = 1e-3  # relative: each tensor's Adam rate is lr x its RMS at the start
     mse_coef: float = 1.0  # weight of the normalised reconstruction error beside the KL
-    kl_positions: int = 16  # random non-BOS positions per window whose next-token KL is trained
+    kl_positions: int = 16  # non-BOS positions per window whose next-token KL is trained
+    kl_focus: str = "random"  # how they are chosen: "random", or "copies" first (see copy_positions)
     warmup_frac: float = 0.05
     decay_frac: float = 0.3  # linear decay to zero over the last fraction of steps
     seed: int = 0
@@ -70,12 +71,65 @@ def _check(cfg: FinetuneConfig, window: int) -> None:
         raise UserError("--tokens, --batch-size and --lr must be positive and --mse-coef >= 0")
     if not 1 <= cfg.kl_positions <= window - 1:
         raise UserError(f"--kl-positions must be between 1 and {window - 1} (the window's non-BOS positions)")
+    if cfg.kl_focus not in KL_FOCUS:
+        raise UserError(f"--kl-focus must be one of {', '.join(KL_FOCUS)}, not {cfg.kl_focus!r}")
+
+
+KL_FOCUS = ("random", "copies")
+COMMON_SHARE = 1e-3  # a token this frequent in the corpus or more is "common": repeating it is no copy
+
+
+def common_tokens(windows: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[vocab] bool: tokens making up at least ``COMMON_SHARE`` of the corpus's non-BOS positions."""
+    counts = torch.bincount(windows[:, 1:].reshape(-1), minlength=vocab)
+    return counts >= COMMON_SHARE * windows[:, 1:].numel()
+
+
+def copy_positions(windows: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
+    """[b, T] bool: positions whose *next* token is a repeat of an uncommon token earlier in the
+    window (after BOS): the positions where the model can only predict well by copying a
+    token's identity from context, e.g. a name seen before. Splicing an early residual SAE
+    loses exactly that identity at the earlier mention (starter-v3 loses IOI only at the name
+    positions), and averaged KL at random positions rarely samples these positions."""
+    nxt = windows[:, 1:]  # the token each position 0..T-2 predicts
+    seen = windows[:, 1:]
+    t = nxt.shape[1]
+    # repeat[b, i] = next token of position i (= token i+1) occurs at some position 1..i
+    same = nxt[:, :, None] == seen[:, None, :]  # [b, i, j]: token i+1 == token j+1
+    earlier = torch.ones(t, t, dtype=torch.bool).tril(-1)  # j < i
+    repeat = (same & earlier).any(-1) & ~common[nxt]
+    out = torch.zeros_like(windows, dtype=torch.bool)
+    out[:, :-1] = repeat
+    out[:, 0] = False  # BOS
+    return out
+
+
+def choose_positions(windows: torch.Tensor, k: int, focus: str, gen: torch.Generator,
+                     common: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose KL a step trains: ``(positions, weights)``, ``positions`` the sorted 1-D
+    union over the batch (only they pass through the unembedding) and ``weights`` [b, P] the
+    0/1 mask of each window's own ``k`` positions. ``random``: the same k random non-BOS
+    positions for every window (weights all ones). ``copies``: per window its copy positions
+    first (``copy_positions``, at random when more than k), then random ones up to k."""
+    b, t = windows.shape
+    if focus == "random":
+        positions = 1 + torch.randperm(t - 1, generator=gen)[:k].sort().values
+        return positions, torch.ones(b, len(positions))
+    copies = copy_positions(windows, common)
+    score = torch.rand(b, t, generator=gen) + 2.0 * copies.float()  # copies rank first, then at random
+    score[:, 0] = -1.0  # never BOS
+    chosen = torch.zeros(b, t, dtype=torch.bool)
+    chosen.scatter_(1, score.topk(k, dim=1).indices, True)
+    positions = torch.nonzero(chosen.any(0)).flatten()
+    return positions, chosen[:, positions].float()
 
 
 def splice_loss(spliced: Any, sae: Any, site: Site, windows: torch.Tensor, positions: torch.Tensor,
-                clean_logp: torch.Tensor, mse_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one site's SAE on one batch: KL(clean || spliced) at ``positions`` plus
-    ``mse_coef`` x the normalised reconstruction error at the non-BOS positions.
+                clean_logp: torch.Tensor, mse_coef: float,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one site's SAE on one batch: KL(clean || spliced) at ``positions`` (averaged
+    with ``weights`` [b, len(positions)] where given) plus ``mse_coef`` x the normalised
+    reconstruction error at the non-BOS positions.
 
     ``clean_logp`` [b, len(positions), vocab] are the clean model's log-probabilities.
     Returns the loss (with graph to the SAE's parameters) and its parts as floats."""
@@ -94,7 +148,8 @@ def splice_loss(spliced: Any, sae: Any, site: Site, windows: torch.Tensor, posit
     inputs = {"input_ids": windows, "attention_mask": torch.ones_like(windows)}
     logits = spliced.run(inputs, hook, [site], positions=positions)
     logp = torch.log_softmax(logits.float(), dim=-1)
-    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1).mean()
+    kl_each = (clean_logp.exp() * (clean_logp - logp)).sum(-1)  # [b, P]
+    kl = kl_each.mean() if weights is None else (kl_each * weights).sum() / weights.sum().clamp(min=1.0)
     loss = kl + mse_coef * parts["nmse"]
     return loss, {"kl": float(kl), "nmse": float(parts["nmse"]), "l0": float(parts["l0"])}
 
@@ -167,6 +222,7 @@ def finetune_set(model: Any, base: str, corpus: Corpus, out: str | Path, cfg: Fi
 
     spliced = SplicedModel(model)
     order = torch.randperm(corpus.train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    common = common_tokens(corpus.train, int(corpus.train.max()) + 1) if cfg.kl_focus == "copies" else None
     t0 = time.time()
     bar = None
     if progress:
@@ -177,7 +233,7 @@ def finetune_set(model: Any, base: str, corpus: Corpus, out: str | Path, cfg: Fi
     for step in range(start, stop_at):
         windows = corpus.train[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        positions = 1 + torch.randperm(window - 1, generator=gen)[:cfg.kl_positions].sort().values
+        positions, weights = choose_positions(windows, cfg.kl_positions, cfg.kl_focus, gen, common)
         with torch.no_grad():
             clean = spliced.run({"input_ids": windows, "attention_mask": torch.ones_like(windows)}, positions=positions)
             clean_logp = torch.log_softmax(clean.float(), dim=-1)
@@ -186,7 +242,7 @@ def finetune_set(model: Any, base: str, corpus: Corpus, out: str | Path, cfg: Fi
             opt = opts[s.name]
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
-            loss, parts = splice_loss(spliced, saes[s.name], s, windows, positions, clean_logp, cfg.mse_coef)
+            loss, parts = splice_loss(spliced, saes[s.name], s, windows, positions, clean_logp, cfg.mse_coef, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
