@@ -38,6 +38,24 @@ def load_model_from_args(args: argparse.Namespace, spec: str | None = None):
     return load_model(spec or args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
 
 
+def add_training_run_args(p: argparse.ArgumentParser, checkpoint_every: int, checkpoint_unit: str,
+                          eval_tokens: int) -> None:
+    """The flags ``train-saes`` and ``finetune-saes`` share: the text to train on, checkpoints and
+    resuming, threads, progress."""
+    p.add_argument("--text", default=None,
+                   help="train on this UTF-8 text file instead (documents separated by blank lines)")
+    p.add_argument("--window", type=int, default=128, help="tokens per training window, BOS included")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help=f"{checkpoint_unit} between checkpoints")
+    p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="held-out tokens for the final metrics")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine one thread ran 2.4x faster "
+                        "than two, whose OpenMP barriers spin against other processes)")
+    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt after a kill")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-checkpoint lines stay)")
+
+
 def add_rules_arg(p: argparse.ArgumentParser) -> None:
     from ..lrp import DEFAULT_RULES, PAPER_RULES, PRESETS, RULES
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..training.finetune import FinetuneConfig
+from . import add_training_run_args
 
 _D = FinetuneConfig(sites=[])
 
@@ -31,14 +32,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "in the window (copying a name or term seen before), then random ones")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="windows per step")
     p.add_argument("--seed", type=int, default=_D.seed)
-    p.add_argument("--text", default=None, help="train on this UTF-8 text file instead (documents separated by blank lines)")
-    p.add_argument("--window", type=int, default=128, help="tokens per window with --text, BOS included")
-    p.add_argument("--checkpoint-every", type=int, default=_D.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--eval-tokens", type=int, default=_D.eval_tokens, help="held-out tokens for the final metrics")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt after a kill")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-checkpoint lines stay)")
+    add_training_run_args(p, _D.checkpoint_every, "steps", _D.eval_tokens)
     p.set_defaults(func=run)
     return p
 
@@ -50,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from ..training.finetune import finetune_set
     from .train_saes import read_text_docs
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_model(args.model)
     if args.text:
         corpus = build_corpus(model.tokenizer, seed=args.seed, docs=read_text_docs(args.text), window=args.window,

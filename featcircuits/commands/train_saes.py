@@ -7,6 +7,7 @@ import sys
 
 from ..training.corpus import MAX_CHARS_PER_SOURCE
 from ..training.trainer import TrainConfig
+from . import add_training_run_args
 
 _D = TrainConfig(sites=[])
 
@@ -41,9 +42,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="resample dead latents up to this share of training (0 = never, 1 = to the end)")
     p.add_argument("--resample-every", type=int, default=_D.resample_every,
                    help="forwards between resamplings (default: every checkpoint)")
-    p.add_argument("--text", default=None,
-                   help="train on this UTF-8 text file instead (documents separated by blank lines)")
-    p.add_argument("--window", type=int, default=128, help="tokens per training window, BOS included")
     p.add_argument("--samples", type=int, default=0,
                    help="add this many samples of the model (English-filtered, cached) to the corpus")
     p.add_argument("--sample-names", action="store_true",
@@ -53,15 +51,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="characters kept of each docstring source (a seeded sample of its documents; default "
                         f"{MAX_CHARS_PER_SOURCE:,}); lower it to give the model samples a larger share of the "
                         "training tokens, which are the first --tokens of the shuffled corpus")
-    p.add_argument("--checkpoint-every", type=int, default=_D.checkpoint_every, help="forwards between checkpoints")
-    p.add_argument("--eval-tokens", type=int, default=_D.eval_tokens, help="held-out tokens for the final metrics")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared 2-core machine one thread ran 2.4x faster "
-                        "than two, whose OpenMP barriers spin against other processes)")
     p.add_argument("--init", choices=("data", "random"), default=_D.init, help="decoder initialisation")
-    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt after a kill")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-checkpoint lines stay)")
+    add_training_run_args(p, _D.checkpoint_every, "forwards", _D.eval_tokens)
     p.add_argument("--snapshot", metavar="DIR", default=None,
                    help="do not train: write the SAEs of the unfinished run in --out (its last checkpoint) as a "
                         "set in DIR, to inspect it midway; the run is left as it is")
