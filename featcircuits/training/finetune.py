@@ -151,7 +151,7 @@ def splice_loss(spliced: Any, sae: Any, site: Site, windows: torch.Tensor, posit
     kl_each = (clean_logp.exp() * (clean_logp - logp)).sum(-1)  # [b, P]
     kl = kl_each.mean() if weights is None else (kl_each * weights).sum() / weights.sum().clamp(min=1.0)
     loss = kl + mse_coef * parts["nmse"]
-    return loss, {"kl": float(kl), "nmse": float(parts["nmse"]), "l0": float(parts["l0"])}
+    return loss, {"kl": float(kl.detach()), "nmse": float(parts["nmse"].detach()), "l0": float(parts["l0"])}
 
 
 def _param_groups(sae: Any, lr: float) -> list[dict[str, Any]]:
