@@ -44,7 +44,8 @@ def main() -> int:
                 summary = json.loads((out / "summary.json").read_text())
                 rows.append({"task": task, "method": method, "n_nodes": summary["n_nodes"],
                              "n_edges": summary["n_edges"], "seconds": summary["seconds"], "wall": None,
-                             "metric_clean": summary.get("metric_clean"), "metric_patch": summary.get("metric_patch")})
+                             "metric_clean": summary.get("metric_clean"), "metric_patch": summary.get("metric_patch"),
+                             "quality": _quality(summary), "saes_sha256": summary.get("dictionaries_sha256")})
                 continue
             cmd = [sys.executable, "-m", "featcircuits.cli", "discover", "--model", args.model, "--saes", args.saes,
                    "--task", task, "--method", method, "--n", str(args.n), "--top-k", str(args.top_k),
@@ -55,7 +56,8 @@ def main() -> int:
             summary = json.loads((out / "summary.json").read_text())
             rows.append({"task": task, "method": method, "n_nodes": summary["n_nodes"], "n_edges": summary["n_edges"],
                          "seconds": summary["seconds"], "wall": round(time.time() - t0, 1),
-                         "metric_clean": summary.get("metric_clean"), "metric_patch": summary.get("metric_patch")})
+                         "metric_clean": summary.get("metric_clean"), "metric_patch": summary.get("metric_patch"),
+                         "quality": _quality(summary), "saes_sha256": summary.get("dictionaries_sha256")})
     lines = ["# Circuits on the offline default",
              "",
              f"Made by `.venv/bin/python scripts/circuits.py --saes {args.saes} --n {args.n} --top-k {args.top_k}` "
@@ -65,13 +67,23 @@ def main() -> int:
              "",
              "Timings were taken on a shared 2-core CPU with other jobs running; compare within a task.",
              "",
-             "| task | method | nodes | edges | mean metric clean / patch | node effects (s) | edges (s) | total (s) | picture |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Quality: each circuit as `discover` evaluates it on 32 held-out pairs (mean ablation of every node "
+             "outside it): faithfulness, the share of its nodes' |effect| held by error nodes, and the faithfulness of "
+             "twice as many nodes (the first point of its size sweep; the node count in brackets).",
+             "",
+             "| task | method | nodes | edges | mean metric clean / patch | faithfulness | error share | "
+             "faithfulness at 2x nodes | node effects (s) | edges (s) | total (s) | picture |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["seconds"]
         mc, mp = r.get("metric_clean"), r.get("metric_patch")
         metric = f"{mc:+.2f} / {mp:+.2f}" if mc is not None and mp is not None else "n/a"
-        lines.append(f"| {r['task']} | {r['method']} | {r['n_nodes']} | {r['n_edges']} | {metric} | {s['nodes']:.1f} | "
+        q = r.get("quality") or {}
+        quality = " | ".join("n/a" if q.get(k) is None else fmt.format(q[k]) for k, fmt in
+                             (("faithfulness", "{:.2f}"), ("error_share", "{:.0%}"), ("twice", "{:.2f}")))
+        if q.get("twice_nodes"):
+            quality += f" ({q['twice_nodes']})"
+        lines.append(f"| {r['task']} | {r['method']} | {r['n_nodes']} | {r['n_edges']} | {metric} | {quality} | {s['nodes']:.1f} | "
                      f"{s['edges']:.1f} | {s['total']:.1f} | [png]({r['task']}/{r['method']}/circuit.png) |")
     ratios = []
     for task in args.tasks.split(","):
@@ -90,6 +102,14 @@ def main() -> int:
     (OUT / "circuits.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _quality(summary: dict) -> dict:
+    """The circuit's held-out quality from its summary.json (absent from runs made before discover evaluated)."""
+    q = summary.get("quality") or {}
+    sweep = q.get("sweep") or [{}]  # its first point is twice the circuit's size
+    return {"faithfulness": q.get("faithfulness"), "error_share": q.get("error_share"),
+            "twice": sweep[0].get("faithfulness"), "twice_nodes": sweep[0].get("top_k")}
 
 
 def circuit_nodes(graph_json: Path) -> set[str]:
