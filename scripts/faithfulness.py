@@ -169,7 +169,7 @@ def section_text(out_root: Path, tasks: list[str]) -> str:
     cols = [("relp", r) for r in relp_cols] + [(m, None) for m in methods if m != "relp"]
     head = lambda m, r: (f"RelP [{_rules_name(r)}]" if m == "relp" else label[m])  # noqa: E731
     lines += [
-        f"Made by `{first.get('command', 'scripts/faithfulness.py')}` (model `{p['model']}`, dictionaries "
+        f"Made by {_made_by(data)} (model `{p['model']}`, dictionaries "
         f"`{p['saes']}`){_runs_note(out_root)}. Per task: node effects of each method on **{s['n_discovery']} "
         f"discovery pairs** (IG with {s['steps_ig']} steps; RelP under each rule set named in its column, "
         f"`two-point` being RelP's default; aggregation "
@@ -233,6 +233,12 @@ def section_text(out_root: Path, tasks: list[str]) -> str:
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _made_by(data: dict) -> str:
+    """The commands that made the tasks' curves (one, or several when the tasks were split over processes)."""
+    cmds = list(dict.fromkeys(d.get("command", "scripts/faithfulness.py") for d in data.values()))
+    return " and ".join(f"`{c}`" for c in cmds) + (" (the tasks split over processes)" if len(cmds) > 1 else "")
 
 
 def _relp_runs(out_root: Path) -> list[Path]:
