@@ -47,3 +47,30 @@ def test_table_names_a_missing_measurement(st, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["starter_targets.py", "--out", str(tmp_path), "--table", "before", "v9"])
     with pytest.raises(SystemExit, match="no measurement v9 .*there: before"):
         st.main()
+
+
+def test_ioi_roles_are_found_from_the_answers_not_assumed(tiny):
+    """scripts/ioi_positions.py's role masks: the subject is the answer that occurs twice,
+    whichever of the two answers it is, and BOS and padding belong to no role."""
+    spec = importlib.util.spec_from_file_location("ioi_positions", SCRIPT.parent / "ioi_positions.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports sae_report from scripts/
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    import torch
+
+    # BOS=1, pad=0; names 7 and 8; prompt 0: "7 and 8 ... 7 to", prompt 1 (left-padded): "8 and 7 ... 8 to"
+    ids = torch.tensor([[1, 5, 7, 3, 8, 4, 7, 6], [0, 1, 8, 3, 7, 4, 8, 6]])
+    mask = (ids != 0).long()
+    io, s = torch.tensor([8, 7]), torch.tensor([7, 8])  # answers: IO first, then the repeated subject
+    m = mod.role_masks(ids, mask, io, s, bos=1)
+    assert torch.nonzero(m["S1"]).tolist() == [[0, 2], [1, 2]]
+    assert torch.nonzero(m["S2"]).tolist() == [[0, 6], [1, 6]]
+    assert torch.nonzero(m["IO"]).tolist() == [[0, 4], [1, 4]]
+    assert m["END"][:, -1].all() and not (m["S1"] & m["other"]).any()
+    m2 = mod.role_masks(ids, mask, s, io, bos=1)  # answers swapped: the same roles
+    assert all(torch.equal(m[k], m2[k]) for k in m)
+    assert not (m["all"][0, 0] or m["all"][1, 0] or m["all"][1, 1])  # BOS and padding are in no role
+    assert int(m["all"].sum()) == int(sum(m[k].sum() for k in ("S1", "S2", "IO", "END", "other")))
