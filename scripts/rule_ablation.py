@@ -226,13 +226,22 @@ def features_table() -> list[str]:
     return out
 
 
+def _rules_label(rules) -> str:
+    """A recorded rule set by its preset's name where it is one (two-point, paper), else its rules."""
+    from featcircuits.lrp import rules_key
+
+    key = rules_key(rules)
+    return next((name for name in ("two-point", "paper") if key == rules_key(name)), key)
+
+
 def faithfulness_table() -> list[str]:
     """AUC of faithfulness and the largest gap to IG (>= 50 nodes) of RelP circuits under the
-    RelP authors' rules (the main faithfulness run) and under each candidate set, from the
-    faithfulness runs that exist."""
+    main faithfulness run's rules and under each candidate set, from the faithfulness runs that
+    exist; every column is named by the rule set its curves.json records."""
     rows, used = [], [c for c in CANDIDATES if faithfulness_dir(c).is_dir()]
     if not used:
         return []
+    names: list[str] = []
     for task in TASKS:
         old = FAITHFULNESS / task / "curves.json"
         news = [faithfulness_dir(c) / task / "curves.json" for c in used]
@@ -248,15 +257,15 @@ def faithfulness_table() -> list[str]:
         def gap(curve: list[float]) -> float:
             return max(abs(a - b) for a, b, k in zip(curve, ig, o["sizes"]) if k >= 50)
 
+        names = [_rules_label(o["settings"]["rules_relp"]), *(_rules_label(n["settings"]["rules_relp"]) for n in ns)]
         curves = [o["methods"]["relp"], *(n["methods"]["relp"] for n in ns)]
         rows.append(f"| {task} | " + " | ".join(f"{c['auc']:.3f}" for c in curves)
                     + f" | {o['methods']['ig']['auc']:.3f} | {o['methods']['atp']['auc']:.3f} | "
                     + " | ".join(f"{gap(c['faithfulness']):.2f}" for c in curves) + " |")
     if not rows:
         return []
-    names = ["paper", *used]
     return ["Faithfulness of RelP circuits (starter dictionaries; the same discovery and evaluation pairs and size "
-            "grid as `## Faithfulness and completeness`, whose main runs give the paper-rule, IG and AtP columns; "
+            "grid as `## Faithfulness and completeness`, whose main runs give the first RelP column, IG and AtP; "
             + "; ".join(f"`{f}`" for f in FOLLOW_UPS[N_FEATURE_FOLLOW_UPS:]) + "):", "",
             "| task | " + " | ".join(f"AUC RelP [{n}]" for n in names) + " | AUC IG | AUC AtP | "
             + " | ".join(f"max gap to IG >= 50 nodes, [{n}]" for n in names) + " |",
