@@ -35,7 +35,7 @@ from featcircuits.models import load_model  # noqa: E402
 from featcircuits.tasks import make_pairs, tokenize_pairs  # noqa: E402
 from featcircuits.tracing import SplicedModel  # noqa: E402
 from featcircuits.training.corpus import corpus_of_set  # noqa: E402
-from featcircuits.training.finetune import FinetuneConfig, finetune_set  # noqa: E402
+from featcircuits.training.finetune import KL_FOCUS, FinetuneConfig, finetune_set  # noqa: E402
 from featcircuits.training.trainer import evaluate, resolve_sites  # noqa: E402
 from sae_report import TASKS, recovered, site_metrics  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--mse-coef", type=float, default=1.0)
     ap.add_argument("--kl-positions", type=int, default=16)
-    ap.add_argument("--kl-focus", choices=("random", "copies"), default="random")
+    ap.add_argument("--kl-focus", choices=KL_FOCUS, default="random")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=32)

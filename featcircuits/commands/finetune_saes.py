@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..training.finetune import FinetuneConfig
+from ..training.finetune import KL_FOCUS, FinetuneConfig
 from . import add_training_run_args
 
 _D = FinetuneConfig(sites=[])
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--mse-coef", type=float, default=_D.mse_coef, help="weight of the normalised reconstruction term")
     p.add_argument("--kl-positions", type=int, default=_D.kl_positions,
                    help="non-BOS positions per window whose next-token KL is trained")
-    p.add_argument("--kl-focus", choices=("random", "copies"), default=_D.kl_focus,
+    p.add_argument("--kl-focus", choices=KL_FOCUS, default=_D.kl_focus,
                    help="random positions, or first those whose next token repeats an uncommon token from earlier "
                         "in the window (copying a name or term seen before), then random ones")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="windows per step")

@@ -91,11 +91,10 @@ def copy_positions(windows: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
     token's identity from context, e.g. a name seen before. Splicing an early residual SAE
     loses exactly that identity at the earlier mention (starter-v3 loses IOI only at the name
     positions), and averaged KL at random positions rarely samples these positions."""
-    nxt = windows[:, 1:]  # the token each position 0..T-2 predicts
-    seen = windows[:, 1:]
+    nxt = windows[:, 1:]  # the token each position 0..T-2 predicts; also the tokens after BOS
     t = nxt.shape[1]
     # repeat[b, i] = next token of position i (= token i+1) occurs at some position 1..i
-    same = nxt[:, :, None] == seen[:, None, :]  # [b, i, j]: token i+1 == token j+1
+    same = nxt[:, :, None] == nxt[:, None, :]  # [b, i, j]: token i+1 == token j+1
     earlier = torch.ones(t, t, dtype=torch.bool).tril(-1)  # j < i
     repeat = (same & earlier).any(-1) & ~common[nxt]
     out = torch.zeros_like(windows, dtype=torch.bool)
