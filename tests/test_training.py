@@ -186,8 +186,40 @@ def test_train_saes_help_lists_the_recipe_flags(capsys):
         main(["train-saes", "--help"])
     assert exc.value.code == 0
     shown = capsys.readouterr().out
-    for flag in ("--resume", "--seed", "--architecture", "--dim-clip", "--resample-until", "--samples", "--text"):
+    for flag in ("--resume", "--seed", "--architecture", "--dim-clip", "--resample-until", "--samples", "--text",
+                 "--device"):
         assert flag in shown
+
+
+def test_collect_stops_after_the_last_site_and_records_what_a_full_forward_sees(model, corpus):
+    from featcircuits.tracing import SplicedModel
+
+    windows = corpus.train[:4]
+    early = model.adapter.sites()[:3]  # embed .. resid_0: the forward stops in layer 0
+    spliced = SplicedModel(model)
+    full: dict[str, torch.Tensor] = {}
+
+    def record(site, x):
+        full[site.name] = x[:, 1:].reshape(-1, x.shape[-1]).float()
+
+    with torch.no_grad():
+        assert spliced.run({"input_ids": windows, "attention_mask": torch.ones_like(windows)}, record, early) is not None
+    got = T.collect(model, windows, early)
+    assert set(got) == {s.name for s in early}
+    for name, x in got.items():
+        assert torch.equal(x, full[name])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal is for one without")
+@pytest.mark.parametrize("command", ["train-saes", "finetune-saes"])
+def test_training_on_a_device_torch_cannot_see_is_one_line(command, tiny_model_dir, tmp_path, capsys):
+    from featcircuits.cli import main
+
+    extra = ["--saes", str(tmp_path), "--sites", "resid_0"] if command == "finetune-saes" else []
+    assert main([command, "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--device", "cuda",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

@@ -38,6 +38,16 @@ def load_model_from_args(args: argparse.Namespace, spec: str | None = None):
     return load_model(spec or args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
 
 
+def add_training_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device`` of ``train-saes`` and ``finetune-saes``: the model and the SAEs it trains go
+    there (training is float32; no ``--dtype`` or ``--device-map``)."""
+    from ..devices import DEVICES
+
+    p.add_argument("--device", default="auto",
+                   help=f"where the model runs and the SAEs train: {'|'.join(DEVICES)} (default auto: cuda, "
+                        "else mps, else cpu); a checkpoint resumes on any device")
+
+
 def add_training_run_args(p: argparse.ArgumentParser, checkpoint_every: int, checkpoint_unit: str,
                           eval_tokens: int) -> None:
     """The flags ``train-saes`` and ``finetune-saes`` share: the text to train on, checkpoints and

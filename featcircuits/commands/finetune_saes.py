@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..training.finetune import KL_FOCUS, FinetuneConfig
-from . import add_training_run_args
+from . import add_training_device_arg, add_training_run_args
 
 _D = FinetuneConfig(sites=[])
 
@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "in the window (copying a name or term seen before), then random ones")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="windows per step")
     p.add_argument("--seed", type=int, default=_D.seed)
+    add_training_device_arg(p)
     add_training_run_args(p, _D.checkpoint_every, "steps", _D.eval_tokens)
     p.set_defaults(func=run)
     return p
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     if args.text:
         corpus = build_corpus(model.tokenizer, seed=args.seed, docs=read_text_docs(args.text), window=args.window,
                               cache=False)

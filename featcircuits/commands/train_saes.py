@@ -7,7 +7,7 @@ import sys
 
 from ..training.corpus import MAX_CHARS_PER_SOURCE
 from ..training.trainer import TrainConfig
-from . import add_training_run_args
+from . import add_training_device_arg, add_training_run_args
 
 _D = TrainConfig(sites=[])
 
@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         f"{MAX_CHARS_PER_SOURCE:,}); lower it to give the model samples a larger share of the "
                         "training tokens, which are the first --tokens of the shuffled corpus")
     p.add_argument("--init", choices=("data", "random"), default=_D.init, help="decoder initialisation")
+    add_training_device_arg(p)
     add_training_run_args(p, _D.checkpoint_every, "forwards", _D.eval_tokens)
     p.add_argument("--snapshot", metavar="DIR", default=None,
                    help="do not train: write the SAEs of the unfinished run in --out (its last checkpoint) as a "
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.snapshot:
-        meta = snapshot_run(load_model(args.model), args.out, args.snapshot)
+        meta = snapshot_run(load_model(args.model), args.out, args.snapshot)  # folds weights: the CPU suffices
         print(f"featcircuits: wrote {len(meta['config']['sites'])} SAEs of {args.out} at forward {meta['forward']} "
               f"({meta['tokens_trained']} tokens) -> {args.snapshot}")
         return 0
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sample_names and not args.samples:
         raise UserError("--sample-names needs --samples N (it chooses how the model's samples open)")
     docs = read_text_docs(args.text) if args.text else None
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     sites = resolve_sites(model.adapter, args.sites)
     cfg = config_from_args(args, [s.name for s in sites])
 

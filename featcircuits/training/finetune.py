@@ -148,6 +148,8 @@ def splice_loss(spliced: Any, sae: Any, site: Site, windows: torch.Tensor, posit
     logits = spliced.run(inputs, hook, [site], positions=positions)
     logp = torch.log_softmax(logits.float(), dim=-1)
     kl_each = (clean_logp.exp() * (clean_logp - logp)).sum(-1)  # [b, P]
+    if weights is not None:
+        weights = weights.to(kl_each.device)
     kl = kl_each.mean() if weights is None else (kl_each * weights).sum() / weights.sum().clamp(min=1.0)
     loss = kl + mse_coef * parts["nmse"]
     return loss, {"kl": float(kl.detach()), "nmse": float(parts["nmse"].detach()), "l0": float(parts["l0"])}
@@ -174,7 +176,8 @@ def finetune_set(model: Any, base: str, corpus: Corpus, out: str | Path, cfg: Fi
     write the whole set, the other sites copied, to ``out``. Returns the new set.json.
 
     ``max_steps`` stops after that many steps (counted from the start), checkpointing
-    first; ``resume`` continues from ``out/checkpoint.pt``."""
+    first; ``resume`` continues from ``out/checkpoint.pt`` (on any device). The SAEs train on
+    the model's device; position choices draw from CPU generators wherever that is."""
     from ..dictionaries import load_dictionary, load_dictionary_set
     from ..tracing import SplicedModel
 
@@ -200,13 +203,13 @@ def finetune_set(model: Any, base: str, corpus: Corpus, out: str | Path, cfg: Fi
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     base_digest = dset.digest()  # before training: the SAEs below are the set's own modules, changed in place
-    saes = {s.name: dset[s.name].sae.float() for s in sites}
+    saes = {s.name: dset[s.name].sae.float().to(model.device) for s in sites}
     for sae in saes.values():
         sae.requires_grad_(True)
     opts = {n: torch.optim.Adam(_param_groups(sae, cfg.lr), betas=(0.9, 0.999)) for n, sae in saes.items()}
     start, wall_before, history = 0, 0.0, {s.name: [] for s in sites}
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location=model.device)
         if ckpt["config"] != asdict(cfg) or ckpt["base"] != base_digest \
                 or ckpt["corpus_sha256"] != corpus.recipe.get("train_sha256"):
             raise UserError(f"cannot resume {out}: the checkpoint was made with other settings, base set or corpus; "

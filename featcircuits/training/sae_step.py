@@ -116,7 +116,7 @@ def data_init(sae: Any, x: torch.Tensor, seed: int) -> None:
     """
     w = sae.W_dec.shape[0]
     centred = x - x.mean(0)
-    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:w]
+    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:w].to(x.device)
     rows = centred[pick]
     if rows.shape[0] < w:  # fewer tokens than latents: keep random rows for the rest
         rows = torch.cat([rows, sae.W_dec[rows.shape[0]:]])
@@ -149,11 +149,12 @@ def resample_dead(sae: Any, opt: torch.optim.Optimizer, x: torch.Tensor, dead: t
         return 0
     x_hat = sae.decode(sae.encode(x))
     err = (x - x_hat).pow(2).sum(-1)
-    pick = torch.multinomial(err.clamp(min=1e-12), cols.numel(), replacement=cols.numel() > x.shape[0],
-                             generator=gen)
+    # drawn on the CPU (``gen`` is a CPU generator): the same picks wherever the run trains
+    pick = torch.multinomial(err.clamp(min=1e-12).cpu(), cols.numel(), replacement=cols.numel() > x.shape[0],
+                             generator=gen).to(x.device)
     dirs = x[pick] - x_hat[pick]
     dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    live_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
+    live_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else 1.0
     sae.W_dec[cols] = dirs
     sae.W_enc[:, cols] = dirs.T * (0.2 * live_norm)
     sae.b_enc[cols] = 0.0
@@ -176,13 +177,14 @@ def folded_state(sae: Any, scale: float, dims: torch.Tensor) -> dict[str, torch.
     for TopK it would change which k win, so TopK rows keep their norm).
     """
     with torch.no_grad():
-        dims = dims.to(sae.W_enc.dtype)
+        dims = dims.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
         state = {
             "W_enc": sae.W_enc.detach() / dims[:, None],
             "b_enc": sae.b_enc.detach() * scale,
             "W_dec": sae.W_dec.detach() * dims[None, :],
             "b_dec": sae.b_dec.detach() * dims * scale,
         }
+        state = {name: value.cpu() for name, value in state.items()}  # saved from the CPU, wherever it trained
         if hasattr(sae, "topk_threshold"):
             thr = torch.full_like(state["b_enc"], float(sae.topk_threshold) * scale)
             norm = state["W_dec"].norm(dim=-1).clamp(min=1e-12)

@@ -108,6 +108,8 @@ def _sample(hf: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, tem
     import inspect
 
     key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    device = next(hf.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     step_ids, seq, att = ids, ids, mask
     for _ in range(new_tokens):
@@ -115,12 +117,13 @@ def _sample(hf: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, tem
                  **{key: cache})
         logits = out.logits[:, -1].float() / temperature
         top = logits.topk(top_k, dim=-1)
-        pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+        # drawn on the CPU (``gen`` is a CPU generator) wherever the model runs
+        pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=gen).to(device)
         step_ids = top.indices.gather(-1, pick)
         seq = torch.cat([seq, step_ids], dim=1)
         att = torch.cat([att, torch.ones_like(step_ids)], dim=1)
         pos = pos[:, -1:] + 1
-    return seq
+    return seq.cpu()
 
 
 def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed: int = 0,

@@ -116,7 +116,9 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def collect(model: Any, windows: torch.Tensor, sites: Sequence[Site], skip_bos: bool = True) -> dict[str, torch.Tensor]:
-    """One forward; each site's activations as [n_tokens, d_model] float32 (BOS dropped)."""
+    """One forward, stopped after the last site; each site's activations as [n_tokens, d_model]
+    float32 (BOS dropped), on the model's device. Stopping early matters for the early sites:
+    a run at resid_0-2 of an 18-layer model then pays for 3 layers, not 18."""
     from ..tracing import SplicedModel
 
     spliced = SplicedModel(model)
@@ -129,7 +131,7 @@ def collect(model: Any, windows: torch.Tensor, sites: Sequence[Site], skip_bos: 
 
     inputs = {"input_ids": windows, "attention_mask": torch.ones_like(windows)}
     with torch.no_grad():
-        spliced.run(inputs, record, list(sites))
+        spliced.run(inputs, record, list(sites), stop=True)
     return acts
 
 
@@ -153,7 +155,7 @@ def evaluate(model: Any, dictionaries: dict[str, Any], windows: torch.Tensor, si
     for i in range(0, windows.shape[0], batch_size):
         acts = collect(model, windows[i:i + batch_size], sites, skip_bos)
         for s in sites:
-            x = acts[s.name].double()
+            x = acts[s.name].double().cpu()  # the loaded dictionaries are on the CPU
             d = dictionaries[s.name]
             with torch.no_grad():
                 f = d.encode(x.float())
@@ -223,6 +225,9 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     of this call), checkpointing first: a controlled "kill" for tests. ``source(fwd,
     windows)`` replaces the model forward that collects a batch's activations (a pilot
     feeds cached activations; they must be what ``collect`` returns for those windows).
+    The SAEs train on the model's device (``load_model(..., device=...)``; ``--device``): the
+    data order, initialisation and resampling draw from CPU generators, so a run's choices
+    do not depend on where it runs, and a checkpoint resumes on any device.
     Returns the set metadata (also written to ``out/set.json`` when training is complete).
     """
     out = Path(out)
@@ -242,6 +247,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     resample_every = cfg.resample_every or cfg.checkpoint_every
     d = model.adapter.d_model
     ckpt_path = out / CHECKPOINT
+    device = model.device
     if source is None:
         def source(fwd: int, windows: torch.Tensor) -> dict[str, torch.Tensor]:
             return collect(model, windows, sites, cfg.skip_bos)
@@ -253,7 +259,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     start_fwd, wall_before = 0, 0.0
     ckpt = None
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
         saved = {**asdict(TrainConfig(sites=[])), **ckpt["config"], "sites": ckpt["config"]["sites"]}
         if saved != asdict(cfg) or ckpt["corpus_sha256"] != corpus.recipe.get("train_sha256"):
             diff = sorted(k for k in saved if saved.get(k) != asdict(cfg).get(k))
@@ -266,11 +272,11 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     elif ckpt_path.is_file():
         raise UserError(f"{out} holds a checkpoint of an unfinished run; pass --resume or choose another --out")
 
-    saes.update(_site_saes(sites, d, cfg, model.spec, ckpt))
-    since.update({s.name: torch.zeros(cfg.width_of(s.name), dtype=torch.int64) for s in sites})
+    saes.update(_site_saes(sites, d, cfg, model.spec, ckpt, device))
+    since.update({s.name: torch.zeros(cfg.width_of(s.name), dtype=torch.int64, device=device) for s in sites})
     if ckpt is not None:
         scales, since = dict(ckpt["scales"]), {k: v.clone() for k, v in ckpt["since"].items()}
-        dims = {k: v.clone() for k, v in ckpt.get("dims", {k: torch.ones(d) for k in scales}).items()}
+        dims = {k: v.clone() for k, v in ckpt.get("dims", {k: torch.ones(d, device=device) for k in scales}).items()}
     params = [p for sae in saes.values() for p in sae.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
     if ckpt is not None:
@@ -299,7 +305,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
     stop_at = n_fwd if max_steps is None else min(n_fwd, max_steps)
     for fwd in range(start_fwd, stop_at):
         windows = corpus.train[fwd * cfg.batch_size:(fwd + 1) * cfg.batch_size]
-        acts = source(fwd, windows)
+        acts = {name: x.to(device) for name, x in source(fwd, windows).items()}
         if not scales:
             # The first batch fixes each site's units and decoder bias (the mean). The scale is
             # the RMS norm of the *centred* activations (after the per-dimension shrink): at many
@@ -320,7 +326,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
         chunks = torch.tensor_split(perm, n_mb)
         for mb in range(n_mb):
             step = fwd * n_mb + mb
-            idx = chunks[mb]
+            idx = chunks[mb].to(device)
             total = None
             for s in sites:
                 sae = saes[s.name]
@@ -409,12 +415,13 @@ def _dead_share(since: dict[str, torch.Tensor], dead_tokens: int) -> dict[str, f
 
 
 def _site_saes(sites: Sequence[Site], d: int, cfg: TrainConfig, model_spec: str,
-               ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's SAEs, one per site in order, each seeded by its position; with a checkpoint's
-    weights loaded when ``ckpt`` is given (resume and snapshot build them the same way)."""
+               ckpt: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The run's SAEs, one per site in order, each seeded by its position, on ``device``; with a
+    checkpoint's weights loaded when ``ckpt`` is given (resume and snapshot build them the same way)."""
     saes = {}
     for i, s in enumerate(sites):
-        sae = sae_step.new_sae(s, d, cfg.width_of(s.name), cfg.k, model_spec, cfg.seed * 100_003 + i, cfg.architecture)
+        sae = sae_step.new_sae(s, d, cfg.width_of(s.name), cfg.k, model_spec, cfg.seed * 100_003 + i,
+                               cfg.architecture).to(device)
         if ckpt is not None:
             sae.load_state_dict(ckpt["saes"][s.name])
         saes[s.name] = sae
@@ -431,7 +438,7 @@ def snapshot_run(model: Any, run: str | Path, out: str | Path) -> dict[str, Any]
     ckpt_path = run / CHECKPOINT
     if not ckpt_path.is_file():
         raise UserError(f"{run} has no {CHECKPOINT} (a finished run is already a set: use it directly)")
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")  # a GPU run's checkpoint too
     cfg = TrainConfig(**{**asdict(TrainConfig(sites=[])), **ckpt["config"]})
     sites = resolve_sites(model.adapter, cfg.sites)
     out.mkdir(parents=True, exist_ok=True)
