@@ -64,6 +64,12 @@ RECIPES: dict[str, dict] = {
     "v3 without dim-clip": {**V3, "dim_clip": 0.0},
     # over the L0 cap of #16: a diagnosis (is sparsity what loses IOI?), not a candidate
     "v3 k128 (over the L0 cap)": {**V3, "k": 128},
+    # Rare features: a latent idle for dead_tokens (20k) is resampled, so one that fires only on a
+    # given name (each of the IOI names is ~1 in 10^4 tokens of the corpus) is taken away again.
+    # These keep latents for 200k idle tokens, or never resample.
+    "v3 dead after 200k": {**V3, "dead_tokens": 200_000},
+    "v3 width 4096 dead after 200k": {**V3, "width": 4096, "dead_tokens": 200_000},
+    "v3 width 4096 no resampling": {**V3, "width": 4096, "resample_until": 0.0},
 }
 
 

@@ -64,7 +64,7 @@ def run_cards_cost(saes: str, log: Callable[[str], None], n: int = 64, rounds: i
            "runs": runs, "ratios": ratios, "target": TARGET, "full_store_reused": full_store,
            "store_command": STORE_COMMAND.format(saes=saes)}
     if ratios:
-        out["ratio_median"] = statistics.median(ratios)
+        out["ratio_median"] = round(statistics.median(ratios), 4)
         out["met"] = full_store and out["ratio_median"] <= TARGET
     no_cards = [r["cost_s"] for r in runs if r["variant"] == "no_cards" and r["cost_s"]]
     q = (ev.get("summary_seconds") or {}).get("quality")
@@ -94,7 +94,7 @@ def cards_cost_section(m: dict) -> str:
     if "ratio_median" in c:
         verdict = "met" if c.get("met") else "**not met**"
         L += ["", f"With cards / without: {', '.join(map(str, c['ratios']))} per round, median "
-                  f"{c['ratio_median']} (target at most {c['target']}: {verdict})."]
+                  f"{c['ratio_median']:.4g} (target at most {c['target']}: {verdict})."]
     if "quality_s" in c:
         L += ["", f"The quick evaluation (faithfulness, completeness, the size sweep) costs {c['quality_s']} s on "
                   f"its own, {c['quality_over_discover_without_cards']}x discover without cards; `--no-eval` "
