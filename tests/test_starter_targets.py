@@ -74,3 +74,21 @@ def test_ioi_roles_are_found_from_the_answers_not_assumed(tiny):
     assert all(torch.equal(m[k], m2[k]) for k in m)
     assert not (m["all"][0, 0] or m["all"][1, 0] or m["all"][1, 1])  # BOS and padding are in no role
     assert int(m["all"].sum()) == int(sum(m[k].sum() for k in ("S1", "S2", "IO", "END", "other")))
+
+
+def test_corpus_names_counts_each_single_token_form_and_marks_the_rest(tiny):
+    """scripts/corpus_names.py: occurrences of ' Name' and 'Name' in the training windows, -1
+    for a form the tokenizer splits (no single token to count)."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("corpus_names", SCRIPT.parent / "corpus_names.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tok = tiny.tokenizer
+    mary = tok.encode(" Mary", add_special_tokens=False)
+    assert len(mary) == 1
+    other = tok.encode(" the", add_special_tokens=False)
+    train = torch.tensor([[tok.bos_token_id, *mary, *other, *mary], [tok.bos_token_id, *other, *other, *mary]])
+    counts = mod.name_counts(train, tok, ["Mary", "Mary Mary"])
+    assert counts["Mary"]["' Mary'"] == 3
+    assert counts["Mary Mary"]["' Mary Mary'"] == -1  # two tokens: not counted
