@@ -13,6 +13,13 @@ code and the mean activation; the mean cosine between different names' codes (1 
 for every name) against that between their centred activations, and how many names have a
 latent among their top 5 that no other name has among its top 5.
 
+Then what the lost part is: ``all`` again, with the error term's component in the *name
+subspace* put back (the span of the names' centred mean activations, measured on other
+prompts, task seed + 1000, at the names' positions), against a random subspace of the same
+rank. If the names' subspace brings the behaviour back and a random one does not, the SAE
+loses exactly which name is where, and a set that keeps IOI needs that many directions'
+worth of capacity for names at the site.
+
     .venv/bin/python scripts/ioi_positions.py --saes starter --sites resid_0,resid_1,resid_2,resid_3,resid_9,resid_10 \
         --out results/starter_targets/ioi_positions
 
@@ -86,6 +93,27 @@ def name_codes(spliced, inputs: dict, site, dictionary, ids: torch.Tensor, where
     return {"names": len(names), "code_cos": mean_cos(code), "act_cos": mean_cos(act), "names_with_own_latent": own}
 
 
+def name_subspace(spliced, inputs: dict, site, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """[d, r] orthonormal basis of the names' centred mean activations at ``where`` (r = names - 1)."""
+    got = {}
+
+    def hook(_, x):
+        got["x"] = x.detach().float()
+
+    with torch.no_grad():
+        spliced.run(inputs, hook, [site], stop=True)
+    x, tok = got["x"][where], ids[where]
+    means = torch.stack([x[tok == n].mean(0) for n in sorted(set(tok.tolist()))])
+    u, sv, vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
+    rank = int((sv > sv[0] * 1e-4).sum())
+    return vh[:rank].T
+
+
+def random_subspace(d: int, rank: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, rank, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--saes", default="starter")
@@ -108,10 +136,22 @@ def main() -> int:
     spliced = SplicedModel(model)
     inputs = {"input_ids": ids, "attention_mask": mask}
 
-    def run(site=None, where=None, zero=False) -> float:
+    other, _ = tokenize_pairs(make_pairs(args.task, args.pairs, args.seed + 1000), model.tokenizer)
+    other_roles = role_masks(other.clean_ids, other.clean_mask, other.clean_answer, other.patch_answer,
+                             model.tokenizer.bos_token_id)
+    other_inputs = {"input_ids": other.clean_ids, "attention_mask": other.clean_mask}
+    other_names = other_roles["S1"] | other_roles["S2"] | other_roles["IO"]
+
+    def run(site=None, where=None, zero=False, restore: torch.Tensor | None = None) -> float:
         def hook(_, x):
-            new = torch.zeros_like(x) if zero else dset[site.name].decode(dset[site.name].encode(x)).to(x.dtype)
-            return torch.where(where.unsqueeze(-1), new, x)
+            if zero:
+                new = torch.zeros_like(x)
+            else:
+                xf = x.float()
+                new = dset[site.name].decode(dset[site.name].encode(xf)).float()
+                if restore is not None:  # put back the error's component in the subspace ``restore`` spans
+                    new = new + ((xf - new) @ restore) @ restore.T
+            return torch.where(where.unsqueeze(-1), new.to(x.dtype), x)
 
         with torch.no_grad():
             logits = spliced.run(inputs) if site is None else spliced.run(inputs, hook, [site])
@@ -123,6 +163,11 @@ def main() -> int:
         zero = run(site, roles["all"], zero=True)
         rows[site.name] = {"zero": zero, **{r: recovered(run(site, roles[r]), clean, zero) for r in ROLES}}
         rows[site.name].update(name_codes(spliced, inputs, site, dset[site.name], ids, roles["IO"]))
+        basis = name_subspace(spliced, other_inputs, site, other.clean_ids, other_names)
+        rows[site.name]["subspace_rank"] = int(basis.shape[1])
+        rows[site.name]["all_names_restored"] = recovered(run(site, roles["all"], restore=basis), clean, zero)
+        rows[site.name]["all_random_restored"] = recovered(
+            run(site, roles["all"], restore=random_subspace(basis.shape[0], basis.shape[1], 0)), clean, zero)
         print(site.name, {k: None if v is None else round(v, 3) for k, v in rows[site.name].items()}, flush=True)
     example = model.tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
     report = {"saes": args.saes, "model": args.model, "task": args.task, "pairs": args.pairs, "seed": args.seed,
@@ -157,6 +202,15 @@ def render(r: dict, args: argparse.Namespace) -> str:
     for name, row in r["sites"].items():
         lines.append(f"| {name} | {row['names']} | {row['code_cos']:.2f} | {row['act_cos']:.2f} | "
                      f"{row['names_with_own_latent']} of {row['names']} |")
+    if all("all_names_restored" in row for row in r["sites"].values()):
+        lines += ["", "What is lost: `all` again (the SAE at every non-BOS position), with the error term's component "
+                  "in the names' subspace put back (the span of the names' centred mean activations at their "
+                  f"positions in other prompts, task seed {r['seed'] + 1000}), against a random subspace of the same "
+                  "rank:", "", "| site | all | all + names' subspace | all + random subspace | rank |",
+                  "|---|---|---|---|---|"]
+        for name, row in r["sites"].items():
+            lines.append(f"| {name} | {f(row['all'])} | {f(row['all_names_restored'])} | "
+                         f"{f(row['all_random_restored'])} | {row['subspace_rank']} |")
     return "\n".join(lines) + "\n"
 
 
