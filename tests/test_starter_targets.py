@@ -92,3 +92,31 @@ def test_corpus_names_counts_each_single_token_form_and_marks_the_rest(tiny):
     counts = mod.name_counts(train, tok, ["Mary", "Mary Mary"])
     assert counts["Mary"]["' Mary'"] == 3
     assert counts["Mary Mary"]["' Mary Mary'"] == -1  # two tokens: not counted
+
+
+def test_ioi_name_subspace_is_orthonormal_with_one_direction_fewer_than_names(tiny):
+    """scripts/ioi_positions.py's names' subspace: an orthonormal basis of the names' centred
+    mean activations (n names span n - 1 directions once centred)."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("ioi_positions", SCRIPT.parent / "ioi_positions.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from featcircuits.tasks import make_pairs, tokenize_pairs
+
+    batch, _ = tokenize_pairs(make_pairs("ioi", 8, 0), tiny.tokenizer)
+    roles = mod.role_masks(batch.clean_ids, batch.clean_mask, batch.clean_answer, batch.patch_answer,
+                           tiny.tokenizer.bos_token_id)
+    where = roles["S1"] | roles["S2"] | roles["IO"]
+    n_names = len(set(batch.clean_ids[where].tolist()))
+    site = tiny.adapter.site("resid_1")
+    q = mod.name_subspace(SplicedModel(tiny), {"input_ids": batch.clean_ids, "attention_mask": batch.clean_mask},
+                          site, batch.clean_ids, where)
+    assert q.shape == (tiny.adapter.d_model, n_names - 1)
+    assert torch.allclose(q.T @ q, torch.eye(n_names - 1), atol=1e-5)
+    r = mod.random_subspace(tiny.adapter.d_model, 3, 0)
+    assert torch.allclose(r.T @ r, torch.eye(3), atol=1e-5)
