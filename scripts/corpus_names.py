@@ -61,7 +61,8 @@ def main() -> int:
     trained = int(meta.get("tokens_trained") or corpus.recipe["train_tokens"])
     counts = name_counts(corpus.train, model.tokenizer, NAMES)
     n_tokens = int(corpus.train.numel())
-    report = {"saes": args.saes, "corpus_sha256": corpus.recipe["train_sha256"], "corpus_tokens": n_tokens,
+    report = {"saes": args.saes, "corpus_sha256": corpus.recipe["train_sha256"],
+              "recorded_corpus_sha256": meta.get("corpus_sha256"), "corpus_tokens": n_tokens,
               "tokens_trained": trained, "dead_tokens": cfg.get("dead_tokens"),
               "resample_until": cfg.get("resample_until"), "counts": counts}
     out = Path(args.out)
@@ -72,12 +73,20 @@ def main() -> int:
     return 0
 
 
+def _rebuilt(r: dict) -> str:
+    recorded = r.get("recorded_corpus_sha256")
+    if not recorded or recorded == r["corpus_sha256"]:
+        return ""
+    return (f" (rebuilt on this machine from the set's recipe; the set recorded `{recorded[:12]}`: the model's "
+            "samples, regenerated here, came out different)")
+
+
 def render(r: dict, argv: str) -> str:
     dead = r["dead_tokens"]
     lines = [f"# The IOI names in the training corpus of `{r['saes']}`", "",
              f"Written by `.venv/bin/python scripts/corpus_names.py {argv}`. Corpus "
-             f"`{r['corpus_sha256'][:12]}`: {r['corpus_tokens']:,} tokens in its training windows, "
-             f"{r['tokens_trained']:,} of them trained on. *gap* = tokens trained on per occurrence of the "
+             f"`{r['corpus_sha256'][:12]}`{_rebuilt(r)}: {r['corpus_tokens']:,} tokens in its training windows "
+             f"({r['tokens_trained']:,} of them trained on). *gap* = corpus tokens per occurrence of the "
              f"mid-sentence form, i.e. how long a latent of that name alone would sit idle; the trainer "
              f"resamples a latent idle for {dead:,} tokens (`dead_tokens`, resampling until "
              f"{r['resample_until']:.0%} of training).", "",
@@ -85,7 +94,7 @@ def render(r: dict, argv: str) -> str:
     over = 0
     for name, c in r["counts"].items():
         mid, start = c[repr(" " + name)], c[repr(name)]
-        gap = r["tokens_trained"] / mid if mid > 0 else float("inf")
+        gap = r["corpus_tokens"] / mid if mid > 0 else float("inf")
         over += gap > dead
         lines.append(f"| {name} | {mid if mid >= 0 else 'n/a'} | {start if start >= 0 else 'n/a'} | "
                      f"{'never' if gap == float('inf') else f'{gap:,.0f}'} | {'yes' if gap > dead else 'no'} |")
