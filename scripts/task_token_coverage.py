@@ -10,7 +10,7 @@ verbs. Writes ``<out>/task_token_coverage.json`` and ``.md`` (``task_token_cover
 with ``--label``).
 
     .venv/bin/python scripts/task_token_coverage.py --saes starter
-    .venv/bin/python scripts/task_token_coverage.py --saes starter-v2 --label v2
+    .venv/bin/python scripts/task_token_coverage.py --saes starter-v2 --label v2   # (a deleted set: as it was run)
 """
 
 from __future__ import annotations

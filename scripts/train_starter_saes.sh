@@ -14,7 +14,7 @@
 # OMP_WAIT_POLICY (unset by default): PASSIVE makes a waiting thread sleep instead of spinning; on
 # the idle 2 cores it cost a third of the speed (~105 against ~149 tok/s, 2 threads): the 55 small
 # SAE steps are many short parallel regions, each then paying a wake-up.
-# The set saes/starter-v2 was made with TOKENS=500000 SAMPLES=384 NAMES=0 MAX_CHARS=6400000
+# The set saes/starter-v2 (deleted since; figures in results/starter_targets/v2.md) was made with TOKENS=500000 SAMPLES=384 NAMES=0 MAX_CHARS=6400000
 # ATTN_WIDTH=768 THREADS=2; saes/starter-v3 with the defaults below and THREADS=2 (results/README.md,
 # "Starter dictionaries").
 # THREADS (default 1): with 2 threads a run trained 149-184 tok/s on the two idle cores but fell to 37-75
