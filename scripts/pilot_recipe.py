@@ -70,6 +70,11 @@ RECIPES: dict[str, dict] = {
     "v3 dead after 200k": {**V3, "dead_tokens": 200_000},
     "v3 width 4096 dead after 200k": {**V3, "width": 4096, "dead_tokens": 200_000},
     "v3 width 4096 no resampling": {**V3, "width": 4096, "resample_until": 0.0},
+    # Token identity: extra weight on the error along each token's own embedding direction
+    # (TrainConfig.identity_coef); that one direction of starter's error holds most of what
+    # its early residual SAEs lose of IOI (scripts/ioi_positions.py).
+    "v3 + identity 3": {**V3, "identity_coef": 3.0},
+    "v3 + identity 30": {**V3, "identity_coef": 30.0},
 }
 
 

@@ -357,3 +357,29 @@ def test_corpus_of_set_rebuilds_the_recorded_recipe(model, tmp_path, monkeypatch
     assert again.recipe["train_sha256"] == meta["corpus_sha256"] and torch.equal(again.eval, built.eval)
     meta["corpus"]["max_chars_per_source"] = 10**6
     assert C.corpus_of_set(meta, model.tokenizer).recipe["train_sha256"] != meta["corpus_sha256"]
+
+
+def test_identity_coef_cuts_the_error_along_each_tokens_own_embedding(model, corpus, tmp_path):
+    """--identity-coef: the saved SAE's error along the token's own input-embedding direction
+    (raw units, where downstream heads read which token is here) falls against the same run
+    without it."""
+    from featcircuits.dictionaries import load_dictionary
+
+    site = model.adapter.site("resid_1")
+    emb = model.hf.get_input_embeddings().weight.detach().float()
+    windows = corpus.train[:16]
+    x = T.collect(model, windows, [site])["resid_1"]
+    u = torch.nn.functional.normalize(emb[windows[:, 1:].reshape(-1)], dim=-1)
+
+    def along(coef: float) -> float:
+        out = tmp_path / f"c{coef}"
+        T.train_saes(model, corpus, out, _cfg(sites=["resid_1"], identity_coef=coef, tokens=1200, eval_tokens=0),
+                     progress=False, log=lambda s: None)
+        d = load_dictionary(out / "resid_1")
+        with torch.no_grad():
+            err = x - d.decode(d.encode(x)).float()
+        return float(((err * u).sum(-1)).pow(2).mean())
+
+    assert along(30.0) < 0.8 * along(0.0)  # measured 0.63x on this tiny set
+    with pytest.raises(UserError, match="--identity-coef"):
+        T.train_saes(model, corpus, tmp_path / "bad", _cfg(identity_coef=-1.0), progress=False)

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dim-clip", type=float, default=_D.dim_clip,
                    help="shrink dimensions whose std exceeds this many times the median dimension's "
                         "(folded back into the saved weights; 0 = off)")
+    p.add_argument("--identity-coef", type=float, default=_D.identity_coef,
+                   help="extra weight on the error along each token's own embedding direction (keeps which "
+                        "token is here, e.g. a name, at early residual sites; 0 = off)")
     p.add_argument("--aux-coef", type=float, default=_D.aux_coef, help="AuxK coefficient against dead latents")
     p.add_argument("--dead-tokens", type=int, default=_D.dead_tokens,
                    help="a latent is dead after this many training tokens without firing")
@@ -69,6 +72,7 @@ def config_from_args(args: argparse.Namespace, site_names: list[str]) -> TrainCo
         batch_size=args.batch_size, sae_batch=args.sae_batch, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, eval_tokens=args.eval_tokens, init=args.init,
         architecture=args.architecture, dim_clip=args.dim_clip, aux_coef=args.aux_coef,
+        identity_coef=args.identity_coef,
         dead_tokens=args.dead_tokens, resample_until=args.resample_until, resample_every=args.resample_every,
     )
 

@@ -66,7 +66,8 @@ def dim_scales(x: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 def sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef: float,
-             outlier_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             outlier_norm: float, identity_dirs: torch.Tensor | None = None,
+             identity_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, reconstruction and feature activations for one site's minibatch ``x`` [N, d].
 
     The forward pass is sae-lens's own ``training_forward_pass`` (its dense decode: a
@@ -78,6 +79,10 @@ def sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef:
     declared dead (mean FVE 0.84 -> 0.50 within 10k tokens, one site at -6.5). This one
     follows Gao et al. 2024: ReLU'd top-k_aux dead latents reconstruct the detached residual,
     coefficient 1/32, and the gradient reaches only the dead latents' own parameters.
+
+    ``identity_dirs`` [N, d] (with ``identity_coef`` > 0): per token, its own embedding
+    direction in training units; the squared error along it is added with that weight (see
+    ``TrainConfig.identity_coef`` for why).
     """
     from sae_lens.saes.sae import TrainStepInput
 
@@ -93,6 +98,9 @@ def sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef:
         norm2 = (x - sae.b_dec).pow(2).sum(-1)
         weight = (outlier_norm ** 2 / norm2.clamp(min=1e-12)).clamp(max=1.0)
     loss = (weight * (res.sae_out - x).pow(2).sum(-1)).mean()
+    if identity_dirs is not None and identity_coef > 0:
+        along = ((x - res.sae_out) * identity_dirs).sum(-1)
+        loss = loss + identity_coef * (weight * along.pow(2)).mean()
     n_dead = int(dead.sum())
     if n_dead and aux_coef > 0:
         cols = dead.nonzero().squeeze(-1)
