@@ -18,7 +18,9 @@ subspace* put back (the span of the names' centred mean activations, measured on
 prompts, task seed + 1000, at the names' positions), against a random subspace of the same
 rank. If the names' subspace brings the behaviour back and a random one does not, the SAE
 loses exactly which name is where, and a set that keeps IOI needs that many directions'
-worth of capacity for names at the site.
+worth of capacity for names at the site. And with only one direction put back per position:
+the error's component along that token's own input embedding (what ``train-saes
+--identity-coef`` trains the SAE to keep).
 
     .venv/bin/python scripts/ioi_positions.py --saes starter --sites resid_0,resid_1,resid_2,resid_3,resid_9,resid_10 \
         --out results/starter_targets/ioi_positions
@@ -142,7 +144,9 @@ def main() -> int:
     other_inputs = {"input_ids": other.clean_ids, "attention_mask": other.clean_mask}
     other_names = other_roles["S1"] | other_roles["S2"] | other_roles["IO"]
 
-    def run(site=None, where=None, zero=False, restore: torch.Tensor | None = None) -> float:
+    own = torch.nn.functional.normalize(model.hf.get_input_embeddings().weight.detach().float()[ids], dim=-1)
+
+    def run(site=None, where=None, zero=False, restore: torch.Tensor | None = None, restore_own=False) -> float:
         def hook(_, x):
             if zero:
                 new = torch.zeros_like(x)
@@ -151,6 +155,8 @@ def main() -> int:
                 new = dset[site.name].decode(dset[site.name].encode(xf)).float()
                 if restore is not None:  # put back the error's component in the subspace ``restore`` spans
                     new = new + ((xf - new) @ restore) @ restore.T
+                if restore_own:  # put back the error's component along each token's own embedding
+                    new = new + ((xf - new) * own).sum(-1, keepdim=True) * own
             return torch.where(where.unsqueeze(-1), new.to(x.dtype), x)
 
         with torch.no_grad():
@@ -168,6 +174,7 @@ def main() -> int:
         rows[site.name]["all_names_restored"] = recovered(run(site, roles["all"], restore=basis), clean, zero)
         rows[site.name]["all_random_restored"] = recovered(
             run(site, roles["all"], restore=random_subspace(basis.shape[0], basis.shape[1], 0)), clean, zero)
+        rows[site.name]["all_own_embedding_restored"] = recovered(run(site, roles["all"], restore_own=True), clean, zero)
         print(site.name, {k: None if v is None else round(v, 3) for k, v in rows[site.name].items()}, flush=True)
     example = model.tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
     report = {"saes": args.saes, "model": args.model, "task": args.task, "pairs": args.pairs, "seed": args.seed,
@@ -206,11 +213,14 @@ def render(r: dict, args: argparse.Namespace) -> str:
         lines += ["", "What is lost: `all` again (the SAE at every non-BOS position), with the error term's component "
                   "in the names' subspace put back (the span of the names' centred mean activations at their "
                   f"positions in other prompts, task seed {r['seed'] + 1000}), against a random subspace of the same "
-                  "rank:", "", "| site | all | all + names' subspace | all + random subspace | rank |",
-                  "|---|---|---|---|---|"]
+                  "rank; and with one direction per position put back: the error's component along that token's own "
+                  "input embedding (*own token*):", "",
+                  "| site | all | all + names' subspace | all + random subspace | rank | all + own token |",
+                  "|---|---|---|---|---|---|"]
         for name, row in r["sites"].items():
             lines.append(f"| {name} | {f(row['all'])} | {f(row['all_names_restored'])} | "
-                         f"{f(row['all_random_restored'])} | {row['subspace_rank']} |")
+                         f"{f(row['all_random_restored'])} | {row['subspace_rank']} | "
+                         f"{f(row.get('all_own_embedding_restored'))} |")
     return "\n".join(lines) + "\n"
 
 
