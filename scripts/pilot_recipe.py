@@ -73,6 +73,8 @@ RECIPES: dict[str, dict] = {
     # Token identity: extra weight on the error along each token's own embedding direction
     # (TrainConfig.identity_coef); that one direction of starter's error holds most of what
     # its early residual SAEs lose of IOI (scripts/ioi_positions.py).
+    # (run first with the direction in raw units, dims * u, which made identity 30 lose FVE and both
+    # tasks; those rows are kept in results/pilot_rare/raw-units; the trainer now uses u / dims)
     "v3 + identity 3": {**V3, "identity_coef": 3.0},
     "v3 + identity 30": {**V3, "identity_coef": 30.0},
 }
