@@ -70,6 +70,7 @@ RECIPES: dict[str, dict] = {
     "v3 dead after 200k": {**V3, "dead_tokens": 200_000},
     "v3 width 4096 dead after 200k": {**V3, "width": 4096, "dead_tokens": 200_000},
     "v3 width 4096 no resampling": {**V3, "width": 4096, "resample_until": 0.0},
+    "v3 width 8192 dead after 200k": {**V3, "width": 8192, "dead_tokens": 200_000},
     # Token identity: extra weight on the error along each token's own embedding direction
     # (TrainConfig.identity_coef); that one direction of starter's error holds most of what
     # its early residual SAEs lose of IOI (scripts/ioi_positions.py).
@@ -77,6 +78,8 @@ RECIPES: dict[str, dict] = {
     # tasks; those rows are kept in results/pilot_rare/raw-units; the trainer now uses u / dims)
     "v3 + identity 3": {**V3, "identity_coef": 3.0},
     "v3 + identity 30": {**V3, "identity_coef": 30.0},
+    "v3 + identity 10": {**V3, "identity_coef": 10.0},
+    "v3 width 4096 dead after 200k + identity 3": {**V3, "width": 4096, "dead_tokens": 200_000, "identity_coef": 3.0},
 }
 
 
@@ -123,7 +126,12 @@ def main() -> int:
     ap.add_argument("--corpus-of", default=None, metavar="SET",
                     help="train on this set's corpus (its set.json recipe, model samples included)")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                    help="measure nothing: one table in --out from the pilot_recipe.json of these folders (runs "
+                         "split over processes; they must share tokens, sites and corpus)")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.corpus_of)
     torch.set_num_threads(1)
     t0 = time.time()
     model = load_model(args.model)
@@ -196,6 +204,26 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def merge(folders: list[str], out: Path, corpus_of: str | None) -> int:
+    """``--merge``: the recipes of several runs' pilot_recipe.json in one table (first folder first)."""
+    runs = [json.loads((Path(f) / "pilot_recipe.json").read_text()) for f in folders]
+    key = ("tokens", "sites", "corpus_sha256", "clean")
+    for f, r in zip(folders[1:], runs[1:]):
+        if any(r[k] != runs[0][k] for k in key):
+            print(f"{f}: not the same pilot as {folders[0]} (tokens, sites, corpus or clean metric differ)",
+                  file=sys.stderr)
+            return 2
+    merged = {**runs[0], "recipes": {n: row for r in runs for n, row in r["recipes"].items()},
+              "merged_from": [str(f) for f in folders]}
+    corpus_name = (f"the corpus of `{corpus_of}` (docstrings + the model's samples, its set.json recipe)"
+                   if corpus_of else "the offline docstring corpus")
+    _write(out / "pilot_recipe.json", json.dumps(merged, indent=1))
+    _write(out / "pilot_recipe.md", render(merged["tokens"], merged["sites"], merged["clean"], merged["recipes"],
+                                           merged["eval_tokens"], corpus_name))
+    print(f"merged {len(merged['recipes'])} recipes from {len(folders)} runs -> {out}")
+    return 0
 
 
 def _f(v, fmt="{:.2f}") -> str:
