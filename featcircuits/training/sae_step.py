@@ -59,7 +59,7 @@ def dim_scales(x: torch.Tensor, clip: float) -> torch.Tensor:
     the directions the tasks use are left to the error term. ``clip <= 0`` turns this off.
     """
     if clip <= 0:
-        return torch.ones(x.shape[-1])
+        return torch.ones(x.shape[-1], device=x.device)
     std = x.std(0)
     ref = std.median().clamp(min=1e-12) * clip
     return (std / ref).clamp(min=1.0)
