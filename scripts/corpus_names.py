@@ -2,7 +2,7 @@
 """How often the IOI task's names occur in a set's training corpus, against the trainer's
 idle limit for a latent (``dead_tokens``).
 
-A TopK latent that fires only on one name fires once per (training tokens / that name's
+A TopK latent that fires only on one name fires about once per (corpus tokens / that name's
 count) tokens. When that gap is longer than ``dead_tokens``, the trainer declares such a
 latent dead between two occurrences and resamples it (while resampling is on), so a latent
 of its own for that name cannot survive; ``scripts/ioi_positions.py`` found that the early
@@ -98,7 +98,7 @@ def render(r: dict, argv: str) -> str:
         over += gap > dead
         lines.append(f"| {name} | {mid if mid >= 0 else 'n/a'} | {start if start >= 0 else 'n/a'} | "
                      f"{'never' if gap == float('inf') else f'{gap:,.0f}'} | {'yes' if gap > dead else 'no'} |")
-    lines += ["", f"{over} of {len(r['counts'])} names occur less often than once per {dead:,} trained tokens."]
+    lines += ["", f"{over} of {len(r['counts'])} names occur less often than once per {dead:,} corpus tokens."]
     return "\n".join(lines) + "\n"
 
 

@@ -69,8 +69,8 @@ def role_masks(ids: torch.Tensor, mask: torch.Tensor, io: torch.Tensor, s: torch
     return m
 
 
-def name_codes(spliced, inputs: dict, site, dictionary, ids: torch.Tensor, where: torch.Tensor) -> dict:
-    """How distinct the names' SAE codes are, against their activations (see the module doc)."""
+def site_activations(spliced, inputs: dict, site) -> torch.Tensor:
+    """[b, T, d] float32 activations at ``site`` (the forward stops there)."""
     got = {}
 
     def hook(_, x):
@@ -78,7 +78,13 @@ def name_codes(spliced, inputs: dict, site, dictionary, ids: torch.Tensor, where
 
     with torch.no_grad():
         spliced.run(inputs, hook, [site], stop=True)
-        x, tok = got["x"][where], ids[where]
+    return got["x"]
+
+
+def name_codes(spliced, inputs: dict, site, dictionary, ids: torch.Tensor, where: torch.Tensor) -> dict:
+    """How distinct the names' SAE codes are, against their activations (see the module doc)."""
+    x, tok = site_activations(spliced, inputs, site)[where], ids[where]
+    with torch.no_grad():
         codes = dictionary.encode(x).float()
     names = sorted(set(tok.tolist()))
     code = torch.stack([codes[tok == n].mean(0) for n in names])
@@ -97,14 +103,7 @@ def name_codes(spliced, inputs: dict, site, dictionary, ids: torch.Tensor, where
 
 def name_subspace(spliced, inputs: dict, site, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """[d, r] orthonormal basis of the names' centred mean activations at ``where`` (r = names - 1)."""
-    got = {}
-
-    def hook(_, x):
-        got["x"] = x.detach().float()
-
-    with torch.no_grad():
-        spliced.run(inputs, hook, [site], stop=True)
-    x, tok = got["x"][where], ids[where]
+    x, tok = site_activations(spliced, inputs, site)[where], ids[where]
     means = torch.stack([x[tok == n].mean(0) for n in sorted(set(tok.tolist()))])
     u, sv, vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
     rank = int((sv > sv[0] * 1e-4).sum())

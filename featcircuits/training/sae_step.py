@@ -97,9 +97,10 @@ def sae_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor, step: int, aux_coef:
     with torch.no_grad():
         norm2 = (x - sae.b_dec).pow(2).sum(-1)
         weight = (outlier_norm ** 2 / norm2.clamp(min=1e-12)).clamp(max=1.0)
-    loss = (weight * (res.sae_out - x).pow(2).sum(-1)).mean()
+    diff = res.sae_out - x
+    loss = (weight * diff.pow(2).sum(-1)).mean()
     if identity_dirs is not None and identity_coef > 0:
-        along = ((x - res.sae_out) * identity_dirs).sum(-1)
+        along = (diff * identity_dirs).sum(-1)
         loss = loss + identity_coef * (weight * along.pow(2)).mean()
     n_dead = int(dead.sum())
     if n_dead and aux_coef > 0:

@@ -86,8 +86,8 @@ class TrainConfig:
     outlier_norm: float = 8.0  # tokens beyond this centred norm (unit = typical) are down-weighted
     architecture: str = "topk"  # or "batchtopk" (saved as JumpReLU)
     dim_clip: float = 0.0  # >0: dimensions with std over dim_clip x the median std are shrunk to it
-    # >0: extra weight on the reconstruction error along each token's own (unit) input-embedding
-    # direction. At the early residual sites the SAEs give rare tokens (names) one shared code
+    # >0: extra weight on the reconstruction error along each token's own input-embedding
+    # direction (taken into training units, unit norm). At the early residual sites the SAEs give rare tokens (names) one shared code
     # and leave which token it is to the error term; putting back only that one direction of
     # starter's error restored IOI at resid_1 from 0.15 to 0.70 (scripts/ioi_positions.py).
     identity_coef: float = 0.0
@@ -337,6 +337,8 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
         for mb in range(n_mb):
             step = fwd * n_mb + mb
             idx = chunks[mb].to(device)
+            # the minibatch's token embeddings, gathered once for every site (only the units differ)
+            token_emb = None if tokens is None else embedding[tokens[idx]].float()
             total = None
             for s in sites:
                 sae = saes[s.name]
@@ -345,8 +347,7 @@ def train_saes(model: Any, corpus: Corpus, out: str | Path, cfg: TrainConfig, re
                 # the embedding direction u taken into training units (u / dims, unit norm): measured
                 # in raw units (dims * u) the few massive dimensions dominated the term again, and at
                 # weight 30 the pilot's SAEs lost FVE 0.95 -> 0.65 and both tasks (results/pilot_rare)
-                dirs = None if tokens is None else torch.nn.functional.normalize(
-                    embedding[tokens[idx]].float() / dims[s.name], dim=-1)
+                dirs = None if token_emb is None else torch.nn.functional.normalize(token_emb / dims[s.name], dim=-1)
                 loss, x_hat, feats = sae_step.sae_loss(sae, x, dead, step, cfg.aux_coef, cfg.outlier_norm,
                                                        dirs, cfg.identity_coef)
                 total = loss if total is None else total + loss
