@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -99,6 +99,11 @@ VERBS = [(" is", " are"), (" has", " have"), (" was", " were"), (" does", " do")
 PAST_VERBS = ["liked", "saw", "met", "knew", "helped", "called"]
 NAMES = ["Mary", "John", "Tom", "James", "Sarah", "Anna", "Paul", "Mark", "Lisa", "Kate",
          "David", "Michael", "Emma", "Peter", "Alice", "Robert"]
+# 16 given names that are neither NAMES nor among the 120 names the model's samples open with
+# (training.samples.NAME_OPENERS, also the names --name-swaps draws from): IOI with these
+# (``ioi_pairs(HELD_OUT_NAMES, n)``) asks whether a dictionary keeps names it was not built around.
+HELD_OUT_NAMES = ("Leo", "Nora", "Ivan", "Hugo", "Iris", "Nina", "Omar", "Ella", "Owen", "Ruby", "Jake", "Zoe",
+                  "Luke", "Amber", "Dean", "Eva")
 PLACES = ["store", "park", "school", "office", "hospital", "station", "market", "garden"]
 THINGS = ["drink", "book", "ring", "gift", "letter", "ball", "key", "bag"]
 
@@ -135,11 +140,11 @@ def _sva(rng: random.Random, n: int, kind: str) -> list[Pair]:
     return pairs
 
 
-def _ioi(rng: random.Random, n: int, order: str | None = None) -> list[Pair]:
+def _ioi(rng: random.Random, n: int, order: str | None = None, names: Sequence[str] = NAMES) -> list[Pair]:
     """IOI pairs; ``order`` forces one word order (``io-first`` | ``s-first``), None mixes them."""
     pairs = []
     for _ in range(n):
-        a, b = rng.sample(NAMES, 2)
+        a, b = rng.sample(list(names), 2)
         place, thing = rng.choice(PLACES), rng.choice(THINGS)
         io_first = rng.random() < 0.5 if order is None else order == "io-first"
         first, second = (a, b) if io_first else (b, a)
@@ -148,6 +153,16 @@ def _ioi(rng: random.Random, n: int, order: str | None = None) -> list[Pair]:
         pairs.append(Pair(f"{start}{b} gave a {thing} to", f"{start}{a} gave a {thing} to",
                           f" {a}", f" {b}", case="io-first" if io_first else "s-first"))
     return pairs
+
+
+def ioi_pairs(names: Sequence[str], n: int, seed: int = 0) -> list[Pair]:
+    """``n`` pairs of the ``ioi`` task with other given names (each must be one token after a
+    space for the answers to be single tokens; ``tokenize_pairs`` drops pairs where not). Asks
+    whether what holds for the built-in names (``NAMES``) holds for names a dictionary's
+    training text was not chosen around."""
+    if len(set(names)) < 2:
+        raise UserError("ioi needs at least two different names")
+    return _ioi(random.Random(f"ioi:{seed}:{','.join(names)}"), n, None, names)
 
 
 def make_pairs(task: str, n: int, seed: int = 0) -> list[Pair]:
@@ -173,7 +188,7 @@ def task_vocabulary() -> list[str]:
     words = {"The", "the", "that", "When", "and", "went", "to", "gave", "a", ","}
     for s, p in NOUNS + OBJECTS:
         words |= {s, p}
-    words |= set(PREPOSITIONS) | set(PAST_VERBS) | set(NAMES) | set(PLACES) | set(THINGS)
+    words |= set(PREPOSITIONS) | set(PAST_VERBS) | set(NAMES) | set(HELD_OUT_NAMES) | set(PLACES) | set(THINGS)
     words |= {v.strip() for pair in VERBS for v in pair}
     return sorted(words)
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from featcircuits.dictionaries import load_dictionary, load_dictionary_set  # noqa: E402
 from featcircuits.metric import metric  # noqa: E402
 from featcircuits.models import load_model  # noqa: E402
-from featcircuits.tasks import make_pairs, tokenize_pairs  # noqa: E402
+from featcircuits.tasks import HELD_OUT_NAMES, ioi_pairs, make_pairs, tokenize_pairs  # noqa: E402
 from featcircuits.tracing import SplicedModel  # noqa: E402
 from featcircuits.training.corpus import build_corpus, corpus_of_set  # noqa: E402
 from featcircuits.training.trainer import TrainConfig, collect, resolve_sites, train_saes  # noqa: E402
@@ -125,6 +125,9 @@ def main() -> int:
     ap.add_argument("--work", default="/work/sae-runs/pilot")
     ap.add_argument("--corpus-of", default=None, metavar="SET",
                     help="train on this set's corpus (its set.json recipe, model samples included)")
+    ap.add_argument("--name-swaps", type=int, default=0, metavar="N",
+                    help="with --corpus-of: add N name-swapped copies of each model sample holding a given name "
+                         "(train-saes --name-swaps)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="measure nothing: one table in --out from the pilot_recipe.json of these folders (runs "
@@ -138,8 +141,12 @@ def main() -> int:
     sites = resolve_sites(model.adapter, args.sites)
     if args.corpus_of:
         set_meta = load_dictionary_set(args.corpus_of, model.adapter).meta.get("set", {})  # its set.json
+        if args.name_swaps:
+            set_meta = {**set_meta, "corpus": {**set_meta["corpus"], "name_swaps": args.name_swaps}}
         corpus = corpus_of_set(set_meta, model.tokenizer, model.hf)
         corpus_name = f"the corpus of `{args.corpus_of}` (docstrings + the model's samples, its set.json recipe)"
+        if args.name_swaps:
+            corpus_name += f" + {args.name_swaps} name-swapped copies of each sample holding a name"
     else:
         corpus = build_corpus(model.tokenizer, seed=0)
         corpus_name = "the offline docstring corpus"
@@ -155,6 +162,7 @@ def main() -> int:
     spliced = SplicedModel(model)
     bos = model.tokenizer.bos_token_id
     batches = {t: tokenize_pairs(make_pairs(t, args.pairs, 1), model.tokenizer)[0] for t in TASKS}
+    batches["ioi-other"] = tokenize_pairs(ioi_pairs(HELD_OUT_NAMES, args.pairs, 1), model.tokenizer)[0]
     with torch.no_grad():
         clean = {t: float(metric(spliced.run(b.inputs("clean")), b.clean_answer, b.patch_answer).mean())
                  for t, b in batches.items()}
@@ -244,9 +252,14 @@ def render(tokens: int, sites: list[str], clean: dict, results: dict, eval_token
         "few, so dead shares are upper bounds, comparable between rows only. *train s*: wall time on the "
         "shared, loaded 2-core machine (not a speed comparison).",
         "",
-        "| recipe | median sva rec. | median ioi rec. | mean FVE | max L0 | max dead % | train s |",
-        "|---|---|---|---|---|---|---|",
     ]
+    other = "ioi-other" in clean  # IOI with names outside the task's and the samples' lists (runs since it was added)
+    if other:
+        lines[-2] += (f" *ioi-other* = IOI with 16 other given names ({', '.join(HELD_OUT_NAMES)}), "
+                      "none of them the task's nor among the names the model's samples open with.")
+    lines += ["| recipe | median sva rec. | median ioi rec. | " + ("median ioi-other rec. | " if other else "")
+              + "mean FVE | max L0 | max dead % | train s |",
+              "|---|---|---|---|---|---|---|" + ("---|" if other else "")]
     for name, row in results.items():
         med = {}
         for t in clean:
@@ -254,12 +267,14 @@ def render(tokens: int, sites: list[str], clean: dict, results: dict, eval_token
             med[t] = v[len(v) // 2] if v else None
         q = row["sites"].values()
         lines.append(f"| {name} | {_f(med.get('sva-simple'))} | {_f(med.get('ioi'))} | "
-                     f"{sum(r['fve'] for r in q) / len(q):.3f} | {max(r['l0'] for r in q):.1f} | "
+                     + (f"{_f(med.get('ioi-other'))} | " if other else "")
+                     + f"{sum(r['fve'] for r in q) / len(q):.3f} | {max(r['l0'] for r in q):.1f} | "
                      f"{100 * max(r['dead'] for r in q):.1f} | {row['train_s']:.0f} |")
-    lines += ["", "Per site: sva rec. / ioi rec. / FVE / dead %", "",
+    lines += ["", "Per site: sva rec. / ioi rec. / " + ("ioi-other rec. / " if other else "") + "FVE / dead %", "",
               "| recipe | " + " | ".join(sites) + " |", "|---|" + "---|" * len(sites)]
     for name, row in results.items():
-        cells = [f"{_f(r['sva-simple_recovered'])} / {_f(r['ioi_recovered'])} / {r['fve']:.2f} / "
+        cells = [f"{_f(r['sva-simple_recovered'])} / {_f(r['ioi_recovered'])} / "
+                 + (f"{_f(r.get('ioi-other_recovered'))} / " if other else "") + f"{r['fve']:.2f} / "
                  f"{100 * r['dead']:.0f}" for r in (row["sites"][s] for s in sites)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

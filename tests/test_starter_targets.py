@@ -120,3 +120,24 @@ def test_ioi_name_subspace_is_orthonormal_with_one_direction_fewer_than_names(ti
     assert torch.allclose(q.T @ q, torch.eye(n_names - 1), atol=1e-5)
     r = mod.random_subspace(tiny.adapter.d_model, 3, 0)
     assert torch.allclose(r.T @ r, torch.eye(3), atol=1e-5)
+
+
+def test_held_out_names_measures_both_name_lists_per_site(tiny, tmp_path):
+    """scripts/held_out_names.py: every site gets IOI on the task's names and on the held-out
+    names, measured on pairs that really use those names; the table lists each site once."""
+    from featcircuits.tasks import HELD_OUT_NAMES, ioi_pairs, tokenize_pairs
+
+    spec = importlib.util.spec_from_file_location("held_out_names", SCRIPT.parent / "held_out_names.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports sae_report from scripts/
+    spec.loader.exec_module(mod)
+    random_saelens_set(tiny, tmp_path / "set", width=16)
+    batch, dropped = tokenize_pairs(ioi_pairs(HELD_OUT_NAMES, 6, 1), tiny.tokenizer)
+    assert len(batch) == 6 and not dropped  # the held-out names are real tokens of the tiny vocabulary
+    res = mod.measure(tiny, [str(tmp_path / "set")], "resid", 6, 1)
+    sites = res["sets"][str(tmp_path / "set")]["sites"]
+    assert sites and all(n.startswith("resid") for n in sites)
+    assert all(set(r) == {"ioi", "ioi-held-out-names"} for r in sites.values())
+    assert res["pairs"] == {"ioi": 6, "ioi-held-out-names": 6}
+    table = mod.render(res, "held_out_names.py --saes X")
+    assert all(table.count(f"| {n} |") == 1 for n in sites)

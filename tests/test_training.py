@@ -187,7 +187,7 @@ def test_train_saes_help_lists_the_recipe_flags(capsys):
     assert exc.value.code == 0
     shown = capsys.readouterr().out
     for flag in ("--resume", "--seed", "--architecture", "--dim-clip", "--resample-until", "--samples", "--text",
-                 "--device"):
+                 "--device", "--name-swaps"):
         assert flag in shown
 
 
@@ -339,6 +339,49 @@ def test_docstring_cap_thins_sources_but_keeps_every_model_sample(model):
     mary, table = (model.tokenizer.encode(w, add_special_tokens=False)[-1] for w in (" Mary", " table"))
     assert (capped.train == mary).sum() >= 29  # the stream's cut-off tail may drop the last sample
     assert (capped.train == table).sum() <= 12 < (full.train == table).sum()
+
+
+def test_swap_names_replaces_each_name_consistently_within_its_half():
+    from featcircuits.training.samples import NAME_OPENERS, swap_names
+
+    doc = "Mary met John at the station. Later Mary wrote to John, and Marylebone stayed quiet."
+    copies = swap_names(doc, 5, seed=0)
+    assert len(copies) == 5 and copies == swap_names(doc, 5, seed=0) and copies != swap_names(doc, 5, seed=1)
+    female, male = set(NAME_OPENERS[:59]), set(NAME_OPENERS[59:])
+    for c in copies:
+        words = c.replace(",", " ").replace(".", " ").split()
+        a, b = words[0], words[2]  # the names that replaced Mary and John
+        assert a in female - {"Mary"} and b in male - {"John"}
+        assert c == doc.replace("Marylebone", "@").replace("Mary", a).replace("John", b).replace("@", "Marylebone")
+    assert swap_names("The river rose in spring.", 3, seed=0) == []
+
+
+def test_held_out_names_are_outside_the_task_and_the_samples_lists():
+    from featcircuits.tasks import HELD_OUT_NAMES, NAMES, ioi_pairs
+    from featcircuits.training.samples import NAME_OPENERS
+
+    assert len(set(HELD_OUT_NAMES)) == 16 and not set(HELD_OUT_NAMES) & (set(NAMES) | set(NAME_OPENERS))
+    pairs = ioi_pairs(HELD_OUT_NAMES, 40, seed=1)
+    used = {p.clean_answer.strip() for p in pairs} | {p.patch_answer.strip() for p in pairs}
+    assert used <= set(HELD_OUT_NAMES) and len(used) > 8 and pairs == ioi_pairs(HELD_OUT_NAMES, 40, seed=1)
+    with pytest.raises(UserError):
+        ioi_pairs(["Leo", "Leo"], 4)
+
+
+def test_name_swaps_add_copies_on_the_samples_side_of_the_split(model):
+    docs = {"docstrings": [f"Return the value number {i} of the table, with its unit." for i in range(20)]}
+    samples = ([f"Mary wrote letter {i} to her brother, who lived by the sea." for i in range(30)]
+               + ["The sea was calm that morning and the boats went out early."], {"kept": 31})
+    kw = dict(docs=docs, samples=samples, window=16, cache=False, eval_fraction=0.0)
+    plain, swapped = C.build_corpus(model.tokenizer, **kw), C.build_corpus(model.tokenizer, name_swaps=3, **kw)
+    assert "name_swaps" not in plain.recipe  # a recipe without swaps is the recipe it always was
+    assert swapped.recipe["name_swaps"] == 3 and swapped.recipe["name_swapped_samples"] == 30
+    mary = model.tokenizer.encode("Mary", add_special_tokens=False)[-1]
+    # each sample once as written plus three copies in which Mary is someone else
+    assert (swapped.train == mary).sum() == (plain.train == mary).sum()
+    assert swapped.train.numel() > 3 * plain.train.numel() // 2
+    with pytest.raises(UserError):
+        C.build_corpus(model.tokenizer, docs=docs, window=16, cache=False, name_swaps=2)
 
 
 def test_corpus_of_set_rebuilds_the_recorded_recipe(model, tmp_path, monkeypatch):

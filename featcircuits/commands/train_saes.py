@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sample-names", action="store_true",
                    help="open every other sample with a common English given name (person names in running "
                         "prose; featcircuits.training.samples.NAME_OPENERS)")
+    p.add_argument("--name-swaps", type=int, default=0, metavar="N",
+                   help="add N copies of every model sample that holds a given name, its names swapped for "
+                        "others of the list (more occurrences of each name without sampling; needs --samples)")
     p.add_argument("--max-chars-per-source", type=int, default=None,
                    help="characters kept of each docstring source (a seeded sample of its documents; default "
                         f"{MAX_CHARS_PER_SOURCE:,}); lower it to give the model samples a larger share of the "
@@ -111,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-chars-per-source must be >= 1")
     if args.sample_names and not args.samples:
         raise UserError("--sample-names needs --samples N (it chooses how the model's samples open)")
+    if args.name_swaps < 0 or (args.name_swaps and not args.samples):
+        raise UserError("--name-swaps needs --samples N and a count >= 0 (it copies the model's samples)")
     docs = read_text_docs(args.text) if args.text else None
     model = load_model(args.model, device=args.device)
     sites = resolve_sites(model.adapter, args.sites)
@@ -125,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress, log=say, openers=opener_cycle(args.sample_names))
     corpus = build_corpus(model.tokenizer, seed=args.seed, log=say, samples=samples, docs=docs,
                           window=args.window, cache=docs is None,
-                          max_chars_per_source=args.max_chars_per_source or MAX_CHARS_PER_SOURCE)
+                          max_chars_per_source=args.max_chars_per_source or MAX_CHARS_PER_SOURCE,
+                          name_swaps=args.name_swaps)
     say(f"corpus: {corpus.recipe['train_tokens']} train / {corpus.recipe['eval_tokens']} held-out tokens, "
         f"sha256 {corpus.recipe['train_sha256'][:16]}")
     meta = train_saes(model, corpus, args.out, cfg, resume=args.resume, max_steps=args.max_steps,

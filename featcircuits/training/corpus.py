@@ -292,12 +292,14 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
                  docs: dict[str, list[str]] | None = None, window: int = WINDOW,
                  cache: bool = True, log: Any = None,
                  max_chars_per_source: int = MAX_CHARS_PER_SOURCE,
-                 samples: tuple[list[str], dict] | None = None) -> Corpus:
+                 samples: tuple[list[str], dict] | None = None, name_swaps: int = 0) -> Corpus:
     """The shuffled, tokenized corpus. ``docs`` (source -> documents) overrides the
     docstring collection (tests pass a handful of strings); otherwise the collected texts
     are used and the result is cached per tokenizer, recipe and seed. ``samples`` (documents
     and recipe from ``samples.model_samples``) adds the model's own samples as the source
-    ``model_samples``; their sampling recipe goes into the corpus recipe."""
+    ``model_samples``; their sampling recipe goes into the corpus recipe. ``name_swaps`` adds,
+    for every model sample holding a given name, that many copies with its names swapped
+    (``samples.swap_names``); a copy lands on the same side of the held-out split as its sample."""
     from ..models import cache_dir
 
     collected = None
@@ -319,13 +321,20 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
     }
     if samples is not None:
         recipe["model_samples"] = samples[1]
+    if name_swaps < 0 or (name_swaps and samples is None):
+        raise UserError("name swaps need the model's samples (--samples N) and a count >= 0")
+    if name_swaps:  # only when used: a recipe without swaps keeps the key (and cache) it always had
+        recipe["name_swaps"] = int(name_swaps)
     key = _sha(recipe)[:16]
     path = cache_dir() / "corpus" / f"windows-{key}.pt"
     if cache and collected is not None and path.is_file():
         blob = torch.load(path, weights_only=True)
         return Corpus(blob["train"], blob["eval"], json.loads(blob["recipe"]))
+    from .samples import swap_names
+
     rng = random.Random(seed)
     train_docs, eval_docs = [], []
+    swapped = 0
     for src in sorted(docs):
         chosen = list(docs[src])
         # The cap thins the collected docstring sources; the model's samples are exactly as many as asked for.
@@ -339,7 +348,12 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
                 total += len(d)
             chosen = kept
         for d in chosen:
-            (eval_docs if _holdout(d, eval_fraction) else train_docs).append(d)
+            side = eval_docs if _holdout(d, eval_fraction) else train_docs
+            side.append(d)
+            if src == "model_samples" and name_swaps:
+                copies = swap_names(d, name_swaps, seed)
+                side.extend(copies)
+                swapped += bool(copies)
     if collected is not None:  # the built-in corpus: no built-in task prompt in the training text
         checked, train_docs, dropped = drop_task_prompts(train_docs)
         recipe.update(task_prompts_checked=checked, docs_dropped_for_task_prompts=dropped)
@@ -349,6 +363,8 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
     ev = windows_from_texts(eval_docs, tokenizer, window) if eval_docs else train[:0]
     perm = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
     train = train[perm]
+    if name_swaps:
+        recipe["name_swapped_samples"] = swapped
     recipe.update(train_windows=int(train.shape[0]), eval_windows=int(ev.shape[0]),
                   train_tokens=int(train.numel()), eval_tokens=int(ev.numel()),
                   train_sha256=token_hash(train), eval_sha256=token_hash(ev))
@@ -380,7 +396,8 @@ def corpus_of_set(set_meta: dict, tokenizer: Any, hf: Any = None, progress: bool
     return build_corpus(tokenizer, seed=int((set_meta.get("config") or {}).get("seed", recipe.get("seed", 0))),
                         samples=samples, window=int(recipe.get("window", WINDOW)),
                         eval_fraction=float(recipe.get("eval_fraction", 0.02)),
-                        max_chars_per_source=int(recipe.get("max_chars_per_source", MAX_CHARS_PER_SOURCE)))
+                        max_chars_per_source=int(recipe.get("max_chars_per_source", MAX_CHARS_PER_SOURCE)),
+                        name_swaps=int(recipe.get("name_swaps", 0)))
 
 
 def corpus_from_windows(windows: Sequence[Sequence[int]] | torch.Tensor, eval_fraction: float = 0.1) -> Corpus:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import time
 from pathlib import Path
@@ -55,6 +56,10 @@ NAME_OPENERS = (
     "Roger", "Ronald", "Samuel", "Scott", "Simon", "Stephen", "Steven", "Thomas", "Timothy", "Tom",
     "Walter", "William", "Adam", "Albert", "Carl", "Douglas", "Frederick", "Howard", "Martin", "Ralph",
 )
+# NAME_OPENERS is 59 female names, then 61 male ones: a swap keeps a name's half so that the
+# pronouns around it still agree.
+_NAME_HALVES = (NAME_OPENERS[:59], NAME_OPENERS[59:])
+_NAME_WORD = re.compile(r"\b(" + "|".join(NAME_OPENERS) + r")\b")
 MIN_STOPWORD_SHARE = 0.25
 MIN_ASCII_SHARE = 0.97
 _TAG = re.compile(r"</?[A-Za-z][^<>]{0,60}>")
@@ -81,6 +86,33 @@ def opener_cycle(names: bool) -> tuple[str, ...]:
         return OPENERS
     n = max(len(OPENERS), len(NAME_OPENERS))
     return tuple(w for i in range(n) for w in (OPENERS[i % len(OPENERS)], NAME_OPENERS[i % len(NAME_OPENERS)]))
+
+
+def swap_names(doc: str, copies: int, seed: int) -> list[str]:
+    """``copies`` versions of ``doc`` in which every given name of ``NAME_OPENERS`` it holds is
+    replaced, consistently through the document, by another name of the same half of the list
+    (two names never map to one). Empty when ``doc`` holds none.
+
+    Why: a name-opened sample mentions its name a few times, so in half a million corpus
+    tokens each of the 120 names occurs about once per 10,000-100,000 tokens: too rare for a
+    1,024-latent SAE to keep a latent for it, and the early residual SAEs code all names
+    alike (results/starter_targets/ioi_positions.md). Swapping names in the model's own prose
+    multiplies every name's occurrences without sampling (the costly part on a CPU), in
+    contexts the model wrote. Seeded by ``seed`` and the document's text: the same inputs
+    give the same copies."""
+    found = sorted(set(_NAME_WORD.findall(doc)))
+    if not found or copies <= 0:
+        return []
+    rng = random.Random(f"{seed}:{hashlib.sha256(doc.encode()).hexdigest()}")
+    out = []
+    for _ in range(copies):
+        mapping = {}
+        for half in _NAME_HALVES:
+            own = [n for n in found if n in half]
+            if own:
+                mapping.update(zip(own, rng.sample([n for n in half if n not in own] or list(half), len(own))))
+        out.append(_NAME_WORD.sub(lambda m: mapping.get(m.group(1), m.group(1)), doc))
+    return out
 
 
 def samples_key(model_spec: str, n_chunks: int, batch: int, new_tokens: int, seed: int,
