@@ -28,6 +28,9 @@
 # Corpus: docstrings of the installed packages plus SAMPLES of the model's own English
 # samples (generated once, cached under ~/.cache/featcircuits/corpus; ~175 tok/s on the 2 idle
 # cores), every other one opened by a common given name (NAMES=1: person names in running prose).
+# NAME_SWAPS (default 0) adds that many copies of each sample holding a given name, its names
+# swapped for others of the list (train-saes --name-swaps): more occurrences of each name without
+# sampling more.
 # MAX_CHARS caps each docstring source so that the samples are ~40 % of the training tokens
 # (the trainer reads the first TOKENS of the shuffled corpus; with the 6.4M default the 384
 # samples of starter-v2 were 1 % of them).
@@ -56,7 +59,7 @@ if [ ! -f "$RUN/set.json" ]; then
     --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
     --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
     --tokens "$TOKENS" --samples "${SAMPLES:-1920}" $([ "${NAMES:-1}" = 1 ] && echo --sample-names) \
-    --max-chars-per-source "${MAX_CHARS:-200000}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
+    --max-chars-per-source "${MAX_CHARS:-200000}" --name-swaps "${NAME_SWAPS:-0}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
     --checkpoint-every 10 --eval-tokens 16384 --threads "$THREADS" --no-progress \
     --out "$RUN" --resume "$@" >> "$RUN/train.log" 2>&1
   echo "train_starter_saes: $(date -u +%FT%TZ) training call ended after $(( $(date +%s) - start )) s" >> "$RUN/train.log"
