@@ -2,7 +2,7 @@
 
 The data flow, one module per stage::
 
-    tasks       counterfactual pairs and the metric      make_pairs, read_pairs, tokenize_pairs
+    tasks       counterfactual pairs and the metric      make_pairs, ioi_pairs, read_pairs, tokenize_pairs
     models      a model traced with nnsight + adapter     load_model
     dictionaries  SAEs at every site                       load_dictionary_set, load_dictionary
     nodes       features + error of a site, node ids, one   Act, NodeSpace, node_id
@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 
 from .errors import UserError
 from .metric import metric, preference
-from .tasks import Pair, make_pairs, read_pairs, tokenize_pairs
+from .tasks import Pair, ioi_pairs, make_pairs, read_pairs, tokenize_pairs
 from .models import LoadedModel, load_model
 from .dictionaries import DictionarySet, load_dictionary, load_dictionary_set
 from .nodes import METRIC, Act, NodeSpace, node_id, parse_node_id
@@ -66,7 +66,7 @@ def load_circuit(folder):
 
 
 __all__ = [
-    "UserError", "METRIC", "Act", "NodeSpace", "node_id", "parse_node_id", "metric", "preference", "Pair", "make_pairs", "read_pairs", "tokenize_pairs",
+    "UserError", "METRIC", "Act", "NodeSpace", "node_id", "parse_node_id", "metric", "preference", "Pair", "make_pairs", "ioi_pairs", "read_pairs", "tokenize_pairs",
     "LoadedModel", "load_model", "DictionarySet", "load_dictionary", "load_dictionary_set", "SplicedModel",
     "DEFAULT_RULES", "PAPER_RULES", "TWO_POINT_RULES", "lrp_rules", "NodeEffects", "node_effects", "exact_feature_effects",
     "EdgeEffects", "edge_effects", "Circuit", "Thresholds", "discover_circuit", "Evaluator", "evaluate_circuit",
