@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from featcircuits.dictionaries import load_dictionary_set  # noqa: E402
+from featcircuits.io import atomic_write  # noqa: E402
 from featcircuits.metric import metric  # noqa: E402
 from featcircuits.models import load_model  # noqa: E402
 from featcircuits.tasks import HELD_OUT_NAMES, ioi_pairs, make_pairs, tokenize_pairs  # noqa: E402
@@ -109,12 +109,9 @@ def main() -> int:
     res = measure(load_model(args.model), args.saes, args.sites, args.pairs, args.seed)
     command = ".venv/bin/python scripts/held_out_names.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for path, text in ((out / "held_out_names.json", json.dumps(res, indent=1)),
                        (out / "held_out_names.md", render(res, command))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
     print(f"wrote {out / 'held_out_names.md'} in {time.time() - t0:.0f} s")
     return 0
 

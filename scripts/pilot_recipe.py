@@ -144,12 +144,12 @@ def main() -> int:
         if args.name_swaps:
             set_meta = {**set_meta, "corpus": {**set_meta["corpus"], "name_swaps": args.name_swaps}}
         corpus = corpus_of_set(set_meta, model.tokenizer, model.hf)
-        corpus_name = f"the corpus of `{args.corpus_of}` (docstrings + the model's samples, its set.json recipe)"
+        corpus_name = describe_corpus(args.corpus_of)
         if args.name_swaps:
             corpus_name += f" + {args.name_swaps} name-swapped copies of each sample holding a name"
     else:
         corpus = build_corpus(model.tokenizer, seed=0)
-        corpus_name = "the offline docstring corpus"
+        corpus_name = describe_corpus(None)
     base = TrainConfig(sites=[s.name for s in sites], tokens=args.tokens, batch_size=args.batch_size,
                        eval_tokens=0, checkpoint_every=10)
     n_fwd = base.n_forwards(corpus.train.shape[1])
@@ -214,6 +214,13 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def describe_corpus(corpus_of: str | None) -> str:
+    """The corpus as the report names it: a set's (``--corpus-of``) or the docstrings alone."""
+    if corpus_of:
+        return f"the corpus of `{corpus_of}` (docstrings + the model's samples, its set.json recipe)"
+    return "the offline docstring corpus"
+
+
 def merge(folders: list[str], out: Path, corpus_of: str | None) -> int:
     """``--merge``: the recipes of several runs' pilot_recipe.json in one table (first folder first)."""
     runs = [json.loads((Path(f) / "pilot_recipe.json").read_text()) for f in folders]
@@ -225,8 +232,7 @@ def merge(folders: list[str], out: Path, corpus_of: str | None) -> int:
             return 2
     merged = {**runs[0], "recipes": {n: row for r in runs for n, row in r["recipes"].items()},
               "merged_from": [str(f) for f in folders]}
-    corpus_name = (f"the corpus of `{corpus_of}` (docstrings + the model's samples, its set.json recipe)"
-                   if corpus_of else "the offline docstring corpus")
+    corpus_name = describe_corpus(corpus_of)
     _write(out / "pilot_recipe.json", json.dumps(merged, indent=1))
     _write(out / "pilot_recipe.md", render(merged["tokens"], merged["sites"], merged["clean"], merged["recipes"],
                                            merged["eval_tokens"], corpus_name))

@@ -133,8 +133,8 @@ def test_held_out_names_measures_both_name_lists_per_site(tiny, tmp_path):
     spec.loader.exec_module(mod)
     from featcircuits.tasks import NAMES
 
-    # The tiny word-level vocabulary holds the task's words only: stand in for the held-out names
-    # with names it knows, kept apart from the ones the task draws first.
+    # The tiny word-level vocabulary holds the task's words only, so six of the task's own names
+    # stand in for the held-out ones: this checks the measurement's plumbing, not the names.
     mod.HELD_OUT_NAMES = tuple(NAMES[-6:])
     random_saelens_set(tiny, tmp_path / "set", width=16)
     batch, dropped = tokenize_pairs(ioi_pairs(mod.HELD_OUT_NAMES, 6, 1), tiny.tokenizer)
