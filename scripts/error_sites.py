@@ -104,10 +104,11 @@ def metric_difference(sm: SplicedModel, batch: Batch, hook=None, sites=None) -> 
     return float(m[:len(batch)].mean() - m[len(batch):].mean())
 
 
-def difference_kept(sm: SplicedModel, batch: Batch, site, bos: int, plain: float) -> float:
-    """Metric difference with ``site``'s SAE spliced without its error term on both prompts,
-    over ``plain``, the same difference of the unspliced model."""
-    d = sm.dictionary(site)
+def difference_kept(sm: SplicedModel, batch: Batch, site, bos: int, plain: float, dictionary=None) -> float:
+    """Metric difference with ``site``'s SAE (``dictionary``, default the spliced set's) replacing
+    the activation without its error term on both prompts, over ``plain``, the same difference
+    of the unspliced model."""
+    d = sm.dictionary(site) if dictionary is None else dictionary
     ids = torch.cat([batch.clean_ids, batch.patch_ids])
     keep = (torch.cat([batch.clean_mask, batch.patch_mask]).bool() & (ids != bos)).unsqueeze(-1)
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from featcircuits.dictionaries import load_dictionary_set
 from featcircuits.testing import random_saelens_set
@@ -146,3 +147,37 @@ def test_held_out_names_measures_both_name_lists_per_site(tiny, tmp_path):
     assert res["pairs"] == {"ioi": 6, "ioi-held-out-names": 6}
     table = mod.render(res, "held_out_names.py --saes X")
     assert all(table.count(f"| {n} |") == 1 for n in sites)
+
+
+def test_error_sites_splits_each_resid_cut_and_keeps_all_with_exact_dictionaries(tiny, tmp_path):
+    """scripts/error_sites.py: per pair, the features + error of every residual site add up to the
+    behaviour (two-point RelP conserves each layer cut), the changed positions are where the two
+    prompts differ, and an exact (identity) dictionary keeps all of the behaviour."""
+    spec = importlib.util.spec_from_file_location("error_sites", SCRIPT.parent / "error_sites.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports starter_targets from scripts/
+    spec.loader.exec_module(mod)
+    from featcircuits.tasks import make_pairs, tokenize_pairs
+
+    random_saelens_set(tiny, tmp_path / "set", width=16)
+    sm = SplicedModel(tiny, load_dictionary_set(str(tmp_path / "set"), tiny.adapter))
+    batch, _ = tokenize_pairs(make_pairs("ioi", 6, 0), tiny.tokenizer)
+    roles = mod.roles(batch)
+    differ = (batch.clean_ids != batch.patch_ids) & batch.clean_mask.bool()
+    assert torch.equal(roles["changed"] | (roles["last"] & differ), differ)
+    assert not (roles["changed"] & roles["other"]).any()
+    r = mod.measure(sm, "ioi", 6, tiny.tokenizer.bos_token_id)
+    gap = -r["metric_difference"]
+    assert abs(gap) > 1e-3
+    resid = [s for s in r["split"] if s.startswith("resid")]
+    assert resid
+    for s in resid:
+        total = sum(f + e for f, e in r["split"][s].values())
+        assert total == pytest.approx(gap, rel=1e-3, abs=1e-4), s
+    assert len(r["per_pair_error_share"]) == 6 and 0.0 <= r["pooled_error_share"] <= 1.0
+    plain = SplicedModel(tiny)  # identity dictionaries: reconstruction is exact, nothing is lost
+    site = plain.sites[0]
+    assert mod.difference_kept(plain, batch, site, tiny.tokenizer.bos_token_id,
+                               mod.metric_difference(plain, batch)) == pytest.approx(1.0, abs=1e-4)
+    md = mod.render("t", "X", [r])
+    assert all(md.count(f"| {s} |") <= 1 for s in r["split"])
