@@ -25,6 +25,10 @@ the error's component along that token's own input embedding (what ``train-saes
     .venv/bin/python scripts/ioi_positions.py --saes starter --sites resid_0,resid_1,resid_2,resid_3,resid_9,resid_10 \
         --out results/starter_targets/ioi_positions
 
+With ``--error-ranks 1,2,4,8,16,32``: also the error's top-r principal directions (fit at the names'
+and the last token's positions of the other prompts) put back, against r random ones: how many
+directions the lost part needs (a few: a feature or two the SAE lacks; about one per name: identity).
+
 Writes OUT.json and OUT.md.
 """
 
@@ -110,6 +114,17 @@ def name_subspace(spliced, inputs: dict, site, ids: torch.Tensor, where: torch.T
     return vh[:rank].T
 
 
+def error_subspace(spliced, inputs: dict, site, dictionary, where: torch.Tensor, rank: int) -> torch.Tensor:
+    """[d, rank] orthonormal: the top principal directions (uncentred) of the SAE's error term
+    at ``where`` (positions of other prompts): the ``rank`` directions that hold most of what
+    the SAE leaves out there."""
+    x = site_activations(spliced, inputs, site)[where]
+    with torch.no_grad():
+        err = x - dictionary.decode(dictionary.encode(x)).float()
+    _, _, vh = torch.linalg.svd(err, full_matrices=False)
+    return vh[:rank].T
+
+
 def random_subspace(d: int, rank: int, seed: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(d, rank, generator=torch.Generator().manual_seed(seed)))
     return q
@@ -125,6 +140,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1, help="task seed (held out from discovery's 0)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results" / "starter_targets" / "ioi_positions"))
+    ap.add_argument("--error-ranks", default="",
+                    help="comma list of r: also put back the error's top-r principal directions at the names and the "
+                         "last token (fit on other prompts), to ask how many directions the lost part needs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -174,10 +192,15 @@ def main() -> int:
         rows[site.name]["all_random_restored"] = recovered(
             run(site, roles["all"], restore=random_subspace(basis.shape[0], basis.shape[1], 0)), clean, zero)
         rows[site.name]["all_own_embedding_restored"] = recovered(run(site, roles["all"], restore_own=True), clean, zero)
+        for rank in (int(v) for v in args.error_ranks.split(",") if v):
+            pcs = error_subspace(spliced, other_inputs, site, dset[site.name], other_names | other_roles["END"], rank)
+            rows[site.name][f"all_error_top{rank}_restored"] = recovered(run(site, roles["all"], restore=pcs), clean, zero)
+            rows[site.name][f"all_random{rank}_restored"] = recovered(
+                run(site, roles["all"], restore=random_subspace(pcs.shape[0], rank, 0)), clean, zero)
         print(site.name, {k: None if v is None else round(v, 3) for k, v in rows[site.name].items()}, flush=True)
     example = model.tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
     report = {"saes": args.saes, "model": args.model, "task": args.task, "pairs": args.pairs, "seed": args.seed,
-              "clean": clean, "example": example, "sites": rows, "wall_s": round(time.time() - t0, 1)}
+              "error_ranks": [int(v) for v in args.error_ranks.split(",") if v], "clean": clean, "example": example, "sites": rows, "wall_s": round(time.time() - t0, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
@@ -220,6 +243,16 @@ def render(r: dict, args: argparse.Namespace) -> str:
             lines.append(f"| {name} | {f(row['all'])} | {f(row['all_names_restored'])} | "
                          f"{f(row['all_random_restored'])} | {row['subspace_rank']} | "
                          f"{f(row.get('all_own_embedding_restored'))} |")
+    ranks = r.get("error_ranks") or []
+    if ranks:
+        lines += ["", "How many directions the lost part needs: `all` with the error's top-r principal directions "
+                  "put back (uncentred, fit on the errors at the names' and the last token's positions of other "
+                  f"prompts, task seed {r['seed'] + 1000}), against r random directions:", "",
+                  "| site | all | " + " | ".join(f"top {k} / random {k}" for k in ranks) + " |",
+                  "|---|---|" + "---|" * len(ranks)]
+        for name, row in r["sites"].items():
+            lines.append(f"| {name} | {f(row['all'])} | " + " | ".join(
+                f"{f(row[f'all_error_top{k}_restored'])} / {f(row[f'all_random{k}_restored'])}" for k in ranks) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -181,3 +181,35 @@ def test_error_sites_splits_each_resid_cut_and_keeps_all_with_exact_dictionaries
                                mod.metric_difference(plain, batch)) == pytest.approx(1.0, abs=1e-4)
     md = mod.render("t", "X", [r])
     assert all(md.count(f"| {s} |") <= 1 for s in r["split"])
+
+
+def test_ioi_error_subspace_holds_more_of_the_error_than_random_directions(tiny, tmp_path):
+    """scripts/ioi_positions.py --error-ranks: the error's top-r directions are orthonormal and
+    hold at least as much of the SAE's error energy as any r random directions do."""
+    spec = importlib.util.spec_from_file_location("ioi_positions", SCRIPT.parent / "ioi_positions.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from featcircuits.tasks import make_pairs, tokenize_pairs
+
+    random_saelens_set(tiny, tmp_path / "set", width=16)
+    dset = load_dictionary_set(str(tmp_path / "set"), tiny.adapter)
+    batch, _ = tokenize_pairs(make_pairs("ioi", 8, 0), tiny.tokenizer)
+    roles = mod.role_masks(batch.clean_ids, batch.clean_mask, batch.clean_answer, batch.patch_answer,
+                           tiny.tokenizer.bos_token_id)
+    where = roles["S1"] | roles["S2"] | roles["IO"] | roles["END"]
+    inputs = {"input_ids": batch.clean_ids, "attention_mask": batch.clean_mask}
+    site = tiny.adapter.site("resid_1")
+    sm = SplicedModel(tiny)
+    q = mod.error_subspace(sm, inputs, site, dset["resid_1"], where, 3)
+    assert q.shape == (tiny.adapter.d_model, 3)
+    assert torch.allclose(q.T @ q, torch.eye(3), atol=1e-5)
+    x = mod.site_activations(sm, inputs, site)[where]
+    with torch.no_grad():
+        err = x - dset["resid_1"].decode(dset["resid_1"].encode(x)).float()
+    top = float((err @ q).pow(2).sum())
+    for seed in range(5):
+        assert top >= float((err @ mod.random_subspace(q.shape[0], 3, seed)).pow(2).sum()) - 1e-5
