@@ -187,8 +187,40 @@ def test_train_saes_help_lists_the_recipe_flags(capsys):
     assert exc.value.code == 0
     shown = capsys.readouterr().out
     for flag in ("--resume", "--seed", "--architecture", "--dim-clip", "--resample-until", "--samples", "--text",
-                 "--device", "--name-swaps"):
+                 "--device", "--name-swaps", "--sample-batch"):
         assert flag in shown
+
+
+@pytest.mark.parametrize("bad, word", [(["--samples", "4", "--sample-batch", "0"], "--sample-batch"),
+                                       (["--name-swaps", "2"], "--name-swaps"),
+                                       (["--sample-names"], "--sample-names")])
+def test_train_saes_refuses_bad_sampling_flags_in_one_line(tiny_model_dir, tmp_path, capsys, bad, word):
+    from featcircuits.cli import main
+
+    assert main(["train-saes", "--model", str(tiny_model_dir), "--out", str(tmp_path / "set"), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert word in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_train_saes_samples_with_the_batch_asked_for(tiny_model_dir, tmp_path, monkeypatch):
+    """--sample-batch reaches the sampler (it is part of the sampling recipe and the cache's name)."""
+    import featcircuits.training.samples as S
+    from featcircuits.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(hf, tokenizer, model_spec, n, **kw):
+        seen.update(kw, n=n)
+        raise Stop
+
+    monkeypatch.setattr(S, "model_samples", fake)
+    with pytest.raises(Stop):
+        main(["train-saes", "--model", str(tiny_model_dir), "--out", str(tmp_path / "set"), "--samples", "8",
+              "--sample-batch", "4"])
+    assert seen["batch"] == 4 and seen["n"] == 8
 
 
 def test_collect_stops_after_the_last_site_and_records_what_a_full_forward_sees(model, corpus):

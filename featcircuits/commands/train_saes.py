@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sample-names", action="store_true",
                    help="open every other sample with a common English given name (person names in running "
                         "prose; featcircuits.training.samples.NAME_OPENERS)")
+    p.add_argument("--sample-batch", type=int, default=32, metavar="B",
+                   help="samples generated together (default 32): larger is faster where memory allows, e.g. "
+                        "512 on a GPU; part of the sampling recipe, so the same samples need the same B")
     p.add_argument("--name-swaps", type=int, default=0, metavar="N",
                    help="add N copies of every model sample that holds a given name, its names swapped for "
                         "others of the list (more occurrences of each name without sampling; needs --samples)")
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--samples must be >= 0 and --window >= 2")
     if args.max_chars_per_source is not None and args.max_chars_per_source < 1:
         raise UserError("--max-chars-per-source must be >= 1")
+    if args.sample_batch < 1:
+        raise UserError(f"--sample-batch must be >= 1, got {args.sample_batch}")
     if args.sample_names and not args.samples:
         raise UserError("--sample-names needs --samples N (it chooses how the model's samples open)")
     if args.name_swaps < 0 or (args.name_swaps and not args.samples):
@@ -127,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     samples = None
     if args.samples:
         samples = model_samples(model.hf, model.tokenizer, args.model, args.samples, seed=args.seed,
-                                progress=not args.no_progress, log=say, openers=opener_cycle(args.sample_names))
+                                batch=args.sample_batch, progress=not args.no_progress, log=say,
+                                openers=opener_cycle(args.sample_names))
     corpus = build_corpus(model.tokenizer, seed=args.seed, log=say, samples=samples, docs=docs,
                           window=args.window, cache=docs is None,
                           max_chars_per_source=args.max_chars_per_source or MAX_CHARS_PER_SOURCE,
