@@ -119,6 +119,7 @@ def difference_kept(sm: SplicedModel, batch: Batch, site, bos: int, plain: float
 
 
 def measure(sm: SplicedModel, task: str, n: int, bos: int) -> dict:
+    """Both measures on ``n`` discovery pairs of ``task`` (seed 0, as ``starter_targets.py``)."""
     t0 = time.perf_counter()
     batch, dropped = tokenize_pairs(make_pairs(task, n, 0), sm.model.tokenizer)
     sites = evaluated_sites(sm)
