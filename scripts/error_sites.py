@@ -80,7 +80,8 @@ def relp_split(sm: SplicedModel, batch: Batch, sites) -> dict:
             for r, m in where.items():
                 split[s.name][r][0] += float(v.f[m].sum()) / len(batch)
                 split[s.name][r][1] += float(v.err[m].sum()) / len(batch)
-        eff = {s.name: ne.mean("sum")[s.name] for s in sites}
+        summed = ne.mean("sum")  # one aggregation per pair (it covers every site)
+        eff = {s.name: summed[s.name] for s in sites}
         pooled = eff if not pooled else {k: pooled[k] + eff[k] for k in eff}
         scores, space = candidate_effects(eff, sites)
         per_pair.append(error_share(eff, space.unflatten(NodeSpace.top_k(scores, TOP))))

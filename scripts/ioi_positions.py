@@ -144,6 +144,7 @@ def main() -> int:
                     help="comma list of r: also put back the error's top-r principal directions at the names and the "
                          "last token (fit on other prompts), to ask how many directions the lost part needs")
     args = ap.parse_args()
+    error_ranks = [int(v) for v in args.error_ranks.split(",") if v]
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load_model(args.model)
@@ -192,7 +193,7 @@ def main() -> int:
         rows[site.name]["all_random_restored"] = recovered(
             run(site, roles["all"], restore=random_subspace(basis.shape[0], basis.shape[1], 0)), clean, zero)
         rows[site.name]["all_own_embedding_restored"] = recovered(run(site, roles["all"], restore_own=True), clean, zero)
-        for rank in (int(v) for v in args.error_ranks.split(",") if v):
+        for rank in error_ranks:
             pcs = error_subspace(spliced, other_inputs, site, dset[site.name], other_names | other_roles["END"], rank)
             rows[site.name][f"all_error_top{rank}_restored"] = recovered(run(site, roles["all"], restore=pcs), clean, zero)
             rows[site.name][f"all_random{rank}_restored"] = recovered(
@@ -200,7 +201,7 @@ def main() -> int:
         print(site.name, {k: None if v is None else round(v, 3) for k, v in rows[site.name].items()}, flush=True)
     example = model.tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
     report = {"saes": args.saes, "model": args.model, "task": args.task, "pairs": args.pairs, "seed": args.seed,
-              "error_ranks": [int(v) for v in args.error_ranks.split(",") if v], "clean": clean, "example": example, "sites": rows, "wall_s": round(time.time() - t0, 1)}
+              "error_ranks": error_ranks, "clean": clean, "example": example, "sites": rows, "wall_s": round(time.time() - t0, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))

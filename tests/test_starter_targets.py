@@ -16,12 +16,22 @@ from featcircuits.tracing import SplicedModel
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "starter_targets.py"
 
 
+def _script(name: str):
+    """scripts/NAME.py as a fresh module (scripts/ on the path while it loads: scripts import
+    each other, e.g. sae_report and starter_targets)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return mod
+
+
 @pytest.fixture(scope="module")
 def st():
-    spec = importlib.util.spec_from_file_location("starter_targets", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("starter_targets")
 
 
 def test_task_row_names_its_error_nodes(st, tiny, tmp_path):
@@ -53,13 +63,7 @@ def test_table_names_a_missing_measurement(st, tmp_path, monkeypatch):
 def test_ioi_roles_are_found_from_the_answers_not_assumed(tiny):
     """scripts/ioi_positions.py's role masks: the subject is the answer that occurs twice,
     whichever of the two answers it is, and BOS and padding belong to no role."""
-    spec = importlib.util.spec_from_file_location("ioi_positions", SCRIPT.parent / "ioi_positions.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports sae_report from scripts/
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    mod = _script("ioi_positions")
     import torch
 
     # BOS=1, pad=0; names 7 and 8; prompt 0: "7 and 8 ... 7 to", prompt 1 (left-padded): "8 and 7 ... 8 to"
@@ -82,9 +86,7 @@ def test_corpus_names_counts_each_single_token_form_and_marks_the_rest(tiny):
     for a form the tokenizer splits (no single token to count)."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("corpus_names", SCRIPT.parent / "corpus_names.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("corpus_names")
     tok = tiny.tokenizer
     mary = tok.encode(" Mary", add_special_tokens=False)
     assert len(mary) == 1
@@ -100,13 +102,7 @@ def test_ioi_name_subspace_is_orthonormal_with_one_direction_fewer_than_names(ti
     mean activations (n names span n - 1 directions once centred)."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("ioi_positions", SCRIPT.parent / "ioi_positions.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    mod = _script("ioi_positions")
     from featcircuits.tasks import make_pairs, tokenize_pairs
 
     batch, _ = tokenize_pairs(make_pairs("ioi", 8, 0), tiny.tokenizer)
@@ -128,10 +124,7 @@ def test_held_out_names_measures_both_name_lists_per_site(tiny, tmp_path):
     names, measured on pairs that really use those names; the table lists each site once."""
     from featcircuits.tasks import ioi_pairs, tokenize_pairs
 
-    spec = importlib.util.spec_from_file_location("held_out_names", SCRIPT.parent / "held_out_names.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports sae_report from scripts/
-    spec.loader.exec_module(mod)
+    mod = _script("held_out_names")
     from featcircuits.tasks import NAMES
 
     # The tiny word-level vocabulary holds the task's words only, so six of the task's own names
@@ -153,10 +146,7 @@ def test_error_sites_splits_each_resid_cut_and_keeps_all_with_exact_dictionaries
     """scripts/error_sites.py: per pair, the features + error of every residual site add up to the
     behaviour (two-point RelP conserves each layer cut), the changed positions are where the two
     prompts differ, and an exact (identity) dictionary keeps all of the behaviour."""
-    spec = importlib.util.spec_from_file_location("error_sites", SCRIPT.parent / "error_sites.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports starter_targets from scripts/
-    spec.loader.exec_module(mod)
+    mod = _script("error_sites")
     from featcircuits.tasks import make_pairs, tokenize_pairs
 
     random_saelens_set(tiny, tmp_path / "set", width=16)
@@ -186,13 +176,7 @@ def test_error_sites_splits_each_resid_cut_and_keeps_all_with_exact_dictionaries
 def test_ioi_error_subspace_holds_more_of_the_error_than_random_directions(tiny, tmp_path):
     """scripts/ioi_positions.py --error-ranks: the error's top-r directions are orthonormal and
     hold at least as much of the SAE's error energy as any r random directions do."""
-    spec = importlib.util.spec_from_file_location("ioi_positions", SCRIPT.parent / "ioi_positions.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    mod = _script("ioi_positions")
     from featcircuits.tasks import make_pairs, tokenize_pairs
 
     random_saelens_set(tiny, tmp_path / "set", width=16)
