@@ -79,7 +79,8 @@ def task_row(sm: SplicedModel, task: str, n: int, n_eval: int, sizes, batch_size
     evb, ev_dropped = tokenize_pairs(ev_pairs, sm.model.tokenizer)
     ne = node_effects(sm, disc, "relp", batch_size=batch_size, progress=False)
     sites = evaluated_sites(sm)
-    effects = {s.name: v for s, v in zip(sites, (ne.mean("sum")[s.name] for s in sites))}
+    summed = ne.mean("sum")  # one aggregation (it covers every site)
+    effects = {s.name: summed[s.name] for s in sites}
     scores, space = candidate_effects(effects, sites)
     ev = Evaluator(sm, evb, batch_size=batch_size, progress=False)
     masks = [space.unflatten(NodeSpace.top_k(scores, k)) for k in sizes]
