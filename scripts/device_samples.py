@@ -56,6 +56,31 @@ def check_ids(tok, expected: dict[str, list[int]] | None) -> dict:
     return {"ids": got, "match": None if expected is None else got == expected}
 
 
+def fill(hf, tok, cache: Path, seconds: float, batch: int, round_chunks: int, max_samples: int, seed: int,
+         names: bool, report: dict, out: Path, model_spec: str = MODEL_SPEC) -> dict:
+    """Generate rounds of ``round_chunks`` chunks through ``model_samples`` until the next round would
+    end after ``seconds`` (at least one round) or ``max_samples`` are there; after each round write
+    ``out/samples.json`` (``report``, the rounds' timings, the sampling recipe). Returns the recipe."""
+    from featcircuits.training.samples import model_samples, opener_cycle
+
+    openers = opener_cycle(names)
+    report.setdefault("rounds", [])
+    start, n_chunks, recipe = time.time(), 0, {}
+    while n_chunks * batch < max_samples:
+        t = time.time()
+        n_chunks += round_chunks
+        kept, recipe = model_samples(hf, tok, model_spec, n_chunks * batch, seed=seed, batch=batch, cache=cache,
+                                     progress=False, openers=openers)
+        dt = time.time() - t
+        report["rounds"].append({"chunks": n_chunks, "s": round(dt, 1), "kept": len(kept)})
+        print(f"{n_chunks} chunks ({n_chunks * batch} samples, {len(kept)} kept) in {time.time() - start:.0f} s; "
+              f"this round {recipe['tokens_per_s_this_call']} tok/s", flush=True)
+        (out / "samples.json").write_text(json.dumps({**report, "recipe": recipe}, indent=1))
+        if time.time() - start + dt > seconds:
+            break
+    return recipe
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gguf", help="the offline Gemma's .gguf file")
@@ -73,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _bare_package()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from featcircuits.training.samples import model_samples, opener_cycle
 
     if args.write_expected_ids:
         from featcircuits.models import offline_gemma_folder
@@ -101,21 +124,8 @@ def main(argv: list[str] | None = None) -> int:
               "tokenizer": check_ids(tok, json.loads(Path(args.expect_ids).read_text()) if args.expect_ids else None),
               "rounds": []}
     print(json.dumps({k: v for k, v in report.items() if k != "rounds"}), flush=True)
-    openers = opener_cycle(args.names)
-    start, n_chunks, recipe = time.time(), 0, None
-    while n_chunks * args.batch < args.max_samples:
-        t = time.time()
-        n_chunks += args.round_chunks
-        kept, recipe = model_samples(hf, tok, MODEL_SPEC, n_chunks * args.batch, seed=args.seed, batch=args.batch,
-                                     cache=Path(args.cache), progress=False, openers=openers)
-        dt = time.time() - t
-        report["rounds"].append({"chunks": n_chunks, "s": round(dt, 1), "kept": len(kept)})
-        print(f"{n_chunks} chunks ({n_chunks * args.batch} samples, {len(kept)} kept) in "
-              f"{time.time() - start:.0f} s; this round {recipe['tokens_per_s_this_call']} tok/s",
-              flush=True)
-        (out / "samples.json").write_text(json.dumps({**report, "recipe": recipe}, indent=1))
-        if time.time() - start + dt > args.seconds:
-            break
+    fill(hf, tok, Path(args.cache), args.seconds, args.batch, args.round_chunks, args.max_samples, args.seed,
+         args.names, report, out)
     return 0
 
 

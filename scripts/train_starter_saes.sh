@@ -51,6 +51,14 @@ DEST=${DEST:-saes/starter-v3}  # the folder the registry's `starter` names (feat
 INSTALL=${INSTALL:-1}
 THREADS=${THREADS:-1}
 mkdir -p "$RUN"
+# Model samples made on a GPU (scripts/device_samples.py; results/device_samples/) ship as
+# saes/samples/samples-HASH.tar.xz: unpacked into the sampler's cache (files already there kept),
+# --samples N reuses them instead of sampling on the CPU, provided the recipe matches
+# (--sample-batch 1024 --sample-names, seed 0; N at most the archive's 81,920).
+CACHE="${FEATCIRCUITS_CACHE:-$HOME/.cache/featcircuits}/corpus"
+for a in saes/samples/samples-*.tar.xz; do
+  [ -e "$a" ] && mkdir -p "$CACHE" && tar --skip-old-files -xJf "$a" -C "$CACHE"
+done
 start=$(date +%s)
 if [ ! -f "$RUN/set.json" ]; then
   echo "train_starter_saes: $(date -u +%FT%TZ) (re)starting in $RUN" >> "$RUN/train.log"

@@ -197,3 +197,41 @@ def test_ioi_error_subspace_holds_more_of_the_error_than_random_directions(tiny,
     top = float((err @ q).pow(2).sum())
     for seed in range(5):
         assert top >= float((err @ mod.random_subspace(q.shape[0], 3, seed)).pow(2).sum()) - 1e-5
+
+
+def test_device_samples_fill_the_cache_that_train_saes_reads(tmp_path, monkeypatch):
+    """scripts/device_samples.py (run on a GPU machine) fills the cache folder that train-saes'
+    ``model_samples`` then reads without generating: same recipe key, same samples."""
+    from featcircuits.testing import tiny_model
+    from featcircuits.training import samples as S
+
+    ds = _script("device_samples")
+    model = tiny_model("gemma3")
+    report: dict = {}
+    recipe = ds.fill(model.hf, model.tokenizer, tmp_path / "corpus", seconds=0.0, batch=4, round_chunks=2,
+                     max_samples=100, seed=0, names=True, report=report, out=tmp_path, model_spec="tiny")
+    assert recipe["chunks"] == 2 and len(report["rounds"]) == 1  # a zero budget still runs one round
+    assert json.loads((tmp_path / "samples.json").read_text())["recipe"]["raw_sha256"] == recipe["raw_sha256"]
+
+    def no_generation(*a, **k):
+        raise AssertionError("train-saes generated samples the device had cached")
+
+    monkeypatch.setattr(S, "_sample", no_generation)
+    _, again = S.model_samples(model.hf, model.tokenizer, "tiny", 8, seed=0, batch=4, cache=tmp_path / "corpus",
+                               progress=False, openers=S.opener_cycle(True))
+    assert again["raw_sha256"] == recipe["raw_sha256"]
+    monkeypatch.undo()
+    capped = ds.fill(model.hf, model.tokenizer, tmp_path / "c2", seconds=1e9, batch=4, round_chunks=1,
+                     max_samples=8, seed=0, names=False, report={}, out=tmp_path, model_spec="tiny")
+    assert capped["chunks"] == 2  # stopped by max_samples, not the budget
+
+
+def test_device_samples_need_neither_nnsight_nor_sae_lens():
+    """The GPU image has torch and transformers only: the script's bare-package import of the
+    sampler must not pull in featcircuits/__init__ (nnsight) or sae-lens."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'scripts'); import device_samples as d; d._bare_package(); "
+            "import featcircuits.training.samples, featcircuits.models, featcircuits.io; "
+            "bad = [m for m in ('nnsight', 'sae_lens') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent.parent, check=True, timeout=120)
