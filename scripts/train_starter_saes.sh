@@ -16,7 +16,8 @@
 # SAE steps are many short parallel regions, each then paying a wake-up.
 # The set saes/starter-v2 (deleted since; figures in results/starter_targets/v2.md) was made with TOKENS=500000 SAMPLES=384 NAMES=0 MAX_CHARS=6400000
 # ATTN_WIDTH=768 THREADS=2; saes/starter-v3 with the defaults below and THREADS=2 (results/README.md,
-# "Starter dictionaries").
+# "Starter dictionaries"); the candidate v5 (measured, not shipped) with TOKENS=750000 SAMPLES=16384
+# MAX_CHARS=100000 THREADS=2 and the argument --sample-batch 1024 (the GPU samples of saes/samples/).
 # THREADS (default 1): with 2 threads a run trained 149-184 tok/s on the two idle cores but fell to 37-75
 # tok/s once other jobs shared them (the feature-store pass measured 2 threads 2.6-3.5x slower than 1
 # on the loaded machine: the threads wait on each other); use 2 only on an idle machine.
