@@ -44,8 +44,12 @@ def measure(model, set_names: list[str], site_filter: str, pairs: int, seed: int
     out = {"pairs": {t: len(b) for t, b in batches.items()}, "clean": clean, "sets": {}}
     for name in set_names:
         dset = load_dictionary_set(name, model.adapter)
-        sites = [s for s in model.adapter.sites() if s.name.startswith(site_filter)
+        # a partial set (a run trained at a few sites) is measured where it has dictionaries
+        sites = [s for s in model.adapter.sites() if s.name.startswith(site_filter) and s.name in dset
                  and s.name not in dset.meta.get("identity_sites", [])]
+        if not sites:
+            raise SystemExit(f"{name} has no dictionary at a site starting with {site_filter!r}")
+        print(f"{name}: {len(sites)} sites ({sites[0].name} .. {sites[-1].name})", flush=True)
         rows = {}
         for s in sites:
             row = {}
@@ -64,7 +68,7 @@ def _f(v) -> str:
 
 def render(res: dict, command: str) -> str:
     sets = list(res["sets"])
-    sites = list(next(iter(res["sets"].values()))["sites"])
+    sites = list(dict.fromkeys(site for r in res["sets"].values() for site in r["sites"]))  # union, first set's order first
     lines = [
         "# IOI with held-out names: does a set keep names it was not built around?",
         "",

@@ -140,6 +140,13 @@ def test_held_out_names_measures_both_name_lists_per_site(tiny, tmp_path):
     assert res["pairs"] == {"ioi": 6, "ioi-held-out-names": 6}
     table = mod.render(res, "held_out_names.py --saes X")
     assert all(table.count(f"| {n} |") == 1 for n in sites)
+    # a partial set (a run trained at one site) is measured at that site only, beside a full one
+    random_saelens_set(tiny, tmp_path / "part", width=16, sites=["resid_0"])
+    both = mod.measure(tiny, [str(tmp_path / "set"), str(tmp_path / "part")], "resid", 6, 1)
+    assert list(both["sets"][str(tmp_path / "part")]["sites"]) == ["resid_0"]
+    assert mod.render(both, "x").count("| resid_0 |") == 1
+    with pytest.raises(SystemExit):
+        mod.measure(tiny, [str(tmp_path / "part")], "attn", 6, 1)
 
 
 def test_error_sites_splits_each_resid_cut_and_keeps_all_with_exact_dictionaries(tiny, tmp_path):
