@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_SPEC = "gemma-3-270m-offline"  # the spec train-saes is called with: part of the cache key
 CHECK_STRINGS = ["The keys to the cabinet are", " When Mary and John went to the store, John gave a drink to",
                  "Alice wrote a letter to her brother."]
 
@@ -49,6 +48,11 @@ def _bare_package() -> None:
         pkg = types.ModuleType("featcircuits")
         pkg.__path__ = [str(ROOT / "featcircuits")]
         sys.modules["featcircuits"] = pkg
+
+
+_bare_package()
+from featcircuits.models import OFFLINE_ALIAS as MODEL_SPEC  # noqa: E402  (the spec train-saes is called with: part of the cache key)
+from featcircuits.models import _load_gguf  # noqa: E402
 
 
 def check_ids(tok, expected: dict[str, list[int]] | None) -> dict:
@@ -96,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-expected-ids", help="write this machine's tokenizer ids of the check strings and stop")
     p.add_argument("--out", default=".", help="where samples.json (recipe, timings) goes")
     args = p.parse_args(argv)
-    _bare_package()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if args.write_expected_ids:
         from featcircuits.models import offline_gemma_folder
@@ -116,14 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             tok = AutoTokenizer.from_pretrained(args.tokenizer)
         except Exception as exc:  # noqa: BLE001 - another transformers release; the GGUF holds the same vocabulary
             print(f"tokenizer folder failed ({exc!r}); using the GGUF's", flush=True)
-    tok = tok or AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).to(device)
+    hf, gguf_tok = _load_gguf(gguf, torch.float32)
+    hf, tok = hf.to(device), tok or gguf_tok
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
               "load_s": round(time.time() - t0, 1), "batch": args.batch, "seed": args.seed, "names": args.names,
-              "tokenizer": check_ids(tok, json.loads(Path(args.expect_ids).read_text()) if args.expect_ids else None),
-              "rounds": []}
-    print(json.dumps({k: v for k, v in report.items() if k != "rounds"}), flush=True)
+              "tokenizer": check_ids(tok, json.loads(Path(args.expect_ids).read_text()) if args.expect_ids else None)}
+    print(json.dumps(report), flush=True)
     fill(hf, tok, Path(args.cache), args.seconds, args.batch, args.round_chunks, args.max_samples, args.seed,
          args.names, report, out)
     return 0

@@ -206,14 +206,13 @@ def test_ioi_error_subspace_holds_more_of_the_error_than_random_directions(tiny,
         assert top >= float((err @ mod.random_subspace(q.shape[0], 3, seed)).pow(2).sum()) - 1e-5
 
 
-def test_device_samples_fill_the_cache_that_train_saes_reads(tmp_path, monkeypatch):
+def test_device_samples_fill_the_cache_that_train_saes_reads(tiny, tmp_path, monkeypatch):
     """scripts/device_samples.py (run on a GPU machine) fills the cache folder that train-saes'
     ``model_samples`` then reads without generating: same recipe key, same samples."""
-    from featcircuits.testing import tiny_model
     from featcircuits.training import samples as S
 
     ds = _script("device_samples")
-    model = tiny_model("gemma3")
+    model = tiny
     report: dict = {}
     recipe = ds.fill(model.hf, model.tokenizer, tmp_path / "corpus", seconds=0.0, batch=4, round_chunks=2,
                      max_samples=100, seed=0, names=True, report=report, out=tmp_path, model_spec="tiny")
