@@ -71,19 +71,25 @@ def top_error_nodes(effects, masks, top: int = 5) -> list[list]:
     return [[s, round(e / total, 4)] for s, e in errs] if total else []
 
 
+def top_k_circuits(sm: SplicedModel, disc, sizes, batch_size: int):
+    """RelP node effects on the discovery batch (positions summed, the evaluated sites) and the
+    top-k circuits by |effect| for each k in ``sizes``: (node effects, per-site effects, masks)."""
+    ne = node_effects(sm, disc, "relp", batch_size=batch_size, progress=False)
+    sites = evaluated_sites(sm)
+    summed = ne.mean("sum")  # one aggregation (it covers every site)
+    effects = {s.name: summed[s.name] for s in sites}
+    scores, space = candidate_effects(effects, sites)
+    return ne, effects, [space.unflatten(NodeSpace.top_k(scores, k)) for k in sizes]
+
+
 def task_row(sm: SplicedModel, task: str, n: int, n_eval: int, sizes, batch_size: int) -> dict:
     t0 = time.perf_counter()
     disc_pairs = make_pairs(task, n, 0)
     disc, dropped = tokenize_pairs(disc_pairs, sm.model.tokenizer)
     ev_pairs, _ = eval_pairs(task, n_eval, disc_pairs, 0)
     evb, ev_dropped = tokenize_pairs(ev_pairs, sm.model.tokenizer)
-    ne = node_effects(sm, disc, "relp", batch_size=batch_size, progress=False)
-    sites = evaluated_sites(sm)
-    summed = ne.mean("sum")  # one aggregation (it covers every site)
-    effects = {s.name: summed[s.name] for s in sites}
-    scores, space = candidate_effects(effects, sites)
+    ne, effects, masks = top_k_circuits(sm, disc, sizes, batch_size)
     ev = Evaluator(sm, evb, batch_size=batch_size, progress=False)
-    masks = [space.unflatten(NodeSpace.top_k(scores, k)) for k in sizes]
     results = ev.evaluate(masks, desc=f"{task} sizes")
     return {"n_discovery": len(disc), "discovery_dropped": len(dropped), "n_eval": len(evb),
             "eval_dropped": len(ev_dropped), "metric_clean": ne.metric_clean, "F_M": ev.F_M, "F_empty": ev.F_empty,

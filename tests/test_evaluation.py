@@ -90,6 +90,19 @@ def test_stacking_and_chunking_do_not_change_scores(spliced, batches):
     assert a == pytest.approx(b, abs=1e-5)
 
 
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+def test_pair_scores_are_the_per_example_terms_of_scores(spliced, batches, ablation):
+    _, ev_batch = batches
+    sites = E.evaluated_sites(spliced)
+    circuits = [random_circuit(spliced, sites, p, seed) for seed, p in enumerate((0.2, 0.7))]
+    ev = E.Evaluator(spliced, ev_batch, ablation=ablation, batch_size=3, stack=2)
+    per = ev.pair_scores(circuits + [E.full_masks(spliced, sites)])
+    assert per.shape == (3, len(ev_batch))
+    assert per.mean(1).tolist() == pytest.approx(ev.scores(circuits) + [ev.F_M], abs=1e-6)
+    # the examples differ: a spread over pairs exists to be measured
+    assert float(per[2].std()) > 1e-4
+
+
 def test_start_layer_leaves_earlier_sites_alone(spliced, batches):
     _, ev_batch = batches
     ev = E.Evaluator(spliced, ev_batch, start_layer=1, batch_size=8)

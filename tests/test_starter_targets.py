@@ -241,3 +241,31 @@ def test_device_samples_need_neither_nnsight_nor_sae_lens():
             "import featcircuits.training.samples, featcircuits.models, featcircuits.io; "
             "bad = [m for m in ('nnsight', 'sae_lens') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent.parent, check=True, timeout=120)
+
+
+def test_faithfulness_spread_seed_zero_is_starter_targets_split(tiny, tmp_path):
+    """scripts/faithfulness_spread.py: at seed 0 the same split and circuits as starter_targets'
+    row (same faithfulness and error share), a bootstrap interval around each figure, and paired
+    differences that are the two sets' figures subtracted seed by seed."""
+    st = _script("starter_targets")
+    fs = _script("faithfulness_spread")
+    a, b = tmp_path / "a", tmp_path / "b"
+    random_saelens_set(tiny, a, width=16, seed=0)
+    random_saelens_set(tiny, b, width=16, seed=1)
+    res = fs.measure(tiny, {"A": str(a), "B": str(b)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8)
+    row = st.task_row(SplicedModel(tiny, load_dictionary_set(str(a), tiny.adapter)), "sva-simple", 8, 8, (5, 20), 8)
+    for k in ("5", "20"):
+        ours = res["sets"]["A"]["seeds"]["0"]["sizes"][k]
+        assert ours["faithfulness"] == pytest.approx(row["sizes"][k]["faithfulness"], abs=1e-5)
+        assert ours["error_share"] == pytest.approx(row["sizes"][k]["error_share"], abs=1e-6)
+        for label in ("A", "B"):
+            for r in res["sets"][label]["seeds"].values():
+                lo, hi = r["sizes"][k]["bootstrap_90"]
+                assert lo <= hi
+        diffs = res["paired"]["B - A"][k]["faithfulness"]
+        assert diffs[1] == pytest.approx(res["sets"]["B"]["seeds"]["1"]["sizes"][k]["faithfulness"]
+                                         - res["sets"]["A"]["seeds"]["1"]["sizes"][k]["faithfulness"])
+    # the two seeds are different splits: the measure moves
+    f = [r["sizes"]["20"]["faithfulness"] for r in res["sets"]["A"]["seeds"].values()]
+    assert f[0] != f[1]
+    assert "faithfulness per seed" in fs.render(res, "cmd")

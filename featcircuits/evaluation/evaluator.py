@@ -127,6 +127,27 @@ class Evaluator:
                              dtype=torch.float64)
         return (total / len(self.batch)).tolist()
 
+    def pair_scores(self, circuits: Sequence[Masks], desc: str = "ablations") -> torch.Tensor:
+        """Each example's clean preference under each circuit, ``[len(circuits), n]`` (float64).
+
+        ``scores`` is the mean of these rows; kept per example so that the spread of a measure
+        over its pairs can be estimated (a bootstrap over pairs). One process only: under
+        torchrun use ``scores``."""
+        if distributed.world()[1] > 1:
+            raise UserError("pair_scores runs in one process; use scores() under torchrun")
+        circuits = list(circuits)
+        groups = [list(range(i, min(i + self.stack, len(circuits)))) for i in range(0, len(circuits), self.stack)]
+        chunks = self.batch.chunks(self.batch_size)
+        cols, start = [], 0
+        for chunk in tqdm(chunks, desc=desc, disable=not self.progress, leave=False):
+            values = self._chunk_values(start, len(chunk))
+            rows = torch.zeros(len(circuits), len(chunk), dtype=torch.float64)
+            for g in groups:
+                rows[g] = self._run(chunk, values, [circuits[j] for j in g]).double().cpu()
+            cols.append(rows)
+            start += len(chunk)
+        return torch.cat(cols, dim=1)
+
     def _ablated(self, values: dict[str, Act]) -> dict[str, torch.Tensor]:
         """A site's value when all of it is ablated: decode(a_f) + a_err."""
         with torch.no_grad():

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""How far does a 64-pair circuit measure move with its pairs? Faithfulness and error share over pair seeds.
+
+``starter_targets.py`` judges a set on one split of each task (seed 0: ``--n`` discovery pairs,
+``--n-eval`` held-out pairs). This script repeats that measure for several seeds: for seed s the
+discovery pairs are ``make_pairs(task, n, s)`` and the held-out pairs ``eval_pairs(task, n_eval,
+discovery, s)`` (seed 0 is starter_targets' split, so its figures come out the same); for each set
+the top-k RelP circuits from the discovery pairs and, on the held-out pairs, each pair's clean
+preference with the circuit kept, with nothing ablated (M) and with everything ablated (∅)
+(``Evaluator.pair_scores``; mean ablation, error nodes outside the circuit ablated). Faithfulness
+is (mean F(C) - mean F(∅)) / (mean F(M) - mean F(∅)), as ``evaluate`` reports it.
+
+Reported per set and circuit size: the faithfulness and top-k error share at every seed, their mean
+and standard deviation across seeds (the spread of the whole measure: which pairs discover the
+circuit and which judge it); for each seed a bootstrap 90 % interval over the held-out pairs (the
+circuit and the mean-ablation values fixed, only the judging sample resampled); with two or more
+sets, the paired difference per seed (every set sees the same pairs).
+
+    .venv/bin/python scripts/faithfulness_spread.py --sets v3=starter v5=/work/sae-runs/starter-v5-set \\
+        --task sva-simple --sizes 100 200 --seeds 0 1 2 3 4 5 6 7 --label faith_spread-sva-simple
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from featcircuits.dictionaries import load_dictionary_set  # noqa: E402
+from featcircuits.evaluation.evaluator import Evaluator  # noqa: E402
+from featcircuits.evaluation.masks import empty_masks, full_masks  # noqa: E402
+from featcircuits.evaluation.pairs import eval_pairs  # noqa: E402
+from featcircuits.models import load_model  # noqa: E402
+from featcircuits.tasks import make_pairs, tokenize_pairs  # noqa: E402
+from featcircuits.tracing import SplicedModel  # noqa: E402
+from starter_targets import error_share, top_k_circuits  # noqa: E402
+
+
+def faithfulness(per: torch.Tensor) -> float:
+    """per: [3, n] rows (circuit, M, ∅) of per-pair preferences -> ratio of the means."""
+    c, m, e = per.mean(1).tolist()
+    return (c - e) / (m - e) if abs(m - e) > 1e-12 else float("nan")
+
+
+def bootstrap(per: torch.Tensor, draws: int, seed: int, level: float = 0.9) -> tuple[float, float]:
+    """Percentile interval of ``faithfulness`` with the pairs (columns) resampled with replacement."""
+    gen = torch.Generator().manual_seed(seed)
+    n = per.shape[1]
+    idx = torch.randint(0, n, (draws, n), generator=gen)
+    s = per[:, idx].mean(2)  # [3, draws]
+    vals = ((s[0] - s[2]) / (s[1] - s[2])).sort().values
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    return float(vals[int(lo * (draws - 1))]), float(vals[int(hi * (draws - 1))])
+
+
+def measure(model, sets: dict[str, str], task: str, sizes, seeds, n: int, n_eval: int, draws: int,
+            batch_size: int) -> dict:
+    tok = model.tokenizer
+    spliced = {label: SplicedModel(model, load_dictionary_set(path, model.adapter, model.spec))
+               for label, path in sets.items()}
+    out: dict = {"sets": {}, "task": task, "sizes": list(sizes), "seeds": list(seeds), "n": n, "n_eval": n_eval,
+                 "bootstrap_draws": draws}
+    for label, sm in spliced.items():
+        out["sets"][label] = {"path": sets[label], "dictionaries_sha256": sm.dictionaries.digest(),
+                              "seeds": {}}
+    for seed in seeds:
+        disc_pairs = make_pairs(task, n, seed)
+        disc, _ = tokenize_pairs(disc_pairs, tok)
+        ev_pairs, _ = eval_pairs(task, n_eval, disc_pairs, seed)
+        evb, _ = tokenize_pairs(ev_pairs, tok)
+        for label, sm in spliced.items():
+            t0 = time.perf_counter()
+            _, effects, masks = top_k_circuits(sm, disc, sizes, batch_size)
+            ev = Evaluator(sm, evb, batch_size=batch_size)
+            per = ev.pair_scores(masks + [full_masks(sm, ev.sites), empty_masks(sm, ev.sites)])
+            row = {"n_discovery": len(disc), "n_eval": len(evb), "sizes": {}}
+            for i, k in enumerate(sizes):
+                rows = per[[i, len(sizes), len(sizes) + 1]]
+                lo, hi = bootstrap(rows, draws, seed)
+                row["sizes"][str(k)] = {"faithfulness": faithfulness(rows), "bootstrap_90": [lo, hi],
+                                        "error_share": error_share(effects, masks[i])}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            out["sets"][label]["seeds"][str(seed)] = row
+            print(f"seed {seed} {label}: " + "  ".join(
+                f"{k}: F {v['faithfulness']:.3f} [{v['bootstrap_90'][0]:.3f}, {v['bootstrap_90'][1]:.3f}] "
+                f"err {v['error_share']:.0%}" for k, v in row["sizes"].items()) + f" ({row['seconds']} s)", flush=True)
+    summarise(out)
+    return out
+
+
+def summarise(out: dict) -> None:
+    """Mean and sd across seeds per set and size; paired differences against the first set."""
+    labels = list(out["sets"])
+    for label in labels:
+        s = out["sets"][label]
+        s["summary"] = {}
+        for k in map(str, out["sizes"]):
+            f = [r["sizes"][k]["faithfulness"] for r in s["seeds"].values()]
+            e = [r["sizes"][k]["error_share"] for r in s["seeds"].values()]
+            s["summary"][k] = {"faithfulness_mean": statistics.mean(f), "faithfulness_sd": _sd(f),
+                               "faithfulness_min": min(f), "faithfulness_max": max(f),
+                               "error_share_mean": statistics.mean(e), "error_share_sd": _sd(e),
+                               "error_share_min": min(e), "error_share_max": max(e)}
+    if len(labels) > 1:
+        base = out["sets"][labels[0]]["seeds"]
+        out["paired"] = {}
+        for label in labels[1:]:
+            other = out["sets"][label]["seeds"]
+            out["paired"][f"{label} - {labels[0]}"] = {
+                k: {"faithfulness": [other[sd]["sizes"][k]["faithfulness"] - base[sd]["sizes"][k]["faithfulness"]
+                                     for sd in base],
+                    "error_share": [other[sd]["sizes"][k]["error_share"] - base[sd]["sizes"][k]["error_share"]
+                                    for sd in base]}
+                for k in map(str, out["sizes"])}
+
+
+def _sd(v: list[float]) -> float:
+    return statistics.stdev(v) if len(v) > 1 else float("nan")
+
+
+def render(out: dict, command: str) -> str:
+    sizes = [str(k) for k in out["sizes"]]
+    lines = [f"# Spread of the {out['n']}/{out['n_eval']}-pair measure on {out['task']}", "",
+             f"Written by `{command}`. Seed s: discovery pairs `make_pairs(task, {out['n']}, s)`, held-out pairs "
+             f"`eval_pairs(task, {out['n_eval']}, discovery, s)` (seed 0 = starter_targets.py's split); RelP top-k, "
+             f"mean ablation; bootstrap {out['bootstrap_draws']} draws over the held-out pairs.", "",
+             "| set | size | faithfulness per seed | mean ± sd | error share per seed | mean ± sd |",
+             "|---|---|---|---|---|---|"]
+    for label, s in out["sets"].items():
+        for k in sizes:
+            f = " ".join(f"{r['sizes'][k]['faithfulness']:.3f}" for r in s["seeds"].values())
+            e = " ".join(f"{r['sizes'][k]['error_share']:.0%}" for r in s["seeds"].values())
+            m = s["summary"][k]
+            lines.append(f"| {label} | {k} | {f} | {m['faithfulness_mean']:.3f} ± {m['faithfulness_sd']:.3f} | {e} | "
+                         f"{m['error_share_mean']:.1%} ± {m['error_share_sd']:.1%} |")
+    lines += ["", "Bootstrap 90 % intervals over the held-out pairs (circuit fixed), per seed:", "",
+              "| set | size | " + " | ".join(f"seed {sd}" for sd in out["seeds"]) + " |",
+              "|---|---|" + "---|" * len(out["seeds"])]
+    for label, s in out["sets"].items():
+        for k in sizes:
+            cells = [f"{r['sizes'][k]['bootstrap_90'][0]:.2f}-{r['sizes'][k]['bootstrap_90'][1]:.2f}"
+                     for r in s["seeds"].values()]
+            lines.append(f"| {label} | {k} | " + " | ".join(cells) + " |")
+    if out.get("paired"):
+        lines += ["", "Paired differences (same pairs for both sets), per seed:", "",
+                  "| difference | size | faithfulness | mean ± sd | error share (points) | mean ± sd |", "|---|---|---|---|---|---|"]
+        for name, per_k in out["paired"].items():
+            for k in sizes:
+                f, e = per_k[k]["faithfulness"], per_k[k]["error_share"]
+                lines.append(f"| {name} | {k} | " + " ".join(f"{x:+.3f}" for x in f)
+                             + f" | {statistics.mean(f):+.3f} ± {_sd(f):.3f} | "
+                             + " ".join(f"{100 * x:+.0f}" for x in e)
+                             + f" | {100 * statistics.mean(e):+.1f} ± {100 * _sd(e):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", nargs="+", required=True, metavar="LABEL=SET", help="SAE sets (registry name or folder)")
+    ap.add_argument("--model", default="gemma-3-270m-offline")
+    ap.add_argument("--task", default="sva-simple")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--label", default=None, help="output name (default faith_spread-TASK)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "starter_targets"))
+    args = ap.parse_args()
+    sets = {}
+    for item in args.sets:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--sets takes LABEL=SET, got {item!r}")
+        sets[label] = path
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    res = measure(model, sets, args.task, args.sizes, args.seeds, args.n, args.n_eval, args.bootstrap, args.batch_size)
+    label = args.label or f"faith_spread-{args.task}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "scripts/faithfulness_spread.py " + " ".join(sys.argv[1:])
+    (out / f"{label}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{label}.md").write_text(render(res, command))
+    print(f"-> {out / (label + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
