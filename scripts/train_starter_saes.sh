@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # The `starter` SAE set for gemma-3-270m-offline: (re)start or resume the training run, and
-# once it is complete write the set into DEST (default saes/starter-v3).
+# once it is complete write the set into DEST (default saes/starter-v5).
 #
 #   bash scripts/train_starter_saes.sh            # resume (or start) the run; install when it completes
 #   INSTALL=0 bash scripts/train_starter_saes.sh  # train only (what the background launch uses)
 #
-# The run lives OUTSIDE the git tree (RUN, default /work/sae-runs/starter-v3): checkpoint.pt
+# The run lives OUTSIDE the git tree (RUN, default /work/sae-runs/starter-v5): checkpoint.pt
 # every few forwards, progress lines (tokens/s, ETA, FVE and dead share per site) appended to
 # RUN/train.log. Killing it loses at most one checkpoint interval; rerunning this script
 # continues it exactly (same flags, same corpus hash; the trainer refuses a mismatch).
 # It runs under `nice -n 15` so it does not starve other work on this shared machine.
-# TOKENS (default 500000): training tokens; a resume must use the same number.
+# TOKENS (default 750000): training tokens; a resume must use the same number.
 # OMP_WAIT_POLICY (unset by default): PASSIVE makes a waiting thread sleep instead of spinning; on
 # the idle 2 cores it cost a third of the speed (~105 against ~149 tok/s, 2 threads): the 55 small
 # SAE steps are many short parallel regions, each then paying a wake-up.
 # The set saes/starter-v2 (deleted since; figures in results/starter_targets/v2.md) was made with TOKENS=500000 SAMPLES=384 NAMES=0 MAX_CHARS=6400000
-# ATTN_WIDTH=768 THREADS=2; saes/starter-v3 with the defaults below and THREADS=2 (results/README.md,
-# "Starter dictionaries"); the candidate v5 (measured, not shipped) with TOKENS=750000 SAMPLES=16384
-# MAX_CHARS=100000 THREADS=2 and the argument --sample-batch 1024 (the GPU samples of saes/samples/).
+# ATTN_WIDTH=768 THREADS=2; saes/starter-v3 (shipped until 2026-12-04, registered as starter-v3) with
+# TOKENS=500000 SAMPLES=1920 MAX_CHARS=200000 SAMPLE_BATCH=32 THREADS=2; saes/starter-v5 (the shipped
+# `starter`) with the defaults below and THREADS=2 (74 min; results/README.md, "Starter dictionaries").
 # THREADS (default 1): with 2 threads a run trained 149-184 tok/s on the two idle cores but fell to 37-75
 # tok/s once other jobs shared them (the feature-store pass measured 2 threads 2.6-3.5x slower than 1
 # on the loaded machine: the threads wait on each other); use 2 only on an idle machine.
@@ -26,18 +26,19 @@
 # the error term): TopK k=64, massive dimensions shrunk to 4x the median std (folded back into
 # the saved weights), dead latents resampled every 5 forwards to the end. The env overrides
 # (ARCH, K, DIM_CLIP, ...) exist for experiments; a resume must use the flags it started with.
-# Corpus: docstrings of the installed packages plus SAMPLES of the model's own English
-# samples (generated once, cached under ~/.cache/featcircuits/corpus; ~175 tok/s on the 2 idle
-# cores), every other one opened by a common given name (NAMES=1: person names in running prose).
+# Corpus: SAMPLES (default 16384, ~16,000 kept as English) of the model's own English samples,
+# every other one opened by a common given name (NAMES=1: person names in running prose), drawn
+# SAMPLE_BATCH (default 1024) at a time: the recipe of the GPU samples shipped in saes/samples/
+# (on the CPU ~175 tok/s on 2 idle cores, ~16 h for these), plus docstrings of the installed packages.
 # NAME_SWAPS (default 0) adds that many copies of each sample holding a given name, its names
 # swapped for others of the list (train-saes --name-swaps): more occurrences of each name without
 # sampling more.
-# MAX_CHARS caps each docstring source so that the samples are ~40 % of the training tokens
-# (the trainer reads the first TOKENS of the shuffled corpus; with the 6.4M default the 384
-# samples of starter-v2 were 1 % of them).
+# MAX_CHARS (default 100000) caps each docstring source: with 16,000 samples the docstrings are ~9 %
+# of the training tokens (the trainer reads the first TOKENS of the shuffled corpus; v3's 200k cap
+# with 1,866 samples made them ~60 %, starter-v2's 6.4M with 384 samples ~99 %).
 #
-# Installing writes the finished run (site folders + set.json) into DEST (default saes/starter-v3);
-# commit it in ONE commit (`git add -A saes/starter-v3`;
+# Installing writes the finished run (site folders + set.json) into DEST (default saes/starter-v5);
+# commit it in ONE commit (`git add -A saes/starter-v5`;
 # the set is ~130 MiB and every recommit adds its full size to history), then regenerate
 # results/saes.md with scripts/sae_report.py. A submission may carry at most 256 MiB of diffs,
 # added and deleted files both counted: replacing a set in place (delete ~130 + add ~130 MiB)
@@ -46,16 +47,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-RUN=${RUN:-/work/sae-runs/starter-v3}
-TOKENS=${TOKENS:-500000}
-DEST=${DEST:-saes/starter-v3}  # the folder the registry's `starter` names (featcircuits/data/registry.json)
+RUN=${RUN:-/work/sae-runs/starter-v5}
+TOKENS=${TOKENS:-750000}
+DEST=${DEST:-saes/starter-v5}  # the folder the registry's `starter` names (featcircuits/data/registry.json)
 INSTALL=${INSTALL:-1}
 THREADS=${THREADS:-1}
 mkdir -p "$RUN"
 # Model samples made on a GPU (scripts/device_samples.py; results/device_samples/) ship as
 # saes/samples/samples-HASH.tar.xz: unpacked into the sampler's cache (files already there kept),
 # --samples N reuses them instead of sampling on the CPU, provided the recipe matches
-# (--sample-batch 1024 --sample-names, seed 0; N at most the archive's 81,920).
+# (SAMPLE_BATCH=1024, NAMES=1, seed 0; SAMPLES at most the archive's 81,920).
 CACHE="${FEATCIRCUITS_CACHE:-$HOME/.cache/featcircuits}/corpus"
 for a in saes/samples/samples-*.tar.xz; do
   [ -e "$a" ] && mkdir -p "$CACHE" && tar --skip-old-files -xJf "$a" -C "$CACHE"
@@ -67,8 +68,8 @@ if [ ! -f "$RUN/set.json" ]; then
     --model gemma-3-270m-offline --sites all --width 1024 --attn-width "${ATTN_WIDTH:-512}" \
     --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
     --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
-    --tokens "$TOKENS" --samples "${SAMPLES:-1920}" $([ "${NAMES:-1}" = 1 ] && echo --sample-names) \
-    --max-chars-per-source "${MAX_CHARS:-200000}" --name-swaps "${NAME_SWAPS:-0}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
+    --tokens "$TOKENS" --samples "${SAMPLES:-16384}" --sample-batch "${SAMPLE_BATCH:-1024}" $([ "${NAMES:-1}" = 1 ] && echo --sample-names) \
+    --max-chars-per-source "${MAX_CHARS:-100000}" --name-swaps "${NAME_SWAPS:-0}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
     --checkpoint-every 10 --eval-tokens 16384 --threads "$THREADS" --no-progress \
     --out "$RUN" --resume "$@" >> "$RUN/train.log" 2>&1
   echo "train_starter_saes: $(date -u +%FT%TZ) training call ended after $(( $(date +%s) - start )) s" >> "$RUN/train.log"
