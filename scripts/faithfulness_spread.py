@@ -18,6 +18,11 @@ sets, the paired difference per seed (every set sees the same pairs).
 
     .venv/bin/python scripts/faithfulness_spread.py --sets v3=starter v5=/work/sae-runs/starter-v5-set \\
         --task sva-simple --sizes 100 200 --seeds 0 1 2 3 4 5 6 7 --label faith_spread-sva-simple
+    .venv/bin/python scripts/faithfulness_spread.py --table faith_spread-sva-simple faith_spread-ioi ...
+
+``--table`` writes ``faith_spread.md`` beside them: one row per task and set, the mean ± sd over
+the seeds of faithfulness and error share at each size, the widest bootstrap interval, and how
+often each set's error share is below the first set's.
 """
 
 from __future__ import annotations
@@ -162,9 +167,41 @@ def render(out: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_summary(results: list[dict], names: list[str]) -> str:
+    """Across tasks: mean ± sd over seeds per set and size, and the paired comparison of error shares."""
+    sizes = sorted({str(k) for r in results for k in r["sizes"]}, key=int)
+    lines = ["# Circuit rows over pair splits, all tasks", "",
+             "Written by `scripts/faithfulness_spread.py --table " + " ".join(names) + "` from the per-task files beside "
+             "this one. Faithfulness and top-k error share: mean ± sd over the seeds (each seed a split of "
+             "discovery and held-out pairs); *bootstrap* is the widest 90 % interval over held-out pairs among the "
+             "seeds; *lower error* counts the seeds at which a set's error share is below the first set's.", "",
+             "| task | set | seeds | " + " | ".join(f"faithfulness {k}" for k in sizes) + " | "
+             + " | ".join(f"error share {k}" for k in sizes) + " | bootstrap width (widest) | lower error share |",
+             "|---|---|---|" + "---|" * (2 * len(sizes)) + "---|---|"]
+    for r in results:
+        labels = list(r["sets"])
+        for label in labels:
+            s = r["sets"][label]
+            fs, es = [], []
+            for k in sizes:
+                m = s["summary"].get(k)
+                fs.append(f"{m['faithfulness_mean']:.3f} ± {m['faithfulness_sd']:.3f}" if m else "")
+                es.append(f"{m['error_share_mean']:.1%} ± {m['error_share_sd']:.1%}" if m else "")
+            width = max(v["bootstrap_90"][1] - v["bootstrap_90"][0] for row in s["seeds"].values() for v in row["sizes"].values())
+            lower = ""
+            if label != labels[0]:
+                base = r["sets"][labels[0]]["seeds"]
+                pairs = [(row["sizes"][k]["error_share"], base[sd]["sizes"][k]["error_share"])
+                         for sd, row in s["seeds"].items() for k in row["sizes"]]
+                lower = f"{sum(a < b for a, b in pairs)} of {len(pairs)} (seed x size)"
+            lines.append(f"| {r['task']} | {label} | {len(s['seeds'])} | " + " | ".join(fs) + " | " + " | ".join(es)
+                         + f" | {width:.2f} | {lower} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", nargs="+", required=True, metavar="LABEL=SET", help="SAE sets (registry name or folder)")
+    ap.add_argument("--sets", nargs="+", metavar="LABEL=SET", help="SAE sets (registry name or folder)")
     ap.add_argument("--model", default="gemma-3-270m-offline")
     ap.add_argument("--task", default="sva-simple")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
@@ -176,7 +213,19 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--label", default=None, help="output name (default faith_spread-TASK)")
     ap.add_argument("--out", default=str(ROOT / "results" / "starter_targets"))
+    ap.add_argument("--table", nargs="+", metavar="NAME", help="only write faith_spread.md from these files in --out")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.table:
+        missing = [n for n in args.table if not (out / f"{n}.json").is_file()]
+        if missing:
+            raise SystemExit(f"no {', '.join(missing)} in {out}; make each with --sets ... --task T --label NAME")
+        results = [json.loads((out / f"{n}.json").read_text()) for n in args.table]
+        (out / "faith_spread.md").write_text(render_summary(results, args.table))
+        print(f"-> {out / 'faith_spread.md'}")
+        return 0
+    if not args.sets:
+        raise SystemExit("give --sets LABEL=SET ... (or --table NAME ...)")
     sets = {}
     for item in args.sets:
         label, sep, path = item.partition("=")
@@ -187,7 +236,6 @@ def main() -> int:
     model = load_model(args.model)
     res = measure(model, sets, args.task, args.sizes, args.seeds, args.n, args.n_eval, args.bootstrap, args.batch_size)
     label = args.label or f"faith_spread-{args.task}"
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "scripts/faithfulness_spread.py " + " ".join(sys.argv[1:])
     (out / f"{label}.json").write_text(json.dumps(res, indent=1))

@@ -269,3 +269,7 @@ def test_faithfulness_spread_seed_zero_is_starter_targets_split(tiny, tmp_path):
     f = [r["sizes"]["20"]["faithfulness"] for r in res["sets"]["A"]["seeds"].values()]
     assert f[0] != f[1]
     assert "faithfulness per seed" in fs.render(res, "cmd")
+    summary = fs.render_summary([res], ["x"])
+    lower = sum(res["sets"]["B"]["seeds"][sd]["sizes"][k]["error_share"] < res["sets"]["A"]["seeds"][sd]["sizes"][k]["error_share"]
+                for sd in ("0", "1") for k in ("5", "20"))
+    assert f"| sva-simple | B | 2 |" in summary and f"{lower} of 4 (seed x size)" in summary
