@@ -101,7 +101,7 @@ class Evaluator:
         resumed call skips the chunks done (sums are added in the same order either way)."""
         circuits = list(circuits)
         total = torch.zeros(len(circuits), dtype=torch.float64)
-        groups = [list(range(i, min(i + self.stack, len(circuits)))) for i in range(0, len(circuits), self.stack)]
+        n_groups = math.ceil(len(circuits) / self.stack)
         chunks = self.batch.chunks(self.batch_size)
         offsets = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
         mine = distributed.shard(chunks)  # all chunks in one process; a contiguous block per rank under torchrun
@@ -113,13 +113,10 @@ class Evaluator:
             if total.shape != (len(circuits),):
                 raise UserError(f"checkpoint {checkpoint.path} holds {total.numel()} circuits, this run has "
                                 f"{len(circuits)}; delete it or match the original arguments")
-        bar = tqdm(total=len(groups) * len(mine), initial=done * len(groups), desc=desc,
+        bar = tqdm(total=n_groups * len(mine), initial=done * n_groups, desc=desc,
                    disable=not self.progress, leave=False)
         for n_done, (i, chunk) in enumerate(mine[done:], start=done + 1):
-            values = self._chunk_values(offsets[i], len(chunk))
-            for g in groups:
-                total[g] += self._run(chunk, values, [circuits[j] for j in g]).sum(1).double().cpu()
-                bar.update(1)
+            total += self._chunk_prefs(chunk, offsets[i], circuits, bar.update).sum(1).double().cpu()
             if checkpoint is not None:
                 checkpoint.save(n_done, {"total": total})
         bar.close()
@@ -136,17 +133,22 @@ class Evaluator:
         if distributed.world()[1] > 1:
             raise UserError("pair_scores runs in one process; use scores() under torchrun")
         circuits = list(circuits)
-        groups = [list(range(i, min(i + self.stack, len(circuits)))) for i in range(0, len(circuits), self.stack)]
-        chunks = self.batch.chunks(self.batch_size)
         cols, start = [], 0
-        for chunk in tqdm(chunks, desc=desc, disable=not self.progress, leave=False):
-            values = self._chunk_values(start, len(chunk))
-            rows = torch.zeros(len(circuits), len(chunk), dtype=torch.float64)
-            for g in groups:
-                rows[g] = self._run(chunk, values, [circuits[j] for j in g]).double().cpu()
-            cols.append(rows)
+        for chunk in tqdm(self.batch.chunks(self.batch_size), desc=desc, disable=not self.progress, leave=False):
+            cols.append(self._chunk_prefs(chunk, start, circuits).double().cpu())
             start += len(chunk)
         return torch.cat(cols, dim=1)
+
+    def _chunk_prefs(self, chunk: Batch, start: int, circuits: list[Masks], on_group=None) -> torch.Tensor:
+        """Clean preference [K, b] of examples ``start .. start + b`` under each of K circuits,
+        ``stack`` circuits per forward pass; ``on_group(1)`` after each pass (progress)."""
+        values = self._chunk_values(start, len(chunk))
+        rows = []
+        for i in range(0, len(circuits), self.stack):
+            rows.append(self._run(chunk, values, circuits[i:i + self.stack]))
+            if on_group is not None:
+                on_group(1)
+        return torch.cat(rows)
 
     def _ablated(self, values: dict[str, Act]) -> dict[str, torch.Tensor]:
         """A site's value when all of it is ablated: decode(a_f) + a_err."""
