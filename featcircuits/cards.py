@@ -229,7 +229,7 @@ def store_key(sm: SplicedModel, corpus: dict, s: StoreSettings, features: dict |
 def _locate(sm: SplicedModel, corpus: str, s: StoreSettings, features: dict | None, cache: Path | None) -> tuple:
     from .models import cache_dir
 
-    windows, desc = corpus_windows(corpus, sm.model.tokenizer, s.tokens)
+    windows, desc = corpus_windows(corpus, sm.model.tokenizer, s.tokens, sm.dictionaries.meta.get("set"))
     feats = None if features is None else {k: torch.as_tensor(sorted(set(int(i) for i in v)), dtype=torch.long)
                                            for k, v in features.items() if len(list(v))}
     key, prov = store_key(sm, desc, s, feats)
@@ -238,14 +238,14 @@ def _locate(sm: SplicedModel, corpus: str, s: StoreSettings, features: dict | No
     return root / key, windows, feats, key, prov
 
 
-def cached_store(sm: SplicedModel, corpus: str = "offline", settings: StoreSettings | None = None,
+def cached_store(sm: SplicedModel, corpus: str = "auto", settings: StoreSettings | None = None,
                  features: dict[str, Iterable[int]] | None = None, cache: Path | None = None) -> "FeatureStore | None":
     """The store :func:`feature_store` would return, if it is already cached; else None (builds nothing)."""
     folder = _locate(sm, corpus, settings or StoreSettings(), features, cache)[0]
     return FeatureStore.load(folder) if (folder / STORE_META).is_file() else None
 
 
-def feature_store(sm: SplicedModel, corpus: str = "offline", settings: StoreSettings | None = None,
+def feature_store(sm: SplicedModel, corpus: str = "auto", settings: StoreSettings | None = None,
                   features: dict[str, Iterable[int]] | None = None, cache: Path | None = None,
                   progress: bool = True) -> "FeatureStore":
     """The feature store for ``sm``'s dictionary set: from the cache, or built once and cached.

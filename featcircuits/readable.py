@@ -102,7 +102,7 @@ def _activation_sums(sm: SplicedModel, batch: Batch, nodes: dict, batch_size: in
     return acts
 
 
-def circuit_cards(sm: SplicedModel, circuit: Circuit, mode: str = "auto", corpus: str = "offline",
+def circuit_cards(sm: SplicedModel, circuit: Circuit, mode: str = "auto", corpus: str = "auto",
                   tokens: int = DEFAULT_CARD_TOKENS, progress: bool = True,
                   on_subset: Callable[[int, int], None] | None = None) -> tuple[dict[str, dict], dict | None]:
     """The cards of the circuit's feature nodes and a summary of where they came from.
@@ -162,7 +162,7 @@ def unlabelled(circuit: Circuit) -> list[str]:
 
 
 
-def build_features(sm: SplicedModel, corpus: str = "offline", *, tokens: int | None = None, top_k: int | None = None,
+def build_features(sm: SplicedModel, corpus: str = "auto", *, tokens: int | None = None, top_k: int | None = None,
                    seed: int = 0, batch: int | None = None, nodes: str | Path | None = None,
                    out: str | Path | None = None, progress: bool = True) -> tuple[FeatureStore, Path | None]:
     """What ``featcircuits features`` runs: the (cached, resumable) feature store of ``sm``'s

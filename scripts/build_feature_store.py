@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma-3-270m-offline")
     ap.add_argument("--saes", default="starter")
-    ap.add_argument("--corpus", default="offline")
+    ap.add_argument("--corpus", default="auto", help="as `featcircuits features --corpus`")
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="results/feature_store/starter.json")

@@ -54,13 +54,9 @@ INSTALL=${INSTALL:-1}
 THREADS=${THREADS:-1}
 mkdir -p "$RUN"
 # Model samples made on a GPU (scripts/device_samples.py; results/device_samples/) ship as
-# saes/samples/samples-HASH.tar.xz: unpacked into the sampler's cache (files already there kept),
-# --samples N reuses them instead of sampling on the CPU, provided the recipe matches
-# (SAMPLE_BATCH=1024, NAMES=1, seed 0; SAMPLES at most the archive's 81,920).
-CACHE="${FEATCIRCUITS_CACHE:-$HOME/.cache/featcircuits}/corpus"
-for a in saes/samples/samples-*.tar.xz; do
-  [ -e "$a" ] && mkdir -p "$CACHE" && tar --skip-old-files -xJf "$a" -C "$CACHE"
-done
+# saes/samples/samples-HASH.tar.xz: the sampler unpacks the chunks it needs into its cache
+# (featcircuits.training.samples.missing_chunks) instead of sampling them on the CPU, provided the
+# recipe matches (SAMPLE_BATCH=1024, NAMES=1, seed 0; SAMPLES at most the archive's 81,920).
 start=$(date +%s)
 if [ ! -f "$RUN/set.json" ]; then
   echo "train_starter_saes: $(date -u +%FT%TZ) (re)starting in $RUN" >> "$RUN/train.log"

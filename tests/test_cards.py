@@ -171,6 +171,31 @@ from featcircuits.labels import (auto_label, label_nodes, load_annotations, neur
                                  source_neuronpedia_url)
 
 
+def test_corpus_auto_uses_the_sets_text_only_where_it_can_be_rebuilt(setup, tmp_path, monkeypatch):
+    """``auto`` falls back to the offline corpus, and ``set`` refuses, for a set whose text
+    cannot be rebuilt here; the reason is said. The shipped starter's text can be rebuilt
+    from its set.json and the shipped samples archive, with an empty cache."""
+    from featcircuits.dictionaries import local_set_folder
+    from featcircuits.text_corpus import check_corpus, resolve_corpus, set_corpus_problem
+
+    for spec in ("auto", "set", "offline"):
+        check_corpus(spec)
+    sm = setup[0]
+    assert resolve_corpus("auto", sm.dictionaries.meta.get("set")) == "offline"  # a set with no set.json
+    with pytest.raises(UserError, match="records no training corpus"):
+        resolve_corpus("set", sm.dictionaries.meta.get("set"))
+    with pytest.raises(UserError, match="--text"):
+        resolve_corpus("set", {"corpus": {"modules": {}, "sources": {"text": 3}}})
+    monkeypatch.setenv("FEATCIRCUITS_CACHE", str(tmp_path / "cache"))
+    samples = {"model": "tiny", "chunks": 2, "batch": 4, "new_tokens": 6, "seed": 0, "temperature": 1.0, "top_k": 50}
+    unshipped = {"corpus": {"modules": {"stdlib": 1}, "model_samples": samples}}
+    assert "2 of the 2 chunks" in set_corpus_problem(unshipped)
+    assert resolve_corpus("auto", unshipped) == "offline"
+    assert resolve_corpus(str(setup[1]), unshipped) == str(setup[1])
+    starter = json.loads((local_set_folder("starter-v5") / "set.json").read_text())
+    assert set_corpus_problem(starter) is None and resolve_corpus("auto", starter) == "set"
+
+
 def test_auto_label_names_peak_tokens_and_promoted_tokens(setup):
     store = setup[2]
     card = store.card("resid_1", 7)

@@ -317,6 +317,34 @@ def test_model_samples_are_chunked_seeded_and_resumable(model, tmp_path):
     assert other["raw_sha256"] != rec["raw_sha256"]
 
 
+def test_missing_chunks_come_from_a_shipped_archive(model, tmp_path, monkeypatch):
+    """Samples shipped as saes/samples/<folder>.tar.xz are unpacked into the cache instead of
+    being sampled again: only the recipe's chunk files, and only the missing ones."""
+    import tarfile
+
+    from featcircuits.training import samples as S
+
+    kw = dict(new_tokens=6, batch=4, progress=False)
+    _, made = S.model_samples(model.hf, model.tokenizer, "tiny", 8, seed=0, cache=tmp_path / "made", **kw)
+    folder = next((tmp_path / "made").glob("samples-*"))
+    (folder / "notes.txt").write_text("not a chunk")
+    (tmp_path / "saes" / "samples").mkdir(parents=True)
+    with tarfile.open(tmp_path / "saes" / "samples" / f"{folder.name}.tar.xz", "w:xz") as tar:
+        tar.add(folder, arcname=folder.name)
+    monkeypatch.setenv("FEATCIRCUITS_SAES", str(tmp_path / "saes"))
+
+    def no_generation(*a, **k):
+        raise AssertionError("sampled what the archive ships")
+
+    monkeypatch.setattr(S, "_sample", no_generation)
+    _, again = S.model_samples(model.hf, model.tokenizer, "tiny", 8, seed=0, cache=tmp_path / "fresh", **kw)
+    assert again["raw_sha256"] == made["raw_sha256"]
+    unpacked = tmp_path / "fresh" / folder.name
+    assert sorted(p.name for p in unpacked.iterdir()) == ["chunk-00000.json", "chunk-00001.json"]
+    key = S.samples_key("tiny", 3, 4, 6, 0, 1.0, 50)
+    assert S.missing_chunks(key, tmp_path / "fresh") == [2]  # the archive holds two chunks of three
+
+
 def test_corpus_from_windows_holds_out_the_tail():
     w = torch.arange(40).view(10, 4)
     c = C.corpus_from_windows(w, eval_fraction=0.2)

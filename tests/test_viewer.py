@@ -43,6 +43,8 @@ def page(tmp_path_factory):
                           features=circuit_features(ids), cache=tmp / "cache", progress=False)
     cards = store.cards_for_nodes(ids)
     assert cards, "the circuit has feature nodes with cards"
+    # as discover records it: the card headings name the corpus the contexts come from
+    data.setdefault("metadata", {}).setdefault("provenance", {})["cards"] = {"corpus": store.meta["corpus"]}
     hostile = next(iter(cards))
     cards[hostile]["top"][0]["tokens"][0] = XSS[0]
     cards[hostile]["top"][0]["tokens"][1] = XSS[2]
@@ -113,6 +115,7 @@ def test_clicking_a_node_pins_its_card_with_example_text(browser, page):
     example = page["cards"][nid]["top"][0]
     assert "".join(example["tokens"]).replace("\n", "\u23ce").strip()[:20] in card.replace("\n", "")
     assert "Strongest incoming edges" in card
+    assert f"Top activating contexts \u2014 corpus.txt, {page['data']['metadata']['provenance']['cards']['corpus']['tokens']:,} tokens" in card
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 from ..graph import DEFAULT_TOP_K, describe_size
+from ..text_corpus import CORPUS_HELP, corpus_name
 from . import (load_model_from_args, add_model_args, add_out_args, add_rules_arg, add_task_args, add_threads_arg,
                check_dictionaries_early, default_saes, report_pairs)
 
@@ -43,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "auto = the set's cached feature store (`featcircuits features`) if built, else cards "
                         "for the circuit's features only; subset = always the latter; off = none")
     p.add_argument("--no-cards", dest="cards", action="store_const", const="off", help="same as --cards off")
-    p.add_argument("--corpus", default="offline",
-                   help="text for the cards: 'offline' (the bundled corpus), a .txt or a .jsonl file")
+    p.add_argument("--corpus", default="auto", help=CORPUS_HELP)
     p.add_argument("--card-tokens", type=int, default=None,
                    help="corpus tokens of the circuit-only cards (default 4096)")
     p.add_argument("--annotations", default=None, metavar="FILE.json",
@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {nid:<22} effect {eff:+.4f}  {label}")
     if card_info is not None:
         print(f"cards: {card_info['n_cards']} of {card_info['n_feature_nodes']} feature nodes "
-              f"({'circuit-only' if card_info['subset'] else 'full'} store, {card_info['tokens']} tokens)")
+              f"({'circuit-only' if card_info['subset'] else 'full'} store, {card_info['tokens']} tokens of "
+              f"{corpus_name((card_info.get('corpus') or {}).get('source'))})")
     if "quality" in circuit.provenance:
         for line in quality_lines(circuit.provenance["quality"]):
             print(line, file=sys.stderr if line.startswith("featcircuits: warning") else sys.stdout)

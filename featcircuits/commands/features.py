@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..text_corpus import CORPUS_HELP, corpus_name
 from . import add_model_args, add_threads_arg, default_saes, load_model_from_args
 
 
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "effect on the output tokens. Cached by (model, set, corpus, settings); a killed build "
                     "resumes. With --nodes, only the features of a circuit (graph.json) are built.")
     add_model_args(p)
-    p.add_argument("--corpus", default="offline", help="'offline' (bundled corpus), a .txt or a .jsonl file")
+    p.add_argument("--corpus", default="auto", help=CORPUS_HELP)
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens to stream (default 200000)")
     p.add_argument("--top-k", type=int, default=None, help="top activating contexts kept per feature (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled examples")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                    batch=args.batch_size, nodes=args.nodes, out=args.out)
     n_feat = sum(len(store.tensors[f"{s}.features"]) for s in store.meta["sites"])
     print(f"feature store: {n_feat} features at {len(store.meta['sites'])} sites over {store.n_tokens} tokens "
+          f"of {corpus_name((store.meta.get('corpus') or {}).get('source'))} "
           f"({'circuit-only' if store.meta.get('subset') else 'full'}; {time.perf_counter() - t1:.1f}s, "
           f"model load {t1 - t0:.1f}s) -> {store.folder}" + (f" (copied to {copied})" if copied else ""))
     return 0

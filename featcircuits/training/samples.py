@@ -123,6 +123,45 @@ def samples_key(model_spec: str, n_chunks: int, batch: int, new_tokens: int, see
             "openers": list(openers)}
 
 
+def samples_folder(key: dict[str, Any], cache: Path | None = None) -> Path:
+    """The cache folder of a sampling recipe (``samples_key``): one per recipe, whatever the
+    number of chunks (chunk ``i`` is the same text in every run of the recipe)."""
+    from ..models import cache_dir
+
+    return (cache or cache_dir() / "corpus") / ("samples-" + hashlib.sha256(
+        json.dumps({k: v for k, v in key.items() if k != "chunks"}, sort_keys=True).encode()).hexdigest()[:16])
+
+
+def shipped_archive(name: str) -> Path | None:
+    """``samples/<name>.tar.xz`` in a local set folder (``$FEATCIRCUITS_SAES``, the source tree's
+    ``saes/``): samples made elsewhere (``scripts/device_samples.py`` on a GPU) shipped with the sets."""
+    from ..dictionaries import local_set_dirs
+
+    for root in local_set_dirs():
+        path = root / "samples" / f"{name}.tar.xz"
+        if path.is_file():
+            return path
+    return None
+
+
+def missing_chunks(key: dict[str, Any], cache: Path | None = None) -> list[int]:
+    """The chunks of ``key`` that would have to be sampled: not in the cache after unpacking any
+    shipped archive of the recipe into it (chunk files already there are kept)."""
+    import tarfile
+
+    folder = samples_folder(key, cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"chunk-{i:05d}.json" for i in range(int(key["chunks"]))]
+    archive = shipped_archive(folder.name)
+    if archive is not None and not all((folder / n).is_file() for n in names):
+        wanted = {f"{folder.name}/{n}" for n in names if not (folder / n).is_file()}
+        with tarfile.open(archive, "r:xz") as tar:
+            # only the recipe's own chunk files, as plain files: nothing else in an archive is written
+            members = [m for m in tar.getmembers() if m.name in wanted and m.isfile()]
+            tar.extractall(folder.parent, members=members, filter="data")
+    return [i for i, n in enumerate(names) if not (folder / n).is_file()]
+
+
 @torch.no_grad()
 def _sample(hf: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, temperature: float, top_k: int,
             gen: torch.Generator) -> torch.Tensor:
@@ -171,16 +210,13 @@ def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed
     generated and kept, the measured tokens/s of this call and the sha256 of the raw samples.
     """
     from ..io import atomic_write
-    from ..models import cache_dir
 
     n_chunks = max(1, -(-n_samples // batch))
     key = samples_key(model_spec, n_chunks, batch, new_tokens, seed, temperature, top_k, openers)
-    folder = (cache or cache_dir() / "corpus") / ("samples-" + hashlib.sha256(
-        json.dumps({k: v for k, v in key.items() if k != "chunks"}, sort_keys=True).encode()).hexdigest()[:16])
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = samples_folder(key, cache)
+    todo = missing_chunks(key, cache)
     bos = tokenizer.bos_token_id
     opener_ids = [tokenizer.encode(w, add_special_tokens=False) for w in openers]
-    todo = [i for i in range(n_chunks) if not (folder / f"chunk-{i:05d}.json").is_file()]
     bar = None
     if progress and todo:
         from tqdm import tqdm

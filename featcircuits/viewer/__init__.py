@@ -62,8 +62,19 @@ def viewer_data(node_link: dict, cards: dict[str, dict] | None = None, labels: d
     default_title = " / ".join(str(x) for x in (task, prov.get("method"), prov.get("model")) if x) or "circuit"
     tokens = prompt_tokens if prompt_tokens is not None else prov.get("prompt_tokens")
     return _finite({"title": title or default_title, "nodes": nodes, "links": links,
+                    "cards_source": cards_source(prov.get("cards")),
                     "cards": {k: v for k, v in (cards or {}).items() if k in ids},
                     "prompt_tokens": [str(t) for t in tokens] if isinstance(tokens, list) else []})
+
+
+def cards_source(info: dict | None) -> str:
+    """Where the cards' contexts come from, as the card headings say it ("" when not recorded)."""
+    from ..text_corpus import corpus_name
+
+    corpus = (info or {}).get("corpus") or {}
+    if not corpus.get("source"):
+        return ""
+    return f"{corpus_name(corpus['source'])}, {int(corpus.get('tokens', 0)):,} tokens"
 
 
 def render_html(node_link: dict, cards: dict[str, dict] | None = None, labels: dict[str, str] | None = None,

@@ -187,7 +187,7 @@ function pin(id) {
   const url = n.neuronpedia || (c && c.neuronpedia);
   if (url && /^https:\/\/www\.neuronpedia\.org\//.test(url)) box.append(el("a", { href: url, target: "_blank", rel: "noopener" }, "Neuronpedia"));
   if (c) {
-    box.append(el("h3", {}, "Top activating contexts"));
+    box.append(el("h3", {}, "Top activating contexts" + (DATA.cards_source ? " \u2014 " + DATA.cards_source : "")));
     for (const ex of c.top || []) box.append(context(ex, c.max));
     if ((c.quantiles || []).length) {
       box.append(el("h3", {}, "Sampled active contexts (low to high)"));
