@@ -133,6 +133,13 @@ def main() -> int:
     ap.add_argument("--name-swaps", type=int, default=0, metavar="N",
                     help="with --corpus-of: add N name-swapped copies of each model sample holding a given name "
                          "(train-saes --name-swaps)")
+    ap.add_argument("--samples-only", type=int, default=0, metavar="N",
+                    help="with --corpus-of: only the first N of the set's model samples (no docstrings): a small "
+                         "corpus of the set's prose, the baseline of --pair-samples")
+    ap.add_argument("--pair-samples", type=int, default=0, metavar="M",
+                    help="with --samples-only N: the last M of those N replaced by M samples of the model opened by "
+                         "two given names (samples.pair_openers; sampled here, batch 32, cached): same size, "
+                         "a share of two-person text")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="measure nothing: one table in --out from the pilot_recipe.json of these folders (runs "
@@ -144,7 +151,13 @@ def main() -> int:
     t0 = time.time()
     model = load_model(args.model)
     sites = resolve_sites(model.adapter, args.sites)
-    if args.corpus_of:
+    if args.pair_samples and not args.samples_only or args.samples_only and not args.corpus_of:
+        ap.error("--pair-samples needs --samples-only, and --samples-only needs --corpus-of")
+    if args.samples_only:
+        set_meta = load_dictionary_set(args.corpus_of, model.adapter).meta.get("set", {})
+        corpus, corpus_name = samples_corpus(model, set_meta, args.samples_only, args.pair_samples)
+        corpus_name = corpus_name.replace("the set", f"`{args.corpus_of}`")
+    elif args.corpus_of:
         set_meta = load_dictionary_set(args.corpus_of, model.adapter).meta.get("set", {})  # its set.json
         if args.name_swaps:
             set_meta = {**set_meta, "corpus": {**set_meta["corpus"], "name_swaps": args.name_swaps}}
@@ -215,6 +228,33 @@ def main() -> int:
                render(n_fwd * per, [s.name for s in sites], clean, results, n_eval, corpus_name))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
+
+
+def samples_corpus(model, set_meta: dict, n: int, pairs: int):
+    """The first ``n`` of the set's model samples, the last ``pairs`` of them replaced by samples
+    opened by two given names; no docstrings; built-in task prompts dropped as in every corpus."""
+    from featcircuits.training.corpus import drop_task_prompts
+    from featcircuits.training.samples import OPENERS, model_samples, pair_openers
+
+    ms = set_meta["corpus"]["model_samples"]
+    kw = dict(seed=ms["seed"], new_tokens=ms["new_tokens"], temperature=ms["temperature"], top_k=ms["top_k"])
+    docs, _ = model_samples(model.hf, model.tokenizer, ms["model"], ms["chunks"] * ms["batch"], batch=ms["batch"],
+                            openers=tuple(ms.get("openers", OPENERS)), progress=False, **kw)
+    if len(docs) < n:
+        raise SystemExit(f"the set has {len(docs)} model samples, fewer than --samples-only {n}")
+    docs = docs[:n]
+    name = f"the first {n} of the set's model samples (no docstrings)"
+    if pairs:
+        # sampled here on the CPU (batch 32: ~90-175 tokens/s), cached and resumable chunk by chunk
+        two, rec = model_samples(model.hf, model.tokenizer, ms["model"], pairs, batch=32, openers=pair_openers(),
+                                 log=print, **kw)
+        two = two[:pairs]
+        docs = docs[:n - len(two)] + two
+        name = (f"{n} model samples: the first {n - len(two)} of the set's and {len(two)} opened by two given "
+                f"names (`samples.pair_openers`, {rec['kept']} of {rec['generated']} kept as English)")
+    _, docs, dropped = drop_task_prompts(docs)
+    return build_corpus(model.tokenizer, seed=0, docs={"model_samples": docs}, cache=False), \
+        name + (f"; {dropped} dropped for holding a task prompt" if dropped else "")
 
 
 def _write(path: Path, text: str) -> None:

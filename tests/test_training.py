@@ -345,6 +345,19 @@ def test_missing_chunks_come_from_a_shipped_archive(model, tmp_path, monkeypatch
     assert S.missing_chunks(key, tmp_path / "fresh") == [2]  # the archive holds two chunks of three
 
 
+def test_pair_openers_name_two_different_people_and_no_task_prompt():
+    from featcircuits.tasks import BUILTIN_TASKS, make_pairs
+    from featcircuits.training.samples import NAME_OPENERS, pair_openers
+
+    ops = pair_openers()
+    assert ops == pair_openers() and ops != pair_openers(1) and len(set(ops)) == len(NAME_OPENERS)
+    for o in ops:
+        a, b = o.split(" and ")
+        assert a != b and a in NAME_OPENERS and b in NAME_OPENERS
+    prompts = [p.clean_prefix for t in BUILTIN_TASKS for p in make_pairs(t, 20, 0)]
+    assert not any(pr.startswith(o) for o in ops for pr in prompts)  # a sample never opens like a task prompt
+
+
 def test_corpus_from_windows_holds_out_the_tail():
     w = torch.arange(40).view(10, 4)
     c = C.corpus_from_windows(w, eval_fraction=0.2)

@@ -88,6 +88,20 @@ def opener_cycle(names: bool) -> tuple[str, ...]:
     return tuple(w for i in range(n) for w in (OPENERS[i % len(OPENERS)], NAME_OPENERS[i % len(NAME_OPENERS)]))
 
 
+def pair_openers(seed: int = 0) -> tuple[str, ...]:
+    """120 openers "<Name> and <Name>", two different names of ``NAME_OPENERS`` (each name first
+    once, its partner drawn with ``seed``): samples about two people, in which the model must
+    keep track of which name is which (the early and layer-9/10 residual SAEs of the shipped
+    set lose exactly that: results/README.md, "Where IOI's error nodes hold the behaviour").
+    Two names and a conjunction, not a task template: no built-in prompt starts this way."""
+    rng = random.Random(f"pairs:{seed}")
+    out = []
+    for name in NAME_OPENERS:
+        other = rng.choice([n for n in NAME_OPENERS if n != name])
+        out.append(f"{name} and {other}")
+    return tuple(out)
+
+
 def swap_names(doc: str, copies: int, seed: int) -> list[str]:
     """``copies`` versions of ``doc`` in which every given name of ``NAME_OPENERS`` it holds is
     replaced, consistently through the document, by another name of the same half of the list
