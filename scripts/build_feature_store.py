@@ -44,7 +44,8 @@ def main() -> None:
     store = feature_store(sm, a.corpus, StoreSettings(tokens=a.tokens, batch=a.batch))
     t2 = time.time()
     size = sum(p.stat().st_size for p in Path(store.folder).iterdir())
-    row = {"model": a.model, "saes": a.saes, "corpus": a.corpus, "tokens": store.n_tokens,
+    row = {"model": a.model, "saes": a.saes, "corpus": a.corpus,
+           "corpus_used": (store.meta.get("corpus") or {}).get("source"), "tokens": store.n_tokens,
            "sites": len(store.meta["sites"]), "features": sum(len(store.tensors[f"{s}.features"]) for s in store.meta["sites"]),
            "load_seconds": round(t1 - t0, 1), "store_seconds": round(t2 - t1, 1), "store_bytes": size,
            "tokens_per_s": round(store.n_tokens / max(t2 - t1, 1e-9), 1),
