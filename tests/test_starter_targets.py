@@ -60,6 +60,34 @@ def test_table_names_a_missing_measurement(st, tmp_path, monkeypatch):
         st.main()
 
 
+def test_render_judges_again_on_the_pair_split_means_of_this_set_only(st, tmp_path, monkeypatch):
+    """--render adds the faithfulness_spread means of the set with this sha256 (not another set's)
+    right below the split-0 rows they repeat, each with its own verdict."""
+    def summary(err, faith):
+        return {"100": {"error_share_mean": err, "error_share_sd": 0.01, "faithfulness_mean": 0.3, "faithfulness_sd": 0.1},
+                "200": {"error_share_mean": err, "error_share_sd": 0.01, "faithfulness_mean": faith, "faithfulness_sd": 0.05}}
+    for task, err in (("sva-simple", 0.20), ("ioi", 0.70)):
+        (tmp_path / f"faith_spread-{task}.json").write_text(json.dumps({"task": task, "seeds": [0, 1, 2], "sets": {
+            "this": {"dictionaries_sha256": "abcd" * 4, "summary": summary(err, 0.55)},
+            "other": {"dictionaries_sha256": "ffff" * 4, "summary": summary(0.1, 0.9)}}}))
+    split0 = {"sizes": {"100": {"faithfulness": 0.3, "completeness": 0.0, "error_share": 0.2},
+                        "200": {"faithfulness": 0.49, "completeness": 0.0, "error_share": 0.2}}, "F_M": 5.0}
+    r = {"saes": "s", "label": "t", "dictionaries_sha256": "abcd" * 4, "report": "r.json", "n": 8, "n_eval": 8,
+         "sizes": [100, 200], "tasks": {"sva-simple": split0},
+         "sites": {"sva-simple": {"median_recovered": 0.9, "resid_below_half": []},
+                   "ioi": {"median_recovered": 0.9, "resid_below_half": []},
+                   "share_sites_dead_under_10pct": 1.0, "max_l0": 64}}
+    (tmp_path / "t.json").write_text(json.dumps(r))
+    monkeypatch.setattr(sys, "argv", ["starter_targets.py", "--out", str(tmp_path), "--render", "t"])
+    assert st.main() == 0
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| ")]
+    names = [row.split(" | ")[0] for row in rows]
+    at = next(i for i, n in enumerate(names) if n.startswith("| error share of top-100"))
+    assert rows[at + 1] == "| same, mean of 3 pair splits (2 tasks) | worst 70.0% ± 1.0% (ioi) | **no** |"
+    at = next(i for i, n in enumerate(names) if n.startswith("| faithfulness of top-200"))
+    assert rows[at].endswith("| 0.490 | **no** |") and rows[at + 1] == "| same, mean of 3 pair splits | 0.550 ± 0.050 | yes |"
+
+
 def test_ioi_roles_are_found_from_the_answers_not_assumed(tiny):
     """scripts/ioi_positions.py's role masks: the subject is the answer that occurs twice,
     whichever of the two answers it is, and BOS and padding belong to no role."""
