@@ -42,22 +42,21 @@ def check_corpus(spec: str) -> None:
 def set_corpus_problem(set_meta: dict | None) -> str | None:
     """Why the training text of the set whose ``set.json`` is ``set_meta`` cannot be rebuilt here
     without sampling the model, or None when it can."""
-    from .training.samples import OPENERS, missing_chunks, samples_key
+    from .training.corpus import SAMPLE_SOURCES
+    from .training.samples import key_of_recipe, missing_chunks
 
     recipe = (set_meta or {}).get("corpus")
     if not recipe:
         return "the dictionary set records no training corpus (no set.json with a corpus recipe)"
     if not recipe.get("modules"):
         return "the set was trained on text it was given (--text), which it does not ship"
-    ms = recipe.get("model_samples")
-    if ms:
-        key = samples_key(ms["model"], ms["chunks"], ms["batch"], ms["new_tokens"], ms["seed"], ms["temperature"],
-                          ms["top_k"], tuple(ms.get("openers", OPENERS)))
-        missing = missing_chunks(key)
+    for src in SAMPLE_SOURCES:
+        ms = recipe.get(src)
+        missing = missing_chunks(key_of_recipe(ms)) if ms else []
         if missing:
-            return (f"{len(missing)} of the {ms['chunks']} chunks of its model samples are neither cached nor "
-                    f"shipped (saes/samples/); `python -m featcircuits.training.samples {ms['chunks'] * ms['batch']}` "
-                    "samples them (slow on a CPU)")
+            return (f"{len(missing)} of the {ms['chunks']} chunks of its {src.replace('_', ' ')} are neither cached "
+                    "nor shipped (saes/samples/); rebuilding them means sampling the model (slow on a CPU: "
+                    "`featcircuits train-saes` with the set's flags, or scripts/device_samples.py on a GPU)")
     return None
 
 

@@ -61,13 +61,13 @@ def check_ids(tok, expected: dict[str, list[int]] | None) -> dict:
 
 
 def fill(hf, tok, cache: Path, seconds: float, batch: int, round_chunks: int, max_samples: int, seed: int,
-         names: bool, report: dict, out: Path, model_spec: str = MODEL_SPEC) -> dict:
+         names: bool, report: dict, out: Path, model_spec: str = MODEL_SPEC, pairs: bool = False) -> dict:
     """Generate rounds of ``round_chunks`` chunks through ``model_samples`` until the next round would
     end after ``seconds`` (at least one round) or ``max_samples`` are there; after each round write
     ``out/samples.json`` (``report``, the rounds' timings, the sampling recipe). Returns the recipe."""
-    from featcircuits.training.samples import model_samples, opener_cycle
+    from featcircuits.training.samples import model_samples, opener_cycle, pair_openers
 
-    openers = opener_cycle(names)
+    openers = pair_openers(seed) if pairs else opener_cycle(names)
     report.setdefault("rounds", [])
     start, n_chunks, recipe = time.time(), 0, {}
     while n_chunks * batch < max_samples:
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, default=10_000_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--names", action="store_true", help="openers as --sample-names")
+    p.add_argument("--pairs", action="store_true", help="openers as --pair-samples (two given names each)")
     p.add_argument("--expect-ids", help="JSON from --write-expected-ids")
     p.add_argument("--write-expected-ids", help="write this machine's tokenizer ids of the check strings and stop")
     p.add_argument("--out", default=".", help="where samples.json (recipe, timings) goes")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               "tokenizer": check_ids(tok, json.loads(Path(args.expect_ids).read_text()) if args.expect_ids else None)}
     print(json.dumps(report), flush=True)
     fill(hf, tok, Path(args.cache), args.seconds, args.batch, args.round_chunks, args.max_samples, args.seed,
-         args.names, report, out)
+         args.names, report, out, pairs=args.pairs)
     return 0
 
 

@@ -234,12 +234,11 @@ def samples_corpus(model, set_meta: dict, n: int, pairs: int):
     """The first ``n`` of the set's model samples, the last ``pairs`` of them replaced by samples
     opened by two given names; no docstrings; built-in task prompts dropped as in every corpus."""
     from featcircuits.training.corpus import drop_task_prompts
-    from featcircuits.training.samples import OPENERS, model_samples, pair_openers
+    from featcircuits.training.samples import model_samples, pair_openers, samples_of_recipe
 
     ms = set_meta["corpus"]["model_samples"]
     kw = dict(seed=ms["seed"], new_tokens=ms["new_tokens"], temperature=ms["temperature"], top_k=ms["top_k"])
-    docs, _ = model_samples(model.hf, model.tokenizer, ms["model"], ms["chunks"] * ms["batch"], batch=ms["batch"],
-                            openers=tuple(ms.get("openers", OPENERS)), progress=False, **kw)
+    docs, _ = samples_of_recipe(model.hf, model.tokenizer, ms)
     if len(docs) < n:
         raise SystemExit(f"the set has {len(docs)} model samples, fewer than --samples-only {n}")
     docs = docs[:n]

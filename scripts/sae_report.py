@@ -172,10 +172,12 @@ _ARCH = {"topk": "TopK", "batchtopk": "BatchTopK (saved as JumpReLU)"}
 
 def _sources(corpus: dict) -> str:
     docs = corpus.get("sources") or {}
-    ms = corpus.get("model_samples")
-    text = "docstrings of " + ", ".join(k for k in docs if k != "model_samples")
+    ms, pairs = corpus.get("model_samples"), corpus.get("model_pair_samples")
+    text = "docstrings of " + ", ".join(k for k in docs if k not in ("model_samples", "model_pair_samples"))
     if ms:
         text += f" + {ms['kept']} of the model's own samples kept as English prose"
+    if pairs:
+        text += f" + {pairs['kept']} samples opened by two given names"
     return text
 
 

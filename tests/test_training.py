@@ -223,6 +223,54 @@ def test_train_saes_samples_with_the_batch_asked_for(tiny_model_dir, tmp_path, m
     assert seen["batch"] == 4 and seen["n"] == 8
 
 
+def test_train_saes_pair_samples_open_with_two_names(tiny_model_dir, tmp_path, monkeypatch):
+    """--pair-samples draws its own samples, opened by pair_openers, with the batch asked for."""
+    import featcircuits.training.samples as S
+    from featcircuits.cli import main
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(hf, tokenizer, model_spec, n, **kw):
+        calls.append(dict(kw, n=n))
+        if len(calls) == 2:
+            raise Stop
+        return [], {}
+
+    monkeypatch.setattr(S, "model_samples", fake)
+    with pytest.raises(Stop):
+        main(["train-saes", "--model", str(tiny_model_dir), "--out", str(tmp_path / "set"), "--samples", "8",
+              "--pair-samples", "6", "--sample-batch", "2", "--seed", "1"])
+    assert calls[1]["n"] == 6 and calls[1]["batch"] == 2 and calls[1]["openers"] == S.pair_openers(1)
+    assert calls[0]["openers"] != calls[1]["openers"]
+
+
+def test_corpus_of_set_rebuilds_both_kinds_of_model_samples(model, tmp_path, monkeypatch):
+    """A set trained with --samples and --pair-samples: its corpus is rebuilt from set.json with
+    both sample sources read from the cache (the same tokens), and a missing chunk of the pair
+    samples is named as what keeps the cards off the set's text."""
+    from featcircuits.text_corpus import set_corpus_problem
+    from featcircuits.training import samples as S
+
+    monkeypatch.setenv("FEATCIRCUITS_CACHE", str(tmp_path))
+    monkeypatch.setattr(S, "english_prose", lambda text: text)  # a random model writes no English
+    plain = {"stdlib": [f"An ordinary paragraph number {i} about rivers, boats and the weather." for i in range(40)]}
+    monkeypatch.setattr(C, "texts", lambda log=None: {"sources": plain, "modules": {"stdlib": 1},
+                                                      "versions": {"python": "x"}})
+    kw = dict(new_tokens=6, batch=2, progress=False)
+    samples = S.model_samples(model.hf, model.tokenizer, "tiny", 4, openers=S.opener_cycle(True), **kw)
+    pairs = S.model_samples(model.hf, model.tokenizer, "tiny", 4, openers=S.pair_openers(), **kw)
+    corpus = C.build_corpus(model.tokenizer, seed=0, window=16, eval_fraction=0.2, samples=samples, pair_samples=pairs)
+    assert corpus.recipe["sources"]["model_pair_samples"] == 4 and corpus.recipe["model_pair_samples"]["chunks"] == 2
+    meta = {"corpus": corpus.recipe, "corpus_sha256": corpus.recipe["train_sha256"], "config": {"seed": 0}}
+    assert C.corpus_of_set(meta, model.tokenizer).recipe["train_sha256"] == meta["corpus_sha256"]
+    assert set_corpus_problem(meta) is None
+    (S.samples_folder(S.key_of_recipe(corpus.recipe["model_pair_samples"])) / "chunk-00001.json").unlink()
+    assert "1 of the 2 chunks of its model pair samples" in set_corpus_problem(meta)
+
+
 def test_collect_stops_after_the_last_site_and_records_what_a_full_forward_sees(model, corpus):
     from featcircuits.tracing import SplicedModel
 

@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sample-batch", type=int, default=32, metavar="B",
                    help="samples generated together (default 32): larger is faster where memory allows, e.g. "
                         "512 on a GPU; part of the sampling recipe, so the same samples need the same B")
+    p.add_argument("--pair-samples", type=int, default=0, metavar="N",
+                   help="add N samples of the model opened by two given names ('Alice and Henry', "
+                        "featcircuits.training.samples.pair_openers; same --sample-batch and seed): text about two "
+                        "people, where the model keeps track of which name is which (IOI's layer-9/10 sites; "
+                        "results/pilot_pairs)")
     p.add_argument("--name-swaps", type=int, default=0, metavar="N",
                    help="add N copies of every model sample that holds a given name, its names swapped for "
                         "others of the list (more occurrences of each name without sampling; needs --samples)")
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..models import load_model
     from ..training.corpus import build_corpus
-    from ..training.samples import model_samples, opener_cycle
+    from ..training.samples import model_samples, opener_cycle, pair_openers
     from ..training.trainer import resolve_sites, snapshot_run, train_saes
 
     if args.threads:
@@ -111,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"featcircuits: wrote {len(meta['config']['sites'])} SAEs of {args.out} at forward {meta['forward']} "
               f"({meta['tokens_trained']} tokens) -> {args.snapshot}")
         return 0
-    if args.samples < 0 or args.window < 2:
-        raise UserError("--samples must be >= 0 and --window >= 2")
+    if args.samples < 0 or args.pair_samples < 0 or args.window < 2:
+        raise UserError("--samples and --pair-samples must be >= 0 and --window >= 2")
     if args.max_chars_per_source is not None and args.max_chars_per_source < 1:
         raise UserError("--max-chars-per-source must be >= 1")
     if args.sample_batch < 1:
@@ -134,10 +139,14 @@ def run(args: argparse.Namespace) -> int:
         samples = model_samples(model.hf, model.tokenizer, args.model, args.samples, seed=args.seed,
                                 batch=args.sample_batch, progress=not args.no_progress, log=say,
                                 openers=opener_cycle(args.sample_names))
+    pairs = None
+    if args.pair_samples:
+        pairs = model_samples(model.hf, model.tokenizer, args.model, args.pair_samples, seed=args.seed,
+                              batch=args.sample_batch, progress=not args.no_progress, log=say, openers=pair_openers(args.seed))
     corpus = build_corpus(model.tokenizer, seed=args.seed, log=say, samples=samples, docs=docs,
                           window=args.window, cache=docs is None,
                           max_chars_per_source=args.max_chars_per_source or MAX_CHARS_PER_SOURCE,
-                          name_swaps=args.name_swaps)
+                          name_swaps=args.name_swaps, pair_samples=pairs)
     say(f"corpus: {corpus.recipe['train_tokens']} train / {corpus.recipe['eval_tokens']} held-out tokens, "
         f"sha256 {corpus.recipe['train_sha256'][:16]}")
     meta = train_saes(model, corpus, args.out, cfg, resume=args.resume, max_steps=args.max_steps,

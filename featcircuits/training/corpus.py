@@ -41,6 +41,8 @@ PACKAGE_BUDGET_S = 240.0
 # ~27M characters of highly repetitive auto-generated model docs; without the cap it would
 # be three quarters of the corpus. Documents beyond the cap are dropped by a seeded sample.
 MAX_CHARS_PER_SOURCE = 6_400_000
+# corpus sources that are the model's own samples (exactly as many as asked for: never capped)
+SAMPLE_SOURCES = ("model_samples", "model_pair_samples")
 
 # Modules whose import has side effects (prints, opens a browser, starts a GUI, installs
 # signal handlers, runs demos) or that are not text about the library.
@@ -292,14 +294,17 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
                  docs: dict[str, list[str]] | None = None, window: int = WINDOW,
                  cache: bool = True, log: Any = None,
                  max_chars_per_source: int = MAX_CHARS_PER_SOURCE,
-                 samples: tuple[list[str], dict] | None = None, name_swaps: int = 0) -> Corpus:
+                 samples: tuple[list[str], dict] | None = None, name_swaps: int = 0,
+                 pair_samples: tuple[list[str], dict] | None = None) -> Corpus:
     """The shuffled, tokenized corpus. ``docs`` (source -> documents) overrides the
     docstring collection (tests pass a handful of strings); otherwise the collected texts
     are used and the result is cached per tokenizer, recipe and seed. ``samples`` (documents
     and recipe from ``samples.model_samples``) adds the model's own samples as the source
     ``model_samples``; their sampling recipe goes into the corpus recipe. ``name_swaps`` adds,
     for every model sample holding a given name, that many copies with its names swapped
-    (``samples.swap_names``); a copy lands on the same side of the held-out split as its sample."""
+    (``samples.swap_names``); a copy lands on the same side of the held-out split as its sample.
+    ``pair_samples`` (the same, sampled with ``samples.pair_openers``) adds samples about two
+    people as the source ``model_pair_samples``, their recipe as the recipe's ``model_pair_samples``."""
     from ..models import cache_dir
 
     collected = None
@@ -308,6 +313,8 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
         docs = collected["sources"]
     if samples is not None:
         docs = {**docs, "model_samples": list(samples[0])}
+    if pair_samples is not None:
+        docs = {**docs, "model_pair_samples": list(pair_samples[0])}
     recipe = {
         "recipe_version": RECIPE_VERSION,
         "sources": {k: len(v) for k, v in sorted(docs.items())},
@@ -321,6 +328,8 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
     }
     if samples is not None:
         recipe["model_samples"] = samples[1]
+    if pair_samples is not None:  # only when used: recipes without them keep their key (and cache)
+        recipe["model_pair_samples"] = pair_samples[1]
     if name_swaps < 0 or (name_swaps and samples is None):
         raise UserError("name swaps need the model's samples (--samples N) and a count >= 0")
     if name_swaps:  # only when used: a recipe without swaps keeps the key (and cache) it always had
@@ -338,7 +347,7 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
     for src in sorted(docs):
         chosen = list(docs[src])
         # The cap thins the collected docstring sources; the model's samples are exactly as many as asked for.
-        if src != "model_samples" and sum(map(len, chosen)) > max_chars_per_source:
+        if src not in SAMPLE_SOURCES and sum(map(len, chosen)) > max_chars_per_source:
             random.Random(f"{seed}:{src}").shuffle(chosen)
             kept, total = [], 0
             for d in chosen:
@@ -381,20 +390,17 @@ def build_corpus(tokenizer: Any, seed: int = 0, eval_fraction: float = 0.02,
 def corpus_of_set(set_meta: dict, tokenizer: Any, hf: Any = None, progress: bool = False) -> Corpus:
     """The corpus a set was trained on, rebuilt from the recipe in its ``set.json``: the same
     docstring cap, window and seed, and the model's samples with the same settings and openers
-    (read from the sampling cache; missing chunks are sampled again, which needs ``hf``).
-    The caller compares ``recipe["train_sha256"]`` with the set's ``corpus_sha256``: other
-    package versions give other docstrings."""
-    from .samples import OPENERS, model_samples
+    (read from the sampling cache or a shipped archive; missing chunks are sampled again, which
+    needs ``hf``). The caller compares ``recipe["train_sha256"]`` with the set's
+    ``corpus_sha256``: other package versions give other docstrings."""
+    from .samples import samples_of_recipe
 
     recipe = set_meta.get("corpus") or {}
-    ms = recipe.get("model_samples")
-    samples = None
-    if ms:
-        samples = model_samples(hf, tokenizer, ms["model"], ms["chunks"] * ms["batch"], seed=ms["seed"],
-                                new_tokens=ms["new_tokens"], batch=ms["batch"], temperature=ms["temperature"],
-                                top_k=ms["top_k"], progress=progress, openers=tuple(ms.get("openers", OPENERS)))
+    samples = {src: samples_of_recipe(hf, tokenizer, recipe[src], progress=progress)
+               for src in SAMPLE_SOURCES if recipe.get(src)}
     return build_corpus(tokenizer, seed=int((set_meta.get("config") or {}).get("seed", recipe.get("seed", 0))),
-                        samples=samples, window=int(recipe.get("window", WINDOW)),
+                        samples=samples.get("model_samples"), pair_samples=samples.get("model_pair_samples"),
+                        window=int(recipe.get("window", WINDOW)),
                         eval_fraction=float(recipe.get("eval_fraction", 0.02)),
                         max_chars_per_source=int(recipe.get("max_chars_per_source", MAX_CHARS_PER_SOURCE)),
                         name_swaps=int(recipe.get("name_swaps", 0)))

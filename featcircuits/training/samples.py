@@ -137,6 +137,21 @@ def samples_key(model_spec: str, n_chunks: int, batch: int, new_tokens: int, see
             "openers": list(openers)}
 
 
+def key_of_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The ``samples_key`` of a recorded sampling recipe (a corpus recipe's ``model_samples``)."""
+    return samples_key(recipe["model"], recipe["chunks"], recipe["batch"], recipe["new_tokens"], recipe["seed"],
+                       recipe["temperature"], recipe["top_k"], tuple(recipe.get("openers", OPENERS)))
+
+
+def samples_of_recipe(hf: Any, tokenizer: Any, recipe: dict[str, Any], progress: bool = False) -> tuple[list[str], dict]:
+    """The samples a recorded recipe names, from the cache or a shipped archive (missing chunks
+    are sampled again, which needs ``hf``)."""
+    k = key_of_recipe(recipe)
+    return model_samples(hf, tokenizer, k["model"], k["chunks"] * k["batch"], seed=k["seed"], new_tokens=k["new_tokens"],
+                         batch=k["batch"], temperature=k["temperature"], top_k=k["top_k"], progress=progress,
+                         openers=tuple(k["openers"]))
+
+
 def samples_folder(key: dict[str, Any], cache: Path | None = None) -> Path:
     """The cache folder of a sampling recipe (``samples_key``): one per recipe, whatever the
     number of chunks (chunk ``i`` is the same text in every run of the recipe)."""
