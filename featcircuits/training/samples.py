@@ -179,7 +179,6 @@ def missing_chunks(key: dict[str, Any], cache: Path | None = None) -> list[int]:
     import tarfile
 
     folder = samples_folder(key, cache)
-    folder.mkdir(parents=True, exist_ok=True)
     names = [f"chunk-{i:05d}.json" for i in range(int(key["chunks"]))]
     archive = shipped_archive(folder.name)
     if archive is not None and not all((folder / n).is_file() for n in names):
@@ -244,6 +243,7 @@ def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed
     key = samples_key(model_spec, n_chunks, batch, new_tokens, seed, temperature, top_k, openers)
     folder = samples_folder(key, cache)
     todo = missing_chunks(key, cache)
+    folder.mkdir(parents=True, exist_ok=True)
     bos = tokenizer.bos_token_id
     opener_ids = [tokenizer.encode(w, add_special_tokens=False) for w in openers]
     bar = None
