@@ -286,17 +286,20 @@ def model_samples(hf: Any, tokenizer: Any, model_spec: str, n_samples: int, seed
     return kept, recipe
 
 
-if __name__ == "__main__":  # python -m featcircuits.training.samples N [seed]: fill the cache
+if __name__ == "__main__":  # python -m featcircuits.training.samples N [seed] [--pairs]: fill the cache
     import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..models import offline_gemma_folder
 
+    args = [a for a in sys.argv[1:] if a != "--pairs"]
+    pairs = "--pairs" in sys.argv[1:]  # the openers of train-saes --pair-samples (batch 32, as its default)
     torch.set_num_threads(int(os.environ.get("FEATCIRCUITS_THREADS", "1")))
     f = offline_gemma_folder()
     tok = AutoTokenizer.from_pretrained(f)
     hf = AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)
-    kept, rec = model_samples(hf, tok, "gemma-3-270m-offline", int(sys.argv[1]),
-                              seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0, log=print)
+    seed = int(args[1]) if len(args) > 1 else 0
+    kept, rec = model_samples(hf, tok, "gemma-3-270m-offline", int(args[0]), seed=seed, log=print,
+                              **({"openers": pair_openers(seed)} if pairs else {}))
     print(json.dumps(rec))
