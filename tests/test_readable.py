@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import random
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -160,3 +162,10 @@ def test_features_command_and_user_errors(setup, capsys, tmp_path):
                  str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "Traceback" not in err
+    # a set with no recorded training text: --corpus set says why in one line; auto says which corpus it used
+    assert main(args[:5] + ["--corpus", "set", "--tokens", "512"]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # after the model's loading bars
+    assert "records no training corpus" in last and last.startswith("featcircuits") and "Traceback" not in err
+    assert main(args[:5] + ["--corpus", str(setup[2]), "--tokens", "512"]) == 0
+    assert f"tokens of {Path(str(setup[2])).name} " in capsys.readouterr().out
