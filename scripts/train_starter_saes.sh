@@ -35,7 +35,8 @@
 # sampling more.
 # PAIR_SAMPLES (default 0) adds that many samples opened by two given names (train-saes --pair-samples;
 # results/pilot_pairs: half of a pilot's prose replaced by them lifted IOI at resid_9/10), drawn
-# SAMPLE_BATCH at a time like the others: on a GPU scripts/device_samples.py --pairs makes them.
+# PAIR_SAMPLE_BATCH (default SAMPLE_BATCH) at a time: on a GPU scripts/device_samples.py --pairs makes
+# them; the CPU-sampled ones shipped in saes/samples/ have PAIR_SAMPLE_BATCH=32.
 # MAX_CHARS (default 100000) caps each docstring source: with 16,000 samples the docstrings are ~9 %
 # of the training tokens (the trainer reads the first TOKENS of the shuffled corpus; v3's 200k cap
 # with 1,866 samples made them ~60 %, starter-v2's 6.4M with 384 samples ~99 %).
@@ -68,7 +69,7 @@ if [ ! -f "$RUN/set.json" ]; then
     --architecture "${ARCH:-topk}" --k "${K:-64}" --dim-clip "${DIM_CLIP:-4}" \
     --resample-until "${RESAMPLE_UNTIL:-1.0}" --resample-every "${RESAMPLE_EVERY:-5}" \
     --tokens "$TOKENS" --samples "${SAMPLES:-16384}" --sample-batch "${SAMPLE_BATCH:-1024}" $([ "${NAMES:-1}" = 1 ] && echo --sample-names) \
-    --max-chars-per-source "${MAX_CHARS:-100000}" --name-swaps "${NAME_SWAPS:-0}" --pair-samples "${PAIR_SAMPLES:-0}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
+    --max-chars-per-source "${MAX_CHARS:-100000}" --name-swaps "${NAME_SWAPS:-0}" --pair-samples "${PAIR_SAMPLES:-0}" --pair-sample-batch "${PAIR_SAMPLE_BATCH:-${SAMPLE_BATCH:-1024}}" --batch-size 16 --sae-batch 512 --lr 4e-3 --seed 0 \
     --checkpoint-every 10 --eval-tokens 16384 --threads "$THREADS" --no-progress \
     --out "$RUN" --resume "$@" >> "$RUN/train.log" 2>&1
   echo "train_starter_saes: $(date -u +%FT%TZ) training call ended after $(( $(date +%s) - start )) s" >> "$RUN/train.log"

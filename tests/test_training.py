@@ -245,6 +245,11 @@ def test_train_saes_pair_samples_open_with_two_names(tiny_model_dir, tmp_path, m
               "--pair-samples", "6", "--sample-batch", "2", "--seed", "1"])
     assert calls[1]["n"] == 6 and calls[1]["batch"] == 2 and calls[1]["openers"] == S.pair_openers(1)
     assert calls[0]["openers"] != calls[1]["openers"]
+    calls.clear()
+    with pytest.raises(Stop):
+        main(["train-saes", "--model", str(tiny_model_dir), "--out", str(tmp_path / "set2"), "--samples", "8",
+              "--pair-samples", "6", "--sample-batch", "4", "--pair-sample-batch", "3"])
+    assert calls[0]["batch"] == 4 and calls[1]["batch"] == 3
 
 
 def test_corpus_of_set_rebuilds_both_kinds_of_model_samples(model, tmp_path, monkeypatch):

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "featcircuits.training.samples.pair_openers; same --sample-batch and seed): text about two "
                         "people, where the model keeps track of which name is which (IOI's layer-9/10 sites; "
                         "results/pilot_pairs)")
+    p.add_argument("--pair-sample-batch", type=int, default=None, metavar="B",
+                   help="batch of the pair samples (default: --sample-batch); part of their recipe, e.g. 32 for "
+                        "the CPU-sampled ones shipped in saes/samples/ beside GPU samples drawn 1024 at a time")
     p.add_argument("--name-swaps", type=int, default=0, metavar="N",
                    help="add N copies of every model sample that holds a given name, its names swapped for "
                         "others of the list (more occurrences of each name without sampling; needs --samples)")
@@ -120,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--samples and --pair-samples must be >= 0 and --window >= 2")
     if args.max_chars_per_source is not None and args.max_chars_per_source < 1:
         raise UserError("--max-chars-per-source must be >= 1")
-    if args.sample_batch < 1:
-        raise UserError(f"--sample-batch must be >= 1, got {args.sample_batch}")
+    if args.sample_batch < 1 or (args.pair_sample_batch is not None and args.pair_sample_batch < 1):
+        raise UserError("--sample-batch and --pair-sample-batch must be >= 1")
     if args.sample_names and not args.samples:
         raise UserError("--sample-names needs --samples N (it chooses how the model's samples open)")
     if args.name_swaps < 0 or (args.name_swaps and not args.samples):
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = None
     if args.pair_samples:
         pairs = model_samples(model.hf, model.tokenizer, args.model, args.pair_samples, seed=args.seed,
-                              batch=args.sample_batch, progress=not args.no_progress, log=say, openers=pair_openers(args.seed))
+                              batch=args.pair_sample_batch or args.sample_batch, progress=not args.no_progress, log=say,
+                              openers=pair_openers(args.seed))
     corpus = build_corpus(model.tokenizer, seed=args.seed, log=say, samples=samples, docs=docs,
                           window=args.window, cache=docs is None,
                           max_chars_per_source=args.max_chars_per_source or MAX_CHARS_PER_SOURCE,
