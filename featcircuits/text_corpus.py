@@ -25,8 +25,9 @@ CORPUS_HELP = ("text for the feature cards: 'auto' (default: 'set' where it can 
                "'offline' (the docstring corpus), a .txt or a .jsonl file")
 
 
-def corpus_name(source: str | None) -> str:
-    """How a store's corpus ``source`` reads in one line of output."""
+def corpus_name(corpus: dict | None) -> str:
+    """How a store's corpus descriptor (``corpus_windows``' second value) reads in output."""
+    source = (corpus or {}).get("source")
     return {"set": "the set's training text", "offline": "the offline docstring corpus",
             None: "an unrecorded corpus"}.get(source) or Path(str(source)).name
 

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if card_info is not None:
         print(f"cards: {card_info['n_cards']} of {card_info['n_feature_nodes']} feature nodes "
               f"({'circuit-only' if card_info['subset'] else 'full'} store, {card_info['tokens']} tokens of "
-              f"{corpus_name((card_info.get('corpus') or {}).get('source'))})")
+              f"{corpus_name(card_info.get('corpus'))})")
     if "quality" in circuit.provenance:
         for line in quality_lines(circuit.provenance["quality"]):
             print(line, file=sys.stderr if line.startswith("featcircuits: warning") else sys.stdout)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                    batch=args.batch_size, nodes=args.nodes, out=args.out)
     n_feat = sum(len(store.tensors[f"{s}.features"]) for s in store.meta["sites"])
     print(f"feature store: {n_feat} features at {len(store.meta['sites'])} sites over {store.n_tokens} tokens "
-          f"of {corpus_name((store.meta.get('corpus') or {}).get('source'))} "
+          f"of {corpus_name(store.meta.get('corpus'))} "
           f"({'circuit-only' if store.meta.get('subset') else 'full'}; {time.perf_counter() - t1:.1f}s, "
           f"model load {t1 - t0:.1f}s) -> {store.folder}" + (f" (copied to {copied})" if copied else ""))
     return 0

@@ -180,9 +180,9 @@ def missing_chunks(key: dict[str, Any], cache: Path | None = None) -> list[int]:
 
     folder = samples_folder(key, cache)
     names = [f"chunk-{i:05d}.json" for i in range(int(key["chunks"]))]
-    archive = shipped_archive(folder.name)
-    if archive is not None and not all((folder / n).is_file() for n in names):
-        wanted = {f"{folder.name}/{n}" for n in names if not (folder / n).is_file()}
+    wanted = {f"{folder.name}/{n}" for n in names if not (folder / n).is_file()}
+    archive = shipped_archive(folder.name) if wanted else None
+    if archive is not None:
         with tarfile.open(archive, "r:xz") as tar:
             # only the recipe's own chunk files, as plain files: nothing else in an archive is written
             members = [m for m in tar.getmembers() if m.name in wanted and m.isfile()]

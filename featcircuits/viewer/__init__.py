@@ -74,7 +74,7 @@ def cards_source(info: dict | None) -> str:
     corpus = (info or {}).get("corpus") or {}
     if not corpus.get("source"):
         return ""
-    return f"{corpus_name(corpus['source'])}, {int(corpus.get('tokens', 0)):,} tokens"
+    return f"{corpus_name(corpus)}, {int(corpus.get('tokens', 0)):,} tokens"
 
 
 def render_html(node_link: dict, cards: dict[str, dict] | None = None, labels: dict[str, str] | None = None,
