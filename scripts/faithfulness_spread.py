@@ -66,16 +66,39 @@ def bootstrap(per: torch.Tensor, draws: int, seed: int, level: float = 0.9) -> t
     return float(vals[int(lo * (draws - 1))]), float(vals[int(hi * (draws - 1))])
 
 
+def reusable_rows(earlier: dict, sha: str, out: dict) -> dict | None:
+    """The per-seed rows of the set with this sha256 in an earlier run of the same measure (same task,
+    pair counts and bootstrap draws, every seed and size asked for measured there), else None. The
+    measure is deterministic (RelP, mean ablation, seeded pairs and bootstrap), so a set measured
+    once need not be measured again beside a new one."""
+    same = all(earlier.get(k) == out[k] for k in ("task", "n", "n_eval", "bootstrap_draws"))
+    if not same or not set(map(str, out["sizes"])) <= set(map(str, earlier["sizes"])):
+        return None
+    for s in earlier["sets"].values():
+        if s.get("dictionaries_sha256") == sha and all(str(sd) in s["seeds"] for sd in out["seeds"]):
+            return {str(sd): {**s["seeds"][str(sd)],
+                              "sizes": {str(k): s["seeds"][str(sd)]["sizes"][str(k)] for k in out["sizes"]}}
+                    for sd in out["seeds"]}
+    return None
+
+
 def measure(model, sets: dict[str, str], task: str, sizes, seeds, n: int, n_eval: int, draws: int,
-            batch_size: int) -> dict:
+            batch_size: int, earlier: list[dict] = ()) -> dict:
     tok = model.tokenizer
     spliced = {label: SplicedModel(model, load_dictionary_set(path, model.adapter, model.spec))
                for label, path in sets.items()}
     out: dict = {"sets": {}, "task": task, "sizes": list(sizes), "seeds": list(seeds), "n": n, "n_eval": n_eval,
                  "bootstrap_draws": draws}
-    for label, sm in spliced.items():
-        out["sets"][label] = {"path": sets[label], "dictionaries_sha256": sm.dictionaries.digest(),
-                              "seeds": {}}
+    for label, sm in list(spliced.items()):
+        sha = sm.dictionaries.digest()
+        out["sets"][label] = {"path": sets[label], "dictionaries_sha256": sha, "seeds": {}}
+        for run in earlier:
+            rows = reusable_rows(run, sha, out)
+            if rows is not None:
+                out["sets"][label].update(seeds=rows, reused_from=run["_file"])
+                print(f"{label}: every seed reused from {run['_file']} (same sha256 and measure)", flush=True)
+                del spliced[label]
+                break
     for seed in seeds:
         disc_pairs = make_pairs(task, n, seed)
         disc, _ = tokenize_pairs(disc_pairs, tok)
@@ -214,6 +237,8 @@ def main() -> int:
     ap.add_argument("--label", default=None, help="output name (default faith_spread-TASK)")
     ap.add_argument("--out", default=str(ROOT / "results" / "starter_targets"))
     ap.add_argument("--table", nargs="+", metavar="NAME", help="only write faith_spread.md from these files in --out")
+    ap.add_argument("--reuse", nargs="+", default=[], metavar="NAME",
+                    help="earlier outputs in --out: a set measured there (same sha256, task, pairs) is copied, not remeasured")
     args = ap.parse_args()
     out = Path(args.out)
     if args.table:
@@ -232,9 +257,15 @@ def main() -> int:
         if not sep or not label or not path:
             raise SystemExit(f"--sets takes LABEL=SET, got {item!r}")
         sets[label] = path
+    earlier = []
+    for name in args.reuse:
+        if not (out / f"{name}.json").is_file():
+            raise SystemExit(f"--reuse: no {name}.json in {out}")
+        earlier.append({**json.loads((out / f"{name}.json").read_text()), "_file": f"{name}.json"})
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    res = measure(model, sets, args.task, args.sizes, args.seeds, args.n, args.n_eval, args.bootstrap, args.batch_size)
+    res = measure(model, sets, args.task, args.sizes, args.seeds, args.n, args.n_eval, args.bootstrap, args.batch_size,
+                  earlier)
     label = args.label or f"faith_spread-{args.task}"
     out.mkdir(parents=True, exist_ok=True)
     command = "scripts/faithfulness_spread.py " + " ".join(sys.argv[1:])

@@ -301,3 +301,22 @@ def test_faithfulness_spread_seed_zero_is_starter_targets_split(tiny, tmp_path):
     lower = sum(res["sets"]["B"]["seeds"][sd]["sizes"][k]["error_share"] < res["sets"]["A"]["seeds"][sd]["sizes"][k]["error_share"]
                 for sd in ("0", "1") for k in ("5", "20"))
     assert f"| sva-simple | B | 2 |" in summary and f"{lower} of 4 (seed x size)" in summary
+
+
+def test_faithfulness_spread_reuses_a_set_measured_before_and_only_that(tiny, tmp_path):
+    """--reuse: a set already measured (same sha256, task, pairs, draws) is copied from the earlier
+    file, and the copy equals measuring it again; a set that was not, or an earlier run of another
+    measure (other pair count), is measured."""
+    fs = _script("faithfulness_spread")
+    a, b = tmp_path / "a", tmp_path / "b"
+    random_saelens_set(tiny, a, width=16, seed=0)
+    random_saelens_set(tiny, b, width=16, seed=1)
+    both = fs.measure(tiny, {"A": str(a), "B": str(b)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8)
+    earlier = {**fs.measure(tiny, {"old": str(a)}, "sva-simple", (5, 20, 40), (0, 1), 8, 8, 200, 8), "_file": "x.json"}
+    res = fs.measure(tiny, {"A": str(a), "B": str(b)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8, [earlier])
+    assert res["sets"]["A"]["reused_from"] == "x.json" and "reused_from" not in res["sets"]["B"]
+    for label in ("A", "B"):
+        assert res["sets"][label]["summary"] == both["sets"][label]["summary"]
+    assert res["paired"] == both["paired"]
+    other = fs.measure(tiny, {"A": str(a)}, "sva-simple", (5, 20), (0, 1), 6, 8, 200, 8, [earlier])
+    assert "reused_from" not in other["sets"]["A"]
