@@ -320,3 +320,17 @@ def test_faithfulness_spread_reuses_a_set_measured_before_and_only_that(tiny, tm
     assert res["paired"] == both["paired"]
     other = fs.measure(tiny, {"A": str(a)}, "sva-simple", (5, 20), (0, 1), 6, 8, 200, 8, [earlier])
     assert "reused_from" not in other["sets"]["A"]
+
+
+def test_site_shares_plot_orders_resid_sites_by_layer_and_leaves_unjudged_ones_as_gaps(tmp_path, monkeypatch):
+    sp = _script("site_shares_plot")
+    sites = {"resid_10": {"recovered": 0.2}, "attn_0": {"recovered": 0.9}, "resid_2": {"recovered": None},
+             "resid_0": {"recovered": 1.0}}
+    report = {"tasks": {"ioi": {"sites": sites}}}
+    assert sp.resid_shares(report, "ioi") == ([0, 2, 10], [1.0, None, 0.2])
+    (tmp_path / "a-saes.json").write_text(json.dumps(report))
+    monkeypatch.setattr(sys, "argv", ["site_shares_plot.py", "a", "--dir", str(tmp_path), "--tasks", "ioi"])
+    assert sp.main() == 0 and (tmp_path / "site_shares.png").stat().st_size > 1000
+    monkeypatch.setattr(sys, "argv", ["site_shares_plot.py", "a", "b", "--dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no b-saes.json"):
+        sp.main()
