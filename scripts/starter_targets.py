@@ -236,7 +236,7 @@ def render_table(results: list[dict]) -> str:
                 cells.append("n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    row("set (sha256)", lambda r: f"`{Path(r['saes']).name}` ({r['dictionaries_sha256'][:12]})")
+    row("set as named when measured (sha256)", lambda r: f"`{Path(r['saes']).name}` ({r['dictionaries_sha256'][:12]})")
     for kind in ("embed", "attn", "mlp", "resid"):
         row(f"median recovered share, {kind} sites", lambda r, k=kind: f"{r['sites']['recovered_by_kind'][k]:.2f}")
     for task in ("sva-simple", "ioi"):

@@ -175,7 +175,7 @@ def test_corpus_auto_uses_the_sets_text_only_where_it_can_be_rebuilt(setup, tmp_
     """``auto`` falls back to the offline corpus, and ``set`` refuses, for a set whose text
     cannot be rebuilt here; the reason is said. The shipped starter's text can be rebuilt
     from its set.json and the shipped samples archive, with an empty cache."""
-    from featcircuits.dictionaries import local_set_folder
+    from featcircuits.dictionaries import local_set_folder, registry
     from featcircuits.text_corpus import check_corpus, resolve_corpus, set_corpus_problem
 
     for spec in ("auto", "set", "offline"):
@@ -192,7 +192,7 @@ def test_corpus_auto_uses_the_sets_text_only_where_it_can_be_rebuilt(setup, tmp_
     assert "2 of the 2 chunks" in set_corpus_problem(unshipped)
     assert resolve_corpus("auto", unshipped) == "offline"
     assert resolve_corpus(str(setup[1]), unshipped) == str(setup[1])
-    starter = json.loads((local_set_folder("starter-v5") / "set.json").read_text())
+    starter = json.loads((local_set_folder(registry()["starter"]["path"]) / "set.json").read_text())
     assert set_corpus_problem(starter) is None and resolve_corpus("auto", starter) == "set"
 
 
