@@ -86,17 +86,44 @@ def screenshot(html: Path, pin: str, png: Path) -> None:
 
 
 TASKS = ("sva-simple", "sva-nounpp", "sva-within-rc", "sva-rc", "ioi")
+MODEL = "gemma-3-270m-offline"
 START, END = "<!-- top-features:start -->", "<!-- top-features:end -->"
+
+
+def set_digest(saes: str | None) -> str:
+    """The dictionaries' sha256 as discover records it (``DictionarySet.digest``)."""
+    from featcircuits.commands import default_saes
+    from featcircuits.dictionaries import load_dictionary_set
+    from featcircuits.models import load_model
+
+    model = load_model(MODEL)
+    return load_dictionary_set(default_saes(MODEL, saes), model.adapter, model.spec).digest()
+
+
+def reuse_problem(summary: Path, digest: str, pairs: int) -> str | None:
+    """Why the finished run with this summary.json cannot stand for a new one, or None."""
+    if not summary.is_file():
+        return "no run yet"
+    s = json.loads(summary.read_text())
+    if s.get("dictionaries_sha256") != digest:
+        return f"made with dictionaries {s.get('dictionaries_sha256')}, the set is now {digest}"
+    if s.get("pairs_requested") != pairs:
+        return f"made with {s.get('pairs_requested')} pairs, {pairs} asked"
+    return None
 
 
 def discover_runs(tasks: list[str], runs_dir: Path, n: int, ioi_n: int, saes: str | None,
                   build_store: bool, threads: int | None = None) -> list[Path]:
-    """Run discover once per task (a complete folder from an earlier call is reused)."""
+    """Run discover once per task. A complete folder from an earlier call is reused only when it
+    was made with the same dictionaries (its summary's sha256) and pair count; anything else (a run
+    from the previous `starter`, say) is rerun, never reported as this set's."""
     import time
 
     from featcircuits.cli import main as cli
 
-    model = ["--model", "gemma-3-270m-offline"] + (["--saes", saes] if saes else []) + \
+    want = set_digest(saes)
+
+    model = ["--model", MODEL] + (["--saes", saes] if saes else []) + \
         (["--threads", str(threads)] if threads else [])
     if build_store:
         t = time.perf_counter()
@@ -106,9 +133,12 @@ def discover_runs(tasks: list[str], runs_dir: Path, n: int, ioi_n: int, saes: st
     runs = []
     for task in tasks:
         run = runs_dir / task
-        if not (run / "summary.json").is_file():
+        pairs = ioi_n if task.startswith("ioi") else n
+        stale = reuse_problem(run / "summary.json", want, pairs)
+        if stale:
+            if stale != "no run yet":
+                print(f"{task}: not reusing {run} ({stale}); rerunning", flush=True)
             t = time.perf_counter()
-            pairs = ioi_n if task.startswith("ioi") else n
             rc = cli(["discover", *model, "--task", task, "--n", str(pairs), "--out", str(run), "--overwrite"])
             if rc != 0:
                 raise SystemExit(f"discover --task {task} failed (exit {rc})")

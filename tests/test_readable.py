@@ -169,3 +169,22 @@ def test_features_command_and_user_errors(setup, capsys, tmp_path):
     assert "records no training corpus" in last and last.startswith("featcircuits") and "Traceback" not in err
     assert main(args[:5] + ["--corpus", str(setup[2]), "--tokens", "512"]) == 0
     assert f"tokens of {Path(str(setup[2])).name} " in capsys.readouterr().out
+
+
+def test_readable_results_reuses_a_finished_run_only_of_the_same_set_and_pairs(tmp_path):
+    """scripts/readable_results.py: a run left by another set (the previous `starter`) or with
+    another pair count is rerun, never reported as this set's."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "readable_results.py"
+    spec = importlib.util.spec_from_file_location("readable_results", path)
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    summary = tmp_path / "summary.json"
+    assert rr.reuse_problem(summary, "abc", 64) == "no run yet"
+    summary.write_text(json.dumps({"dictionaries_sha256": "old", "pairs_requested": 64}))
+    assert "dictionaries old" in rr.reuse_problem(summary, "abc", 64)
+    summary.write_text(json.dumps({"dictionaries_sha256": "abc", "pairs_requested": 32}))
+    assert "32 pairs" in rr.reuse_problem(summary, "abc", 64)
+    summary.write_text(json.dumps({"dictionaries_sha256": "abc", "pairs_requested": 64}))
+    assert rr.reuse_problem(summary, "abc", 64) is None
