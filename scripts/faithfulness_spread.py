@@ -20,6 +20,13 @@ sets, the paired difference per seed (every set sees the same pairs).
         --task sva-simple --sizes 100 200 --seeds 0 1 2 3 4 5 6 7 --label faith_spread-sva-simple
     .venv/bin/python scripts/faithfulness_spread.py --table faith_spread-sva-simple faith_spread-ioi ...
 
+``--reuse NAME ...`` copies a set's rows from an earlier output when that set (same sha256) was
+measured there the same way (task, pair counts, draws, every seed and size asked), so a new set is
+judged beside the shipped one without measuring the shipped one again:
+
+    .venv/bin/python scripts/faithfulness_spread.py --sets v5=saes/starter-v5 v6=saes/starter-v6 \\
+        --task ioi --sizes 100 200 500 --reuse faith_spread-ioi --label faith_spread-v6-ioi
+
 ``--table`` writes ``faith_spread.md`` beside them: one row per task and set, the mean ± sd over
 the seeds of faithfulness and error share at each size, the widest bootstrap interval, and how
 often each set's error share is below the first set's.
