@@ -65,7 +65,7 @@ mkdir -p "$RUN"
 # saes/samples/samples-HASH.tar.xz: the sampler unpacks the chunks it needs into its cache
 # (featcircuits.training.samples.missing_chunks) instead of sampling them on the CPU, provided the
 # recipe matches (SAMPLE_BATCH=1024, NAMES=1, seed 0; SAMPLES at most the archive's 81,920; the pair
-# samples, sampled on this CPU: PAIR_SAMPLE_BATCH=32, seed 0, PAIR_SAMPLES at most the archive's 2,944).
+# samples, sampled on this CPU: PAIR_SAMPLE_BATCH=32, seed 0, PAIR_SAMPLES at most the archive's 4,128).
 start=$(date +%s)
 if [ ! -f "$RUN/set.json" ]; then
   echo "train_starter_saes: $(date -u +%FT%TZ) (re)starting in $RUN" >> "$RUN/train.log"
