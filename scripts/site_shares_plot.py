@@ -20,9 +20,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from starter_targets import MIN_GAP, T_RESID_MIN  # noqa: E402  (the #16 target and sae_report's gap, defined once)
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET = 0.5  # #16: no resid site below this (starter_targets.T_RESID_MIN)
 
 
 def resid_shares(report: dict, task: str) -> tuple[list[int], list[float | None]]:
@@ -40,7 +40,7 @@ def plot(reports: dict[str, dict], tasks: list[str], path: Path) -> None:
             layers, shares = resid_shares(report, task)
             ys = [float("nan") if s is None else s for s in shares]
             ax.plot(layers, ys, marker="o", ms=3.5, lw=1.4, label=label)
-        ax.axhline(TARGET, color="grey", ls="--", lw=0.9)
+        ax.axhline(T_RESID_MIN, color="grey", ls="--", lw=0.9)
         ax.set_title(f"{task}: resid sites")
         ax.set_xlabel("layer")
         ax.set_xticks(range(0, max(layers) + 1, 2))
@@ -48,7 +48,7 @@ def plot(reports: dict[str, dict], tasks: list[str], path: Path) -> None:
     axes[0][0].set_ylabel("recovered share (SAE, no error term)")
     axes[0][0].set_ylim(min(-0.2, axes[0][0].get_ylim()[0]), 1.15)
     axes[0][-1].legend(title="set", fontsize=8)
-    fig.text(0.01, 0.01, "dashed: the 0.5 target; gaps: zero-ablation moves the metric < 1 logit "
+    fig.text(0.01, 0.01, f"dashed: the {T_RESID_MIN:g} target; gaps: zero-ablation moves the metric < {MIN_GAP:g} logit "
              "(not judged). scripts/site_shares_plot.py", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
