@@ -15,7 +15,7 @@
 # the idle 2 cores it cost a third of the speed (~105 against ~149 tok/s, 2 threads): the 55 small
 # SAE steps are many short parallel regions, each then paying a wake-up.
 # The set saes/starter-v2 (deleted since; figures in results/starter_targets/v2.md) was made with TOKENS=500000 SAMPLES=384 NAMES=0 MAX_CHARS=6400000
-# ATTN_WIDTH=768 THREADS=2; saes/starter-v3 (shipped until 2026-12-04, registered as starter-v3) with
+# ATTN_WIDTH=768 THREADS=2; saes/starter-v3 (shipped until 2026-12-04, deleted 2026-12-05; in git at 62ceb6c) with
 # TOKENS=500000 SAMPLES=1920 MAX_CHARS=200000 SAMPLE_BATCH=32 THREADS=2; saes/starter-v5 (shipped from
 # 2026-12-04 to 2026-12-05, registered as starter-v5) with SAMPLES=16384 MAX_CHARS=100000 PAIR_SAMPLES=0
 # THREADS=2 (74 min); saes/starter-v6 (the shipped `starter`) with the defaults below and THREADS=2
