@@ -109,7 +109,10 @@ def combined_table(names: list[str], commands: dict[str, list[str]]) -> str:
                 + (f"; for {', '.join(few)} r says little more than whether the signs agree." if few else "."))
         if r["granularity"] == "components" and r.get("differing_positions"):
             notes.append("  " + diagnostics(r))
-        notes.append(f"  n = {r['n']} pairs ({r['pairs_dropped']} dropped), clean metric "
+        sets = (f"dictionaries `{r['saes']}` (sha256 {r['dictionaries_sha256'][:12]}), "
+                if r["granularity"] == "features" and r.get("dictionaries_sha256") else "")
+        threads = f", {r['torch_threads']} torch thread(s)" if r.get("torch_threads") else ""
+        notes.append(f"  {sets}n = {r['n']} pairs ({r['pairs_dropped']} dropped){threads}, clean metric "
                      f"{r['metric_clean']:+.2f}, patch metric {r['metric_patch']:+.2f}; "
                      f"`featcircuits {shlex.join(command_as_run(commands[name], r))}`")
     return "\n".join(lines), notes, missed
@@ -219,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "became the two-point rules (issue 18) ran `relp` with the RelP authors' rules (LN + identity + half), "
         "and `relp+ah` adds the AH-rule; other rule sets, and where the IOI resid gap comes from, in "
         "`## LRP rules`. Seconds: node effects on the same batch; AtP and RelP are the median of "
-        "interleaved repeats. Made by `.venv/bin/python scripts/agreement.py"
-        + (f" --threads {args.threads}" if args.threads else "") + "`; raw outputs, scatter plots and per-run "
-        "tables in `results/agreement/<run>/`.", "",
+        "interleaved repeats. Made by `.venv/bin/python scripts/agreement.py [--only RUN,...] [--threads T]` "
+        "(runs may be remade one at a time, so each run's note below gives its own command and the torch "
+        "threads it ran on); raw outputs, scatter plots and per-run tables in `results/agreement/<run>/`.", "",
         table, "", *word_order_table(), verdict, "", *notes, "", "",
     ])
     write_readme(section)

@@ -214,7 +214,8 @@ def features_table() -> list[str]:
             continue
         r = json.loads(path.read_text())
         kinds = list(r["site_kinds"])
-        out += [f"Feature level (`starter` dictionaries, {task}, n = {r['n']}; exact patching on a sample: "
+        sha = f", sha256 {r['dictionaries_sha256'][:12]}" if r.get("dictionaries_sha256") else ""
+        out += [f"Feature level (`starter` dictionaries{sha}, {task}, n = {r['n']}; exact patching on a sample: "
                 f"{r['sample']['description']}; `{command}`):", "",
                 "| method | " + " | ".join(kinds) + " | seconds |", "|---|" + "---|" * (len(kinds) + 1)]
         for m in r["methods"]:
@@ -264,8 +265,12 @@ def faithfulness_table() -> list[str]:
                     + " | ".join(f"{gap(c['faithfulness']):.2f}" for c in curves) + " |")
     if not rows:
         return []
-    return ["Faithfulness of RelP circuits (starter dictionaries; the same discovery and evaluation pairs and size "
-            "grid as `## Faithfulness and completeness`, whose main runs give the first RelP column, IG and AtP; "
+    sha = json.loads((FAITHFULNESS / TASKS[0] / "curves.json").read_text())["provenance"].get("dictionaries_sha256") \
+        if (FAITHFULNESS / TASKS[0] / "curves.json").is_file() else None
+    # results/faithfulness/ keeps the set it was made on; the digest says which (the shipped one may be newer)
+    which = f"`{FAITHFULNESS.relative_to(ROOT / 'results')}/`" + (f", dictionaries sha256 {sha[:12]}" if sha else "")
+    return [f"Faithfulness of RelP circuits (starter dictionaries of the runs in {which}; the same discovery and "
+            "evaluation pairs and size grid as that folder's main runs, which give the first RelP column, IG and AtP; "
             + "; ".join(f"`{f}`" for f in FOLLOW_UPS[N_FEATURE_FOLLOW_UPS:]) + "):", "",
             "| task | " + " | ".join(f"AUC RelP [{n}]" for n in names) + " | AUC IG | AUC AtP | "
             + " | ".join(f"max gap to IG >= 50 nodes, [{n}]" for n in names) + " |",

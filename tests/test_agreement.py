@@ -201,6 +201,10 @@ def test_cli_end_to_end(model, tmp_path, capsys):
     assert rc == 0
     data = json.loads((out2 / "agreement.json").read_text())
     assert data["granularity"] == "features" and "sample" in data and "ig" in data["seconds"]
+    from featcircuits.dictionaries import identity_set
+
+    # provenance: the digest of the weights the run used (what `starter` resolved to, for a named set)
+    assert data["dictionaries_sha256"] == identity_set(model.adapter).digest()
 
 
 def test_cli_refuses_bad_arguments(model, tmp_path, capsys):

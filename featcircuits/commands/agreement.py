@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, repeats=args.repeats, aggregation=args.aggregation,
                            top_k=args.top_k, n_random=args.random, seed=args.seed, progress=not args.quiet,
                            add_ah=not args.no_ah_variant, by_case=not args.no_by_case)
+    # the digest names the weights, so a result made with ``starter`` says which set that was
     result = {"model": args.model, "task": args.task, "saes": saes, "seed": args.seed,
-              **counts,
+              "dictionaries_sha256": dicts.digest(), **counts,
               "torch_threads": torch.get_num_threads(), **result}
     title = f"{args.model}, {args.task}, {args.granularity}" + (f", {saes}" if args.granularity == "features" else "")
     write_agreement(result, run_folder.open(), title)
