@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         res["command"] = command
         res["started"], res["finished"] = started, time.strftime("%Y-%m-%d %H:%M:%S")
         res["description"] = cfg["description"]
+        # the items measured by their own flags (--pairs-scaling, --cards-cost) take tens of minutes
+        # and each records its own command: a suite rerun keeps them rather than dropping them
+        previous = data["models"].get(key, {})
+        res.update({k: v for k, v in previous.items()
+                    if (k.startswith("pairs_scaling") or k == "cards_cost") and k not in res})
         data["models"][key] = res
         data["generated_by"] = "scripts/benchmark.py"
         write_json(path, data)

@@ -151,9 +151,12 @@ def bounds_text(key: str, m: dict, row: dict) -> str:
                 f"measured times minus the measured unembedding parts).")
         if tid == "relp_atp" and None not in (relp, atp):
             lines.append(
-                f"RelP and AtP make the same passes; RelP's extra {relp - atp:.3g} s is the LRP surrogates "
-                f"(each norm recomputed with its scale detached, the identity-rule ratio f(x)/x at every "
-                f"activation, the half-rule product in the gated MLP) in the clean forward and their backward.")
+                f"RelP and AtP make the same passes; RelP's extra {relp - atp:.3g} s is the rule surrogates of "
+                f"RelP's default two-point rules in the clean forward and their backward: each elementwise "
+                f"activation's secant slope to the counterfactual, the gated MLP's product and the attention "
+                f"softmax at the midpoint of the two runs, each norm split exactly between them, all reading "
+                f"the counterfactual activations that the first forward records (the RelP authors' rules, "
+                f"`--rules paper`, need no such record).")
         if prof.get("top_ops"):
             top = ", ".join(f"{o['op']} {o['share'] * 100:.0f} %" for o in prof["top_ops"][:5])
             un = prof.get("unembedding_share")
