@@ -20,6 +20,10 @@ sets, the paired difference per seed (every set sees the same pairs).
         --task sva-simple --sizes 100 200 --seeds 0 1 2 3 4 5 6 7 --label faith_spread-sva-simple
     .venv/bin/python scripts/faithfulness_spread.py --table faith_spread-sva-simple faith_spread-ioi ...
 
+A set given as ``LABEL=SET@RULES`` finds its circuits with RelP under that rule set (``paper``,
+``two-point`` or a comma list, as ``--rules`` elsewhere) instead of RelP's default, so two rule sets
+are compared on the same dictionaries and pairs (``v6=starter v6-paper=starter@paper``).
+
 ``--reuse NAME ...`` copies a set's rows from an earlier output when that set (same sha256) was
 measured there the same way (task, pair counts, draws, every seed and size asked), so a new set is
 judged beside the shipped one without measuring the shipped one again:
@@ -73,7 +77,14 @@ def bootstrap(per: torch.Tensor, draws: int, seed: int, level: float = 0.9) -> t
     return float(vals[int(lo * (draws - 1))]), float(vals[int(hi * (draws - 1))])
 
 
-def reusable_rows(earlier: dict, sha: str, out: dict) -> dict | None:
+def _same_rules(a: str | None, b: str | None) -> bool:
+    """Whether two recorded rule sets are one (None: RelP's default, as every run before ``@RULES``)."""
+    from featcircuits.lrp import rules_key
+
+    return rules_key(a or "default") == rules_key(b or "default")
+
+
+def reusable_rows(earlier: dict, sha: str, out: dict, rules: str | None = None) -> dict | None:
     """The per-seed rows of the set with this sha256 in an earlier run of the same measure (same task,
     pair counts and bootstrap draws, every seed and size asked for measured there), else None. The
     measure is deterministic (RelP, mean ablation, seeded pairs and bootstrap), so a set measured
@@ -82,25 +93,27 @@ def reusable_rows(earlier: dict, sha: str, out: dict) -> dict | None:
     if not same or not set(map(str, out["sizes"])) <= set(map(str, earlier["sizes"])):
         return None
     for s in earlier["sets"].values():
-        if s.get("dictionaries_sha256") == sha and all(str(sd) in s["seeds"] for sd in out["seeds"]):
+        if (s.get("dictionaries_sha256") == sha and _same_rules(s.get("rules"), rules)
+                and all(str(sd) in s["seeds"] for sd in out["seeds"])):
             return {str(sd): {**s["seeds"][str(sd)],
                               "sizes": {str(k): s["seeds"][str(sd)]["sizes"][str(k)] for k in out["sizes"]}}
                     for sd in out["seeds"]}
     return None
 
 
-def measure(model, sets: dict[str, str], task: str, sizes, seeds, n: int, n_eval: int, draws: int,
+def measure(model, sets: dict[str, tuple[str, str | None]], task: str, sizes, seeds, n: int, n_eval: int, draws: int,
             batch_size: int, earlier: list[dict] = ()) -> dict:
     tok = model.tokenizer
     spliced = {label: SplicedModel(model, load_dictionary_set(path, model.adapter, model.spec))
-               for label, path in sets.items()}
+               for label, (path, _) in sets.items()}
     out: dict = {"sets": {}, "task": task, "sizes": list(sizes), "seeds": list(seeds), "n": n, "n_eval": n_eval,
                  "bootstrap_draws": draws}
     for label, sm in list(spliced.items()):
         sha = sm.dictionaries.digest()
-        out["sets"][label] = {"path": sets[label], "dictionaries_sha256": sha, "seeds": {}}
+        path, rules = sets[label]
+        out["sets"][label] = {"path": path, "dictionaries_sha256": sha, "seeds": {}, "rules": rules}
         for run in earlier:
-            rows = reusable_rows(run, sha, out)
+            rows = reusable_rows(run, sha, out, rules)
             if rows is not None:
                 out["sets"][label].update(seeds=rows, reused_from=run["_file"])
                 print(f"{label}: every seed reused from {run['_file']} (same sha256 and measure)", flush=True)
@@ -113,7 +126,7 @@ def measure(model, sets: dict[str, str], task: str, sizes, seeds, n: int, n_eval
         evb, _ = tokenize_pairs(ev_pairs, tok)
         for label, sm in spliced.items():
             t0 = time.perf_counter()
-            _, effects, masks = top_k_circuits(sm, disc, sizes, batch_size)
+            _, effects, masks = top_k_circuits(sm, disc, sizes, batch_size, rules=sets[label][1])
             ev = Evaluator(sm, evb, batch_size=batch_size)
             per = ev.pair_scores(masks + [full_masks(sm, ev.sites), empty_masks(sm, ev.sites)])
             row = {"n_discovery": len(disc), "n_eval": len(evb), "sizes": {}}
@@ -260,10 +273,19 @@ def main() -> int:
         raise SystemExit("give --sets LABEL=SET ... (or --table NAME ...)")
     sets = {}
     for item in args.sets:
-        label, sep, path = item.partition("=")
+        label, sep, spec = item.partition("=")
+        path, _, rules = spec.partition("@")
         if not sep or not label or not path:
-            raise SystemExit(f"--sets takes LABEL=SET, got {item!r}")
-        sets[label] = path
+            raise SystemExit(f"--sets takes LABEL=SET or LABEL=SET@RULES, got {item!r}")
+        if rules:
+            from featcircuits.errors import UserError
+            from featcircuits.lrp import rules_key
+
+            try:
+                rules_key(rules)
+            except (UserError, ValueError) as exc:
+                raise SystemExit(f"--sets {item!r}: {exc}") from exc
+        sets[label] = (path, rules or None)
     earlier = []
     for name in args.reuse:
         if not (out / f"{name}.json").is_file():

@@ -71,10 +71,11 @@ def top_error_nodes(effects, masks, top: int = 5) -> list[list]:
     return [[s, round(e / total, 4)] for s, e in errs] if total else []
 
 
-def top_k_circuits(sm: SplicedModel, disc, sizes, batch_size: int):
+def top_k_circuits(sm: SplicedModel, disc, sizes, batch_size: int, rules: str | None = None):
     """RelP node effects on the discovery batch (positions summed, the evaluated sites) and the
-    top-k circuits by |effect| for each k in ``sizes``: (node effects, per-site effects, masks)."""
-    ne = node_effects(sm, disc, "relp", batch_size=batch_size, progress=False)
+    top-k circuits by |effect| for each k in ``sizes``: (node effects, per-site effects, masks).
+    ``rules``: RelP's rule set (None = its default)."""
+    ne = node_effects(sm, disc, "relp", batch_size=batch_size, progress=False, rules=rules)
     sites = evaluated_sites(sm)
     summed = ne.mean("sum")  # one aggregation (it covers every site)
     effects = {s.name: summed[s.name] for s in sites}

@@ -12,6 +12,7 @@ import torch
 from featcircuits.dictionaries import load_dictionary_set
 from featcircuits.testing import random_saelens_set
 from featcircuits.tracing import SplicedModel
+from featcircuits.tasks import make_pairs, tokenize_pairs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "starter_targets.py"
 
@@ -280,7 +281,7 @@ def test_faithfulness_spread_seed_zero_is_starter_targets_split(tiny, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     random_saelens_set(tiny, a, width=16, seed=0)
     random_saelens_set(tiny, b, width=16, seed=1)
-    res = fs.measure(tiny, {"A": str(a), "B": str(b)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8)
+    res = fs.measure(tiny, {"A": (str(a), None), "B": (str(b), None)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8)
     row = st.task_row(SplicedModel(tiny, load_dictionary_set(str(a), tiny.adapter)), "sva-simple", 8, 8, (5, 20), 8)
     for k in ("5", "20"):
         ours = res["sets"]["A"]["seeds"]["0"]["sizes"][k]
@@ -311,15 +312,27 @@ def test_faithfulness_spread_reuses_a_set_measured_before_and_only_that(tiny, tm
     a, b = tmp_path / "a", tmp_path / "b"
     random_saelens_set(tiny, a, width=16, seed=0)
     random_saelens_set(tiny, b, width=16, seed=1)
-    both = fs.measure(tiny, {"A": str(a), "B": str(b)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8)
-    earlier = {**fs.measure(tiny, {"old": str(a)}, "sva-simple", (5, 20, 40), (0, 1), 8, 8, 200, 8), "_file": "x.json"}
-    res = fs.measure(tiny, {"A": str(a), "B": str(b)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8, [earlier])
+    both = fs.measure(tiny, {"A": (str(a), None), "B": (str(b), None)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8)
+    earlier = {**fs.measure(tiny, {"old": (str(a), None)}, "sva-simple", (5, 20, 40), (0, 1), 8, 8, 200, 8), "_file": "x.json"}
+    res = fs.measure(tiny, {"A": (str(a), None), "B": (str(b), None)}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8, [earlier])
     assert res["sets"]["A"]["reused_from"] == "x.json" and "reused_from" not in res["sets"]["B"]
     for label in ("A", "B"):
         assert res["sets"][label]["summary"] == both["sets"][label]["summary"]
     assert res["paired"] == both["paired"]
-    other = fs.measure(tiny, {"A": str(a)}, "sva-simple", (5, 20), (0, 1), 6, 8, 200, 8, [earlier])
+    other = fs.measure(tiny, {"A": (str(a), None)}, "sva-simple", (5, 20), (0, 1), 6, 8, 200, 8, [earlier])
     assert "reused_from" not in other["sets"]["A"]
+    # LABEL=SET@RULES: the same set under another rule set is measured, not copied, and its circuits
+    # are RelP's under those rules; asking for the default by name reuses the default's rows
+    paper = fs.measure(tiny, {"A": (str(a), "paper")}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8, [earlier])
+    assert "reused_from" not in paper["sets"]["A"] and paper["sets"]["A"]["rules"] == "paper"
+    st = _script("starter_targets")
+    disc, _ = tokenize_pairs(make_pairs("sva-simple", 8, 0), tiny.tokenizer)
+    sm = SplicedModel(tiny, load_dictionary_set(str(a), tiny.adapter))
+    _, eff_paper, masks_paper = st.top_k_circuits(sm, disc, (5, 20), 8, rules="paper")
+    assert paper["sets"]["A"]["seeds"]["0"]["sizes"]["5"]["error_share"] == pytest.approx(
+        st.error_share(eff_paper, masks_paper[0]), abs=1e-6)
+    named = fs.measure(tiny, {"A": (str(a), "two-point")}, "sva-simple", (5, 20), (0, 1), 8, 8, 200, 8, [earlier])
+    assert named["sets"]["A"]["reused_from"] == "x.json"
 
 
 def test_site_shares_plot_orders_resid_sites_by_layer_and_leaves_unjudged_ones_as_gaps(tmp_path, monkeypatch):
