@@ -409,7 +409,10 @@ def section(result: dict, command: str) -> str:
         *features_table(),
         *faithfulness_table(),
         *(["![faithfulness of RelP circuits under other rules](agreement/rules/faithfulness.png)", ""]
-          if (OUT / "faithfulness.png").is_file() else []),
+          if (OUT / "faithfulness.png").is_file() else
+          ["Circuits under the RelP authors' rules beside the default's, on the shipped dictionaries: "
+           "`## Faithfulness and completeness` (curves with `--rules paper` beside, and the same comparison "
+           "on eight pair splits by `scripts/faithfulness_spread.py ... NAME=SET@paper`).", ""]),
         "Issue 3's IOI targets (r >= 0.9 for resid and mlp, no site kind more than 0.02 below AtP) per rule set:",
         *issue_checks(result), "",
     ])
@@ -455,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --threads {args.threads}" if args.threads else "")
     OUT.mkdir(parents=True, exist_ok=True)
     plot(result, OUT / "rules")
-    plot_faithfulness(OUT / "faithfulness")
+    if not plot_faithfulness(OUT / "faithfulness"):
+        # no follow-up runs to draw from: a figure left by earlier runs would show data no longer here
+        for stale in (OUT / "faithfulness.png", OUT / "faithfulness.svg"):
+            stale.unlink(missing_ok=True)
     text = section(result, command)
     write_text(OUT / "rules.md", text.replace(HEADING, "# LRP rules").replace("](agreement/rules/", "]("))
     replace_section(README, HEADING, text)
