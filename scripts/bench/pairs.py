@@ -168,7 +168,21 @@ def _stage_line(rows: list[dict]) -> str:
             f"{per(b, 'edges'):.3f} ({per(b, 'edges') / per(a, 'edges'):.2f}x). The edge stage reads the node "
             "stage's gradients from memory up to a fixed budget (`discover.KEEP_MAX`, 1 GiB, so memory stays flat in "
             "n) and from a spill folder on disk past it (`gradients_chunks` in each run's summary.json)."
-            + _chunks_line(b))
+            + _chunks_line(b) + _spill_cost_line(ok, per))
+
+
+def _spill_cost_line(ok: list[dict], per) -> str:
+    """What spilling costs: the largest n against the largest n whose chunks all stayed in memory."""
+    kept = [r for r in ok if (r.get("gradients_chunks") or {}).get("disk") == 0]
+    b = ok[-1]
+    if not kept or kept[-1] is b or not (b.get("gradients_chunks") or {}).get("disk"):
+        return ""
+    c = kept[-1]
+    dn, de = per(b, "nodes") - per(c, "nodes"), per(b, "edges") - per(c, "edges")
+    return (f" Against n = {c['n']}, the largest n with every chunk in memory, n = {b['n']} spends {dn:+.4f} s / pair "
+            f"in the node stage (which writes the spilled chunks) and {de:+.4f} in the edge stage (which reads them "
+            f"back): {(dn + de) / per(b, 'total'):.0%} of its time per pair, bounded by the disk's write speed, "
+            "since a spilled chunk is written and read once.")
 
 
 def _chunks_line(row: dict) -> str:
