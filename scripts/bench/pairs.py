@@ -159,30 +159,30 @@ def _stage_line(rows: list[dict]) -> str:
     if len(ok) < 2:
         return ""
     a, b = ok[0], ok[-1]
-
-    def per(r, k):
-        return r["summary_seconds"][k] / r["n_used"]
-
+    per = _per_pair
     return (f"Per stage, s / pair at n = {a['n']} -> {b['n']}: node effects {per(a, 'nodes'):.3f} -> "
             f"{per(b, 'nodes'):.3f} ({per(b, 'nodes') / per(a, 'nodes'):.2f}x), edges {per(a, 'edges'):.3f} -> "
             f"{per(b, 'edges'):.3f} ({per(b, 'edges') / per(a, 'edges'):.2f}x). The edge stage reads the node "
             "stage's gradients from memory up to a fixed budget (`discover.KEEP_MAX`, 1 GiB, so memory stays flat in "
             "n) and from a spill folder on disk past it (`gradients_chunks` in each run's summary.json)."
-            + _chunks_line(b) + _spill_cost_line(ok, per))
+            + _chunks_line(b) + _spill_cost_line(ok))
 
 
-def _spill_cost_line(ok: list[dict], per) -> str:
+def _per_pair(row: dict, stage: str) -> float:
+    return row["summary_seconds"][stage] / row["n_used"]
+
+
+def _spill_cost_line(ok: list[dict]) -> str:
     """What spilling costs: the largest n against the largest n whose chunks all stayed in memory."""
     kept = [r for r in ok if (r.get("gradients_chunks") or {}).get("disk") == 0]
     b = ok[-1]
-    if not kept or kept[-1] is b or not (b.get("gradients_chunks") or {}).get("disk"):
+    if not kept or not (b.get("gradients_chunks") or {}).get("disk"):
         return ""
     c = kept[-1]
-    dn, de = per(b, "nodes") - per(c, "nodes"), per(b, "edges") - per(c, "edges")
+    dn, de = _per_pair(b, "nodes") - _per_pair(c, "nodes"), _per_pair(b, "edges") - _per_pair(c, "edges")
     return (f" Against n = {c['n']}, the largest n with every chunk in memory, n = {b['n']} spends {dn:+.4f} s / pair "
-            f"in the node stage (which writes the spilled chunks) and {de:+.4f} in the edge stage (which reads them "
-            f"back): {(dn + de) / per(b, 'total'):.0%} of its time per pair, bounded by the disk's write speed, "
-            "since a spilled chunk is written and read once.")
+            f"more in the node stage (which writes the spilled chunks) and {de:+.4f} in the edge stage (which reads "
+            f"them back): {(dn + de) / _per_pair(b, 'total'):.0%} of its time per pair.")
 
 
 def _chunks_line(row: dict) -> str:
